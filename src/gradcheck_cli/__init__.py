@@ -1,0 +1,28 @@
+"""gradcheck: does the gradient flow through your PyTorch model, and if not, why and what fixes it.
+
+Importing this package does not import torch; ``check`` and ``Report`` load it on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from gradcheck_cli.api import check
+    from gradcheck_cli.report import Report
+
+__all__ = ["Report", "__version__", "check"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "check":
+        from gradcheck_cli.api import check
+
+        return check
+    if name == "Report":
+        from gradcheck_cli.report import Report
+
+        return Report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

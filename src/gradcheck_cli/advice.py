@@ -1,0 +1,258 @@
+"""Recommendations: the fixes that address each finding's likely cause, ranked, with evidence."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+from gradcheck_cli.report import Finding, LayerStats, PathSummary, Problem, Recommendation
+from gradcheck_cli.traits import ModelTraits
+
+DEEP_PLAIN_STACK = 20
+"""Path length from which a plain stack without normalisation is called deep."""
+
+
+def advise(
+    findings: Sequence[Finding], layers: Sequence[LayerStats], path: PathSummary, traits: ModelTraits
+) -> tuple[Recommendation, ...]:
+    """Ranked recommendations for the problems among ``findings``; empty when there are none."""
+    problems = {f.problem for f in findings if f.problem is not None}
+    recs: list[Recommendation] = []
+    if Problem.NON_FINITE in problems:
+        recs += _non_finite(findings, layers, traits)
+    if Problem.EXPLODING in problems:
+        recs += _exploding(layers, path, traits)
+    if Problem.VANISHING in problems:
+        recs += _vanishing(findings, path, traits)
+    unique: dict[str, Recommendation] = {}
+    for rec in recs:
+        unique.setdefault(rec.id, rec)
+    return tuple(unique.values())
+
+
+def _median_ratio(traits: ModelTraits, scheme: str) -> float | None:
+    ratios = [getattr(s, "std") / getattr(s, scheme) for s in traits.init if getattr(s, scheme) > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def _vanishing(findings: Sequence[Finding], path: PathSummary, traits: ModelTraits) -> list[Recommendation]:
+    recs: list[Recommendation] = []
+    gain = "n/a" if path.gain is None else f"{path.gain:.3g}"
+    blocked = next((f for f in findings if f.code == "GC005"), None)
+    if blocked is not None:
+        recs.append(
+            Recommendation(
+                "reconnect_graph",
+                "Reconnect the layers that get no gradient",
+                f"{len(blocked.evidence.get('layers', []))} layer(s) ran but got no gradient: {blocked.message}",
+                "# look for .detach(), torch.no_grad(), .item(), .numpy() or integer casts between\n"
+                f"# {blocked.layer} and the loss, and keep the tensor in the graph instead",
+                (Problem.VANISHING,),
+                tuple(blocked.evidence.get("layers", [])),
+            )
+        )
+    if traits.plain_rnn:
+        recs.append(
+            Recommendation(
+                "lstm_gru",
+                "Replace the plain RNN cell by an LSTM or GRU",
+                f"the gradient through time shrinks {gain}× per step over {path.length} steps; gated cells keep an "
+                "additive path through time",
+                "cell = nn.LSTMCell(input_size, hidden_size)   # or nn.GRU / nn.LSTM for whole sequences",
+                (Problem.VANISHING,),
+            )
+        )
+        recs.append(
+            Recommendation(
+                "orthogonal_init",
+                "Initialise the recurrent weights orthogonally",
+                "an orthogonal recurrent matrix has all singular values 1, so it neither shrinks nor grows the "
+                "gradient through time by itself",
+                "for name, p in rnn.named_parameters():\n    if 'weight_hh' in name:\n        nn.init.orthogonal_(p)",
+                (Problem.VANISHING, Problem.EXPLODING),
+            )
+        )
+    xavier_ratio = _median_ratio(traits, "xavier")
+    kaiming_ratio = _median_ratio(traits, "kaiming")
+    if traits.relu_like and kaiming_ratio is not None and kaiming_ratio < 0.85:
+        recs.append(
+            Recommendation(
+                "kaiming_init",
+                "Initialise ReLU layers with Kaiming (He) init",
+                f"weights sit at {kaiming_ratio:.2f}× the Kaiming scale √(2/fan_in) "
+                f"({'the Xavier scale' if xavier_ratio and abs(math.log(xavier_ratio)) < 0.2 else 'too small'}); "
+                f"ReLU halves the signal's variance, so each layer passes on about {kaiming_ratio:.2f}× "
+                f"(measured gain {gain} per layer)",
+                "for m in model.modules():\n    if isinstance(m, (nn.Linear, nn.Conv2d)):\n"
+                "        nn.init.kaiming_normal_(m.weight, nonlinearity=\"relu\")\n        nn.init.zeros_(m.bias)",
+                (Problem.VANISHING,),
+            )
+        )
+    if traits.saturating:
+        kinds = ", ".join(sorted(traits.saturating))
+        recs.append(
+            Recommendation(
+                "activation_change",
+                "Use a non-saturating activation (ReLU, GELU, SiLU)",
+                f"{kinds} has a derivative of at most {0.25 if 'Sigmoid' in kinds else 1.0} and near 0 when saturated; "
+                f"measured gain {gain} per layer",
+                "nn.ReLU()   # or nn.GELU(); then re-initialise with nn.init.kaiming_normal_(w, nonlinearity=\"relu\")",
+                (Problem.VANISHING,),
+            )
+        )
+        if xavier_ratio is not None and abs(math.log(xavier_ratio)) > 0.2:
+            recs.append(
+                Recommendation(
+                    "xavier_init",
+                    "Initialise sigmoid/tanh layers with Xavier (Glorot) init",
+                    f"weights sit at {xavier_ratio:.2f}× the Xavier scale √(2/(fan_in+fan_out))",
+                    "for m in model.modules():\n    if isinstance(m, nn.Linear):\n"
+                    "        nn.init.xavier_uniform_(m.weight, gain=nn.init.calculate_gain(\"tanh\"))",
+                    (Problem.VANISHING,),
+                )
+            )
+    recs += _normalise_and_shortcut(path, traits, Problem.VANISHING)
+    return recs
+
+
+def _exploding(layers: Sequence[LayerStats], path: PathSummary, traits: ModelTraits) -> list[Recommendation]:
+    recs: list[Recommendation] = []
+    grads = [layer.grad_norm for layer in layers if layer.grad_norm is not None and math.isfinite(layer.grad_norm)]
+    total = math.sqrt(sum(g * g for g in grads)) if grads else math.nan
+    outer = next((layer.grad_norm for layer in reversed(layers) if layer.grad_norm), None)
+    suggested = outer * math.sqrt(len(grads)) if outer and grads else 1.0
+    recs.append(
+        Recommendation(
+            "gradient_clipping",
+            "Clip the gradient norm",
+            f"the total gradient norm is {total:.3g}; if every layer carried as much as the output layer "
+            f"({outer or math.nan:.3g}) it would be about {suggested:.2g}",
+            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={suggested:.2g})",
+            (Problem.EXPLODING,),
+        )
+    )
+    if traits.plain_rnn:
+        recs.append(
+            Recommendation(
+                "orthogonal_init",
+                "Initialise the recurrent weights orthogonally",
+                f"the gradient through time grows {path.gain or math.nan:.3g}× per step over {path.length} steps: "
+                "the recurrent matrix's spectral radius is above 1",
+                "for name, p in rnn.named_parameters():\n    if 'weight_hh' in name:\n        nn.init.orthogonal_(p)",
+                (Problem.EXPLODING,),
+            )
+        )
+        recs.append(
+            Recommendation(
+                "lstm_gru",
+                "Replace the plain RNN cell by an LSTM or GRU",
+                "gated cells bound the state and keep an additive path through time",
+                "cell = nn.LSTMCell(input_size, hidden_size)",
+                (Problem.EXPLODING,),
+            )
+        )
+    xavier_ratio = _median_ratio(traits, "xavier")
+    kaiming_ratio = _median_ratio(traits, "kaiming")
+    scheme, ratio = ("kaiming", kaiming_ratio) if traits.relu_like else ("xavier", xavier_ratio)
+    if ratio is not None and ratio > 1.05:
+        rec_id = "kaiming_init" if scheme == "kaiming" else ("xavier_init" if traits.saturating else "orthogonal_init")
+        snippet = {
+            "kaiming_init": "nn.init.kaiming_normal_(m.weight, nonlinearity=\"relu\")",
+            "xavier_init": "nn.init.xavier_uniform_(m.weight)",
+            "orthogonal_init": "nn.init.orthogonal_(m.weight)",
+        }[rec_id]
+        recs.append(
+            Recommendation(
+                rec_id,
+                "Re-initialise the weights at the variance-preserving scale",
+                f"weights sit at {ratio:.2f}× the {scheme.title()} scale; each layer multiplies the gradient by "
+                f"about {path.gain or math.nan:.3g}",
+                f"for m in model.modules():\n    if isinstance(m, (nn.Linear, nn.Conv2d)):\n        {snippet}",
+                (Problem.EXPLODING,),
+            )
+        )
+    recs += _normalise_and_shortcut(path, traits, Problem.EXPLODING)
+    recs.append(
+        Recommendation(
+            "lower_lr",
+            "Lower the learning rate",
+            f"with gradients {path.attenuation or math.nan:.3g}× larger at the input end, a step size that suits "
+            "the output layers overshoots the input layers",
+            "optimizer = torch.optim.AdamW(model.parameters(), lr=lr / 10)",
+            (Problem.EXPLODING,),
+        )
+    )
+    return recs
+
+
+def _normalise_and_shortcut(path: PathSummary, traits: ModelTraits, problem: Problem) -> list[Recommendation]:
+    recs = []
+    if not traits.norms:
+        conv = any(s.layer for s in traits.init) and not traits.recurrent
+        rec_id, title, snippet = (
+            ("batch_norm", "Add batch normalisation after each linear/conv layer",
+             "nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU())")
+            if conv else
+            ("layer_norm", "Add layer normalisation", "nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.ReLU())")
+        )
+        recs.append(
+            Recommendation(
+                rec_id, title,
+                "the model has no normalisation layer, so nothing resets the activation scale that the "
+                f"gradient inherits (gain {path.gain or math.nan:.3g} per layer)",
+                snippet, (problem,),
+            )
+        )
+    if path.length >= DEEP_PLAIN_STACK and not traits.recurrent:
+        recs.append(
+            Recommendation(
+                "residual",
+                "Add shortcut (residual) connections",
+                f"{path.length} layers in sequence; a shortcut x + f(x) gives the gradient an identity path, so it no "
+                f"longer multiplies {path.length} per-layer factors of about {path.gain or math.nan:.3g}",
+                "class Block(nn.Module):\n    def __init__(self, d):\n        super().__init__()\n"
+                "        self.f = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))\n"
+                "    def forward(self, x):\n        return x + self.f(x)",
+                (problem,),
+            )
+        )
+    return recs
+
+
+def _non_finite(findings: Sequence[Finding], layers: Sequence[LayerStats], traits: ModelTraits) -> list[Recommendation]:
+    bad_weights = [layer.name for layer in layers if not math.isfinite(layer.weight_norm)]
+    recs = []
+    if bad_weights:
+        recs.append(
+            Recommendation(
+                "lower_lr",
+                "Restore an earlier checkpoint and lower the learning rate",
+                f"weights of {len(bad_weights)} layer(s) are already NaN/Inf (first: {bad_weights[0]}): an earlier "
+                "update diverged",
+                "# reload the last checkpoint whose weights are finite, then\n"
+                "optimizer = torch.optim.AdamW(model.parameters(), lr=lr / 10)",
+                (Problem.NON_FINITE,),
+                tuple(bad_weights),
+            )
+        )
+    recs.append(
+        Recommendation(
+            "gradient_clipping",
+            "Clip the gradient norm and skip non-finite steps",
+            "NaN/Inf reached the gradients; clipping keeps one bad batch from blowing up the weights",
+            "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0, error_if_nonfinite=True)",
+            (Problem.NON_FINITE,),
+        )
+    )
+    if traits.half_precision:
+        recs.append(
+            Recommendation(
+                "mixed_precision_scaling",
+                "Use a gradient scaler or bf16",
+                "the model holds fp16/bf16 parameters, where gradients overflow above 65504 and underflow below 6e-8",
+                "scaler = torch.amp.GradScaler()\nscaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()",
+                (Problem.NON_FINITE,),
+            )
+        )
+    return recs

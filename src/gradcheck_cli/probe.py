@@ -1,0 +1,234 @@
+"""One seeded forward and backward pass with hooks; per-layer norms reduced with a single sync."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradcheck_cli.batch import Batch
+from gradcheck_cli.errors import BatchError
+from gradcheck_cli.loss import LossChoice, choose_loss, float_leaves
+from gradcheck_cli.recorder import ActivationGradientRecorder
+
+
+@dataclass(frozen=True)
+class Norm:
+    """An L2 norm and the largest absolute element of the same tensor(s)."""
+
+    l2: float
+    max_abs: float
+
+    @property
+    def finite(self) -> bool:
+        """Whether every element was finite (a NaN or Inf element makes ``max_abs`` non-finite)."""
+        return math.isfinite(self.max_abs)
+
+
+@dataclass(frozen=True)
+class LayerMeasure:
+    """What one probe measured for one module that owns parameters."""
+
+    name: str
+    type: str
+    params: int
+    frozen: bool
+    weight_norm: float
+    grad: Norm | None
+    """Gradient of the parameters it owns; None when no gradient reached any of them."""
+    calls: tuple[Norm | None, ...]
+    """‖∂L/∂output‖ per forward call; None for a call whose output got no gradient."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The raw measurements of one probe, before any diagnosis."""
+
+    layers: tuple[LayerMeasure, ...]
+    call_order: tuple[tuple[int, int], ...]
+    """Every forward call as (layer index, call index of that layer), in forward order."""
+    activation_hooks: bool
+    """Whether module hooks could fire (False for TorchScript): activation gradients measured."""
+    loss: LossChoice
+    loss_value: float
+    mode: str
+    output_finite: bool
+    """Whether every floating-point element of the model's output was finite."""
+
+
+def parametrised_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters directly, as ``named_modules()`` names them."""
+    return [(name, m) for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+
+
+def supports_module_hooks(model: nn.Module) -> bool:
+    """Module hooks never fire on TorchScript modules."""
+    return not isinstance(model, torch.jit.ScriptModule)
+
+
+def module_type(module: nn.Module) -> str:
+    """The class name users wrote (TorchScript keeps it as ``original_name``)."""
+    return str(getattr(module, "original_name", None) or type(module).__name__)
+
+
+def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True) -> ProbeResult:
+    """Run one forward and backward pass of ``model`` on ``batch`` and measure every layer.
+
+    The model's modes, ``requires_grad`` flags and existing ``.grad`` values are restored, and
+    no hook outlives the call, whether it succeeds or raises.
+    """
+    named = parametrised_modules(model)
+    if not named:
+        raise BatchError("the model has no parameters, so there is no gradient to check")
+    modules = [m for _, m in named]
+    hooks = supports_module_hooks(model)
+    params = _unique_params(modules)
+    frozen = {id(p) for p in params if not p.requires_grad}
+    with (
+        _restored_state(model, params),
+        torch.random.fork_rng(devices=_cuda_devices(params)),
+        torch.enable_grad(),
+        ActivationGradientRecorder(modules if hooks else []) as recorder,
+    ):
+        torch.manual_seed(seed)
+        model.train(train)
+        for p in params:
+            p.grad = None
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        output = _forward(model, batch)
+        loss, choice = choose_loss(output, batch.target, seed)
+        output_max = [torch.linalg.vector_norm(t.detach(), ord=math.inf) for t in float_leaves(output)]
+        del output
+        loss.backward()
+        return _collect(named, params, frozen, recorder, choice, loss.detach(), output_max, hooks, train)
+
+
+def _forward(model: nn.Module, batch: Batch) -> Any:
+    try:
+        return model(*batch.args, **batch.kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BatchError(f"the batch ({batch.describe()}) does not fit the model: {first}") from None
+
+
+def _unique_params(modules: list[nn.Module]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for module in modules:
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def _cuda_devices(params: list[nn.Parameter]) -> list[int]:
+    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+
+
+@contextlib.contextmanager
+def _restored_state(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Give back every module's ``training`` flag and every parameter's flags and gradient."""
+    training = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad, p.grad) for p in params]
+    try:
+        yield
+    finally:
+        for module, mode in training:
+            module.training = mode
+        for p, requires_grad, grad in flags:
+            p.grad = grad
+            if p.is_floating_point():
+                p.requires_grad_(requires_grad)
+
+
+def _collect(
+    named: list[tuple[str, nn.Module]],
+    params: list[nn.Parameter],
+    frozen: set[int],
+    recorder: ActivationGradientRecorder,
+    choice: LossChoice,
+    loss: torch.Tensor,
+    output_max: list[torch.Tensor],
+    hooks: bool,
+    train: bool,
+) -> ProbeResult:
+    """Reduce every norm on the device, then copy them to the host in one synchronisation."""
+    float_params = [p for p in params if p.is_floating_point()]
+    with_grad = [p for p in float_params if p.grad is not None]
+    grads = [p.grad for p in with_grad if p.grad is not None]
+    pieces: list[torch.Tensor] = []
+    pieces += torch._foreach_norm([p.detach() for p in float_params]) if float_params else []
+    pieces += torch._foreach_norm(grads) if grads else []
+    pieces += torch._foreach_norm(grads, math.inf) if grads else []
+    act = [pair for call in recorder.norms for pair in call]
+    pieces += [n for pair in act for n in pair]
+    pieces += output_max
+    pieces.append(loss.reshape(()))
+    values = torch.stack([t.reshape(()).to(device="cpu", dtype=torch.float64) for t in pieces]).tolist()
+
+    cursor = 0
+
+    def take(count: int) -> list[float]:
+        nonlocal cursor
+        out = values[cursor : cursor + count]
+        cursor += count
+        return out
+
+    weight_norm = dict(zip(map(id, float_params), take(len(float_params)), strict=True))
+    grad_l2 = dict(zip(map(id, with_grad), take(len(with_grad)), strict=True))
+    grad_max = dict(zip(map(id, with_grad), take(len(with_grad)), strict=True))
+    act_values = take(2 * len(act))
+    out_values = take(len(output_max))
+    loss_value = take(1)[0]
+
+    per_call: list[Norm | None] = []
+    offset = 0
+    for call in recorder.norms:
+        pairs = [(act_values[offset + 2 * k], act_values[offset + 2 * k + 1]) for k in range(len(call))]
+        offset += 2 * len(call)
+        per_call.append(_combine(pairs))
+
+    calls_of: list[list[Norm | None]] = [[] for _ in named]
+    for (layer, _), norm in zip(recorder.calls, per_call, strict=True):
+        calls_of[layer].append(norm)
+
+    layers = []
+    for index, (name, module) in enumerate(named):
+        own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+        grads_here = [(grad_l2[id(p)], grad_max[id(p)]) for p in own if id(p) in grad_l2]
+        layers.append(
+            LayerMeasure(
+                name=name,
+                type=module_type(module),
+                params=sum(p.numel() for p in module.parameters(recurse=False)),
+                frozen=bool(own) and all(id(p) in frozen for p in own),
+                weight_norm=math.sqrt(sum(weight_norm[id(p)] ** 2 for p in own)),
+                grad=_combine(grads_here),
+                calls=tuple(calls_of[index]),
+            )
+        )
+    return ProbeResult(
+        layers=tuple(layers),
+        call_order=tuple(recorder.calls),
+        activation_hooks=hooks,
+        loss=choice,
+        loss_value=loss_value,
+        mode="train" if train else "eval",
+        output_finite=all(math.isfinite(v) for v in out_values),
+    )
+
+
+def _combine(pairs: list[tuple[float, float]]) -> Norm | None:
+    """One norm over several tensors: √Σ‖·‖², and the largest |element|."""
+    if not pairs:
+        return None
+    maxima = [m for _, m in pairs]
+    nan = any(math.isnan(m) for m in maxima)
+    return Norm(l2=math.sqrt(sum(l2 * l2 for l2, _ in pairs)), max_abs=math.nan if nan else max(maxima))

@@ -1,0 +1,175 @@
+"""Calibration models: healthy real architectures and known pathologies, each with a batch.
+
+Run ``python tests/zoo.py`` to print the calibration table that docs/calibration.md holds.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gradcheck_cli.batch import Batch  # noqa: E402
+from gradcheck_cli.examples import EXAMPLES, mlp  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A calibration model: its name, the verdict it must get, and how to build it with a batch."""
+
+    name: str
+    expected: str
+    build: Callable[[], tuple[nn.Module, Batch]]
+
+
+def _ids(vocab: int, batch: int = 2, length: int = 16) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def hf_gpt2(labels: bool) -> tuple[nn.Module, Batch]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=64, vocab_size=1000)
+    ids = _ids(config.vocab_size)
+    kwargs = {"input_ids": ids, **({"labels": ids} if labels else {})}
+    return GPT2LMHeadModel(config), Batch(kwargs=kwargs)
+
+
+def hf_bert(labels: bool) -> tuple[nn.Module, Batch]:
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, vocab_size=1000)
+    ids = _ids(config.vocab_size)
+    if labels:
+        return BertForSequenceClassification(config), Batch(
+            kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+        )
+    return BertModel(config), Batch(kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+def hf_vit() -> tuple[nn.Module, Batch]:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return ViTForImageClassification(config), Batch(kwargs={"pixel_values": x, "labels": torch.tensor([1, 2])})
+
+
+def hf_resnet() -> tuple[nn.Module, Batch]:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2], layer_type="bottleneck", num_labels=10)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return ResNetForImageClassification(config), Batch(kwargs={"pixel_values": x, "labels": torch.tensor([1, 2, 3, 4])})
+
+
+def torch_transformer() -> tuple[nn.Module, Batch]:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=6, enable_nested_tensor=False)
+    return model, Batch(args=(torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(1)),))
+
+
+class LSTMClassifier(nn.Module):
+    """A two-layer ``nn.LSTM`` over 100 steps with a classifier on the last state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(16, 64, num_layers=2, batch_first=True)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def torch_lstm() -> tuple[nn.Module, Batch]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    return LSTMClassifier(), Batch(args=(torch.randn(8, 100, 16, generator=g),), target=torch.randint(0, 5, (8,), generator=g))
+
+
+def small_cnn() -> tuple[nn.Module, Batch]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+    g = torch.Generator().manual_seed(1)
+    return model, Batch(args=(torch.randn(8, 3, 32, 32, generator=g),), target=torch.randint(0, 10, (8,), generator=g))
+
+
+def sigmoid_normal(width: int) -> tuple[nn.Module, Batch]:
+    """50 sigmoid layers with N(0, 1) weights: narrow vanishes, wide explodes (σ_w² = width)."""
+    torch.manual_seed(0)
+    model = mlp(50, width, nn.Sigmoid, nn.init.normal_)
+    g = torch.Generator().manual_seed(1)
+    return model, Batch(args=(torch.randn(32, width, generator=g),), target=torch.randint(0, 10, (32,), generator=g))
+
+
+def _example(name: str) -> Callable[[], tuple[nn.Module, Batch]]:
+    return lambda: EXAMPLES[name].build(0)
+
+
+HEALTHY = [
+    ZooModel("hf-gpt2 (labels)", "healthy", lambda: hf_gpt2(True)),
+    ZooModel("hf-gpt2 (no labels)", "healthy", lambda: hf_gpt2(False)),
+    ZooModel("hf-bert-classifier", "healthy", lambda: hf_bert(True)),
+    ZooModel("hf-bert-base (no labels)", "healthy", lambda: hf_bert(False)),
+    ZooModel("hf-vit", "healthy", hf_vit),
+    ZooModel("hf-resnet", "healthy", hf_resnet),
+    ZooModel("nn.TransformerEncoder", "healthy", torch_transformer),
+    ZooModel("nn.LSTM", "healthy", torch_lstm),
+    ZooModel("cnn-inplace-relu", "healthy", small_cnn),
+    ZooModel("relu-kaiming-50", "healthy", _example("relu-kaiming")),
+    ZooModel("residual-mlp-50", "healthy", _example("residual")),
+]
+
+SICK = [
+    ZooModel("sigmoid-default-50", "vanishing", _example("deep-sigmoid")),
+    ZooModel("sigmoid-normal-50 (width 1)", "vanishing", lambda: sigmoid_normal(1)),
+    ZooModel("sigmoid-normal-50 (width 256)", "exploding", lambda: sigmoid_normal(256)),
+    ZooModel("relu-xavier-50", "vanishing", _example("relu-xavier")),
+    ZooModel("linear-orthogonal-1.2x-50", "exploding", _example("deep-linear")),
+    ZooModel("tanh-rnn-200 (radius 0.5)", "vanishing", _example("rnn-vanishing")),
+    ZooModel("tanh-rnn-200 (radius 2.0)", "exploding", _example("rnn-exploding")),
+    ZooModel("nan-weight", "non_finite", _example("nan-weight")),
+]
+
+ZOO = HEALTHY + SICK
+
+
+def calibration_rows() -> list[tuple[str, str, str, float | None, float | None, int]]:
+    """(model, expected, verdict, gain, attenuation, path length) for every zoo model."""
+    from gradcheck_cli.api import check
+
+    rows = []
+    for entry in ZOO:
+        model, batch = entry.build()
+        report = check(model, batch)
+        verdict = ",".join(p.value for p in report.problems) or "healthy"
+        rows.append((entry.name, entry.expected, verdict, report.path.gain, report.path.attenuation, report.path.length))
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+if __name__ == "__main__":
+    print("| model | expected | verdict | gain per layer | attenuation (input/output) | path length |")
+    print("|---|---|---|---|---|---|")
+    for name, expected, verdict, gain, attenuation, length in calibration_rows():
+        print(f"| {name} | {expected} | {verdict} | {_fmt(gain)} | {_fmt(attenuation)} | {length} |")
