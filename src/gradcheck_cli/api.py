@@ -36,11 +36,13 @@ def check(
     thresholds: Thresholds | None = None,
     source: str = "python object",
     checkpoint_kind: str = "module",
+    notes: tuple[str, ...] = (),
 ) -> Report:
     """Probe ``model`` on ``batch`` once, diagnose the gradients and return the frozen report.
 
     ``batch`` is what a batch file would hold (a tensor, ``(inputs..., target)``, a dict of
-    keyword tensors) or a ready :class:`Batch`. The model is left as it was found: its modes,
+    keyword tensors) or a ready :class:`Batch`. ``notes`` (what the loader had to do) are
+    carried into the report. The model is left as it was found: its modes,
     ``requires_grad`` flags and ``.grad`` values are restored and no hook remains.
     """
     model = unwrap(model)
@@ -52,7 +54,7 @@ def check(
     recommendations = (
         advise(diagnosis.findings, diagnosis.layers, diagnosis.path, model_traits(model)) if has_problem else ()
     )
-    notes = []
+    notes = list(notes)
     if not result.activation_hooks:
         notes.append(
             "module hooks do not fire on TorchScript modules: only parameter gradients were measured"

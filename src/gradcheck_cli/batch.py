@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradcheck_cli.errors import BatchError
+from gradcheck_cli.errors import BatchError, first_line
 
 _TARGET_KEYS = ("target", "targets", "y")
 
@@ -72,7 +72,7 @@ def load_batch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise BatchError(
             f"could not read batch {path} as a torch file of tensors ({first}); "
             "save it with torch.save(tensor | tuple | dict of tensors)"

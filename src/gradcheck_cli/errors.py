@@ -25,3 +25,9 @@ class ModelFactoryError(GradcheckError):
 
 class BatchError(GradcheckError):
     """The batch is unreadable or does not fit the model."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gradcheck_cli.batch import Batch
-from gradcheck_cli.errors import BatchError
+from gradcheck_cli.errors import BatchError, first_line
 from gradcheck_cli.loss import LossChoice, choose_loss, float_leaves
 from gradcheck_cli.recorder import ActivationGradientRecorder
 
@@ -113,7 +113,7 @@ def _forward(model: nn.Module, batch: Batch) -> Any:
     try:
         return model(*batch.args, **batch.kwargs)
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AssertionError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise BatchError(f"the batch ({batch.describe()}) does not fit the model: {first}") from None
 
 

@@ -180,8 +180,8 @@ def _attenuation(
             Finding(
                 VANISHING.code, VANISHING.name, Severity.ERROR, Problem.VANISHING, names[crossing],
                 f"the gradient at the input end ({path.first_layer}) is {_fmt(path.attenuation)} of that at the "
-                f"output ({path.last_layer}) over {path.length} layers, {_fmt(path.gain)} per layer; it falls below "
-                f"{_fmt(limits.vanishing)} of the output's at {names[crossing]}{detail}",
+                f"output ({path.last_layer}) over {path.length} calls, {_fmt(path.gain)} per call; it falls below "
+                f"{_fmt(limits.vanishing)} of the output's at layer {names[crossing]}{detail}",
                 {**evidence, "underflowed_calls": underflow},
             )
         ]
@@ -194,8 +194,8 @@ def _attenuation(
             Finding(
                 EXPLODING.code, EXPLODING.name, Severity.ERROR, Problem.EXPLODING, names[crossing],
                 f"the gradient grows {_fmt(path.attenuation)}× from the output ({path.last_layer}) to the input end "
-                f"({path.first_layer}) over {path.length} layers, {_fmt(path.gain)} per layer; it exceeds "
-                f"{_fmt(limits.exploding)}× the output's from {names[crossing]} inwards",
+                f"({path.first_layer}) over {path.length} calls, {_fmt(path.gain)} per call; it exceeds "
+                f"{_fmt(limits.exploding)}× the output's from layer {names[crossing]} inwards",
                 evidence,
             )
         ]

@@ -1,0 +1,192 @@
+"""The command line: parse flags, call the core, print, and map outcomes to exit codes.
+
+This is the only module that prints or exits. It imports torch lazily, inside the commands,
+so ``gradcheck --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from contextlib import AbstractContextManager, nullcontext
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+
+from gradcheck_cli import __version__
+from gradcheck_cli.errors import GradcheckError
+from gradcheck_cli.exitcodes import ExitCode
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 healthy (nothing at or above --fail-on), 1 problems found, "
+    "2 unusable input (bad flags, refused checkpoint, batch that does not fit), 3 internal error."
+)
+
+app = typer.Typer(
+    name="gradcheck",
+    help="Does the gradient flow through your PyTorch model? Where does it vanish or explode, why, "
+    "and which fix works.\n\n" + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class OutputFormat(str, Enum):
+    """Report formats of ``inspect``."""
+
+    text = "text"
+    json = "json"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gradcheck {__version__}")
+        raise typer.Exit(ExitCode.OK)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Root options."""
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def inspect(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(help="Checkpoint: pickled nn.Module (needs --trust), state_dict / training dict (needs --model), TorchScript."),
+    ] = None,
+    example: Annotated[
+        str | None,
+        typer.Option("--example", help="Inspect a built-in model instead of a file; 'list' shows them."),
+    ] = None,
+    batch: Annotated[
+        Path | None,
+        typer.Option("--input", "-i", help="Sample batch saved with torch.save: a tensor, (inputs..., target) or a dict of keyword tensors."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Architecture for weights-only files: 'package.module:factory' or 'path/file.py:factory'."),
+    ] = None,
+    trust: Annotated[
+        bool, typer.Option("--trust", help="Allow unpickling code from the checkpoint (only for files you trust).")
+    ] = False,
+    output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Report format.")] = OutputFormat.text,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")] = None,
+    fail_on: Annotated[
+        list[str] | None,
+        typer.Option("--fail-on", help="What fails the gate: error (default), warning, info, never, or problems: vanishing, exploding, non_finite (repeatable, comma-separated)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for dropout and the random-projection loss.")] = 0,
+    eval_mode: Annotated[bool, typer.Option("--eval", help="Probe in eval mode (default: train mode).")] = False,
+    device: Annotated[str, typer.Option(help="Device to run on: cpu, cuda, cuda:N.")] = "cpu",
+    vanishing_below: Annotated[
+        float, typer.Option(help="Flag vanishing when the input-end gradient is below this fraction of the output's.")
+    ] = 1e-3,
+    exploding_above: Annotated[
+        float, typer.Option(help="Flag exploding when the input-end gradient is above this multiple of the output's.")
+    ] = 1e3,
+) -> None:
+    """Probe a model with one forward and backward pass and report per-layer gradient health."""
+    from gradcheck_cli.gate import parse_fail_on
+
+    gate = parse_fail_on(fail_on or [])
+    if example == "list":
+        _print_examples()
+        raise typer.Exit(ExitCode.OK)
+    if (checkpoint is None) == (example is None):
+        raise GradcheckError("give either a CHECKPOINT or --example NAME (try: gradcheck inspect --example deep-sigmoid)")
+    if not (0 < vanishing_below < 1 < exploding_above):
+        raise GradcheckError("thresholds must satisfy 0 < --vanishing-below < 1 < --exploding-above")
+
+    with _status("probing gradients…"):
+        from gradcheck_cli.pipeline import InspectRequest, run_inspect
+        from gradcheck_cli.rules import Thresholds
+
+        report = run_inspect(
+            InspectRequest(
+                checkpoint=checkpoint,
+                example=example,
+                batch=batch,
+                model_spec=model,
+                trust=trust,
+                seed=seed,
+                train=not eval_mode,
+                device=device,
+                thresholds=Thresholds(vanishing=vanishing_below, exploding=exploding_above),
+            )
+        )
+    _emit(report, output_format, output)
+    raise typer.Exit(ExitCode.PROBLEMS if gate.fails(report) else ExitCode.OK)
+
+
+def _emit(report: Any, output_format: OutputFormat, output: Path | None) -> None:
+    from gradcheck_cli.render.json import render_json
+    from gradcheck_cli.render.text import render_text, text_report
+
+    if output_format is OutputFormat.json:
+        rendered = render_json(report)
+    elif output is not None:
+        rendered = render_text(report)
+    else:
+        Console(highlight=False, soft_wrap=False).print(text_report(report))
+        return
+    if output is None:
+        sys.stdout.write(rendered)
+        return
+    try:
+        output.write_text(rendered, encoding="utf-8")
+    except OSError as exc:
+        raise GradcheckError(f"cannot write --output {output}: {exc.strerror or exc}") from None
+    verdict = "healthy" if report.healthy else "unhealthy: " + ", ".join(p.value for p in report.problems)
+    Console(stderr=True, highlight=False).print(f"gradcheck: {verdict}; report written to {output}")
+
+
+def _print_examples() -> None:
+    from gradcheck_cli.examples import EXAMPLES
+
+    for example in EXAMPLES.values():
+        typer.echo(f"{example.name:15} {example.expected:11} {example.summary}")
+
+
+def _status(message: str) -> AbstractContextManager[Any]:
+    """A spinner on stderr while the model loads and runs, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return nullcontext()
+    return Console(stderr=True).status(message)
+
+
+def main() -> None:
+    """Console entry point: run the app and turn every outcome into a documented exit code."""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        code = app(standalone_mode=False)
+    except GradcheckError as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(ExitCode.UNUSABLE_INPUT)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(ExitCode.UNUSABLE_INPUT)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(ExitCode.UNUSABLE_INPUT)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        err.print(
+            "gradcheck hit an internal error (exit 3). Please report it with the command you ran and the "
+            "traceback above at the project's issue tracker.",
+            markup=False,
+        )
+        sys.exit(ExitCode.INTERNAL_ERROR)
+    sys.exit(int(code or 0))

@@ -1,0 +1,1 @@
+"""Renderers: each turns the frozen report into text and never prints."""

@@ -1,0 +1,12 @@
+"""The JSON report of DESIGN.md §3."""
+
+from __future__ import annotations
+
+import json
+
+from gradcheck_cli.report import Report
+
+
+def render_json(report: Report) -> str:
+    """One JSON object, pretty-printed, ending with a newline."""
+    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"

@@ -1,0 +1,171 @@
+"""The terminal report: per-layer table with log-scale bars, findings, recommendations, verdict."""
+
+from __future__ import annotations
+
+import io
+import math
+
+from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from gradcheck_cli.report import LayerStats, Report, Severity
+
+BAR_DECADES = 8
+"""The bar spans 10^-8 … 10^+8 of the output-end gradient."""
+BAR_CELLS_PER_DECADE = 0.75
+
+
+def render_text(report: Report, *, width: int = 110) -> str:
+    """The report as plain text (no colour), for ``--output FILE`` and golden tests."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False, legacy_windows=False)
+    console.print(text_report(report))
+    return buffer.getvalue()
+
+
+def text_report(report: Report) -> RenderableType:
+    """The whole report as one rich renderable; the caller's console decides about colour."""
+    parts: list[RenderableType] = [_header(report), _table(report), _path(report)]
+    if report.findings:
+        parts.append(_findings(report))
+    if report.recommendations:
+        parts.append(_recommendations(report))
+    for note in report.notes:
+        parts.append(Text(f"note: {note}", style="dim"))
+    parts.append(_verdict(report))
+    return Group(*parts)
+
+
+def _header(report: Report) -> Text:
+    run = report.run
+    text = Text()
+    text.append("gradcheck ", style="bold")
+    text.append(f"{run.model_type} ({_count(run.parameters)} parameters) from {run.source} [{run.checkpoint_kind}]\n")
+    text.append(f"mode {run.mode}, seed {run.seed}, device {run.device}; batch {run.batch}\n")
+    text.append(f"loss {run.loss_value:.4g}: {run.loss}")
+    return text
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def _table(report: Report) -> Table:
+    activation = report.path.measured_with == "activation_gradients"
+    multi = any(layer.calls > 1 for layer in report.layers)
+    table = Table(title="gradient per layer, input end first", title_justify="left", expand=False, box=None,
+                  header_style="bold", pad_edge=False)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("layer", overflow="fold", min_width=12)
+    table.add_column("type", overflow="ellipsis", min_width=6, max_width=12)
+    if multi:
+        table.add_column("calls", justify="right", no_wrap=True)
+    table.add_column("∂L/∂h÷out" if activation else "g/w÷out", justify="right", no_wrap=True)
+    table.add_column("1e-8 ··· 1 ··· 1e8", no_wrap=True)
+    table.add_column("‖∂L/∂W‖", justify="right", no_wrap=True)
+    table.add_column("flags", overflow="fold")
+    ordered = sorted(report.layers, key=lambda layer: (layer.position < 0, layer.position))
+    reference = _parameter_reference(ordered) if not activation else None
+    for layer in ordered:
+        rel = layer.act_grad_rel if activation else _ratio(layer.grad_weight_ratio, reference)
+        style = "red" if layer.flags else ""
+        row = [
+            "–" if layer.position < 0 else str(layer.position),
+            layer.name or "(root)",
+            layer.type,
+            *([str(layer.calls)] if multi else []),
+            _num(rel),
+            _bar(rel, style or "green"),
+            _num(layer.grad_norm),
+            Text(",".join(layer.flags), style="bold red") if layer.flags else Text(""),
+        ]
+        table.add_row(*row, style=style or None)
+    return table
+
+
+def _parameter_reference(layers: list[LayerStats]) -> float | None:
+    for layer in reversed(layers):
+        if layer.grad_weight_ratio:
+            return layer.grad_weight_ratio
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.1e}"
+
+
+def _bar(value: float | None, style: str) -> Text:
+    cells = int(2 * BAR_DECADES * BAR_CELLS_PER_DECADE)
+    if value is None or math.isnan(value):
+        return Text("?".center(cells), style="dim")
+    if value <= 0:
+        return Text("0 underflow".ljust(cells), style=style)
+    decades = max(-BAR_DECADES, min(BAR_DECADES, math.log10(value)))
+    length = round((decades + BAR_DECADES) * BAR_CELLS_PER_DECADE)
+    middle = cells // 2
+    bar = Text("█" * length, style=style)
+    if length <= middle:
+        bar.append(" " * (middle - length))
+        bar.append("|", style="dim")
+        bar.append(" " * (cells - middle - 1))
+    else:
+        bar.append(" " * (cells - length))
+    return bar
+
+
+def _path(report: Report) -> Text:
+    path = report.path
+    text = Text()
+    if path.attenuation is None:
+        text.append("path: the gradient could not be followed from output to input (too few finite measurements)")
+        return text
+    what = "activation gradient" if path.measured_with == "activation_gradients" else "parameter gradient ratio"
+    text.append(f"path: {what} at the input end ({path.first_layer}) / output end ({path.last_layer}) = ")
+    text.append(f"{path.attenuation:.3g}", style="bold")
+    gain = "n/a" if path.gain is None else f"{path.gain:.3g}"
+    text.append(f" over {path.length} calls, gain {gain} per layer")
+    return text
+
+
+def _findings(report: Report) -> Table:
+    table = Table(title="findings", title_justify="left", box=None, header_style="bold", show_header=False)
+    table.add_column("code", no_wrap=True)
+    table.add_column("severity", no_wrap=True)
+    table.add_column("message", overflow="fold")
+    colours = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
+    for finding in report.findings:
+        table.add_row(finding.code, Text(finding.severity.value, style=colours[finding.severity]),
+                      f"{finding.name}: {finding.message}")
+    return table
+
+
+def _recommendations(report: Report) -> Group:
+    parts: list[RenderableType] = [Text("recommendations (most likely fix first)", style="bold")]
+    for rank, rec in enumerate(report.recommendations, start=1):
+        head = Text(f"{rank}. {rec.title} ", style="bold")
+        head.append(f"[{rec.id}]", style="cyan")
+        parts.append(head)
+        parts.append(Padding(Text(f"why: {rec.why}"), (0, 0, 0, 3)))
+        parts.append(Padding(Text(rec.snippet, style="green"), (0, 0, 0, 3)))
+    return Group(*parts)
+
+
+def _verdict(report: Report) -> Text:
+    if report.healthy:
+        return Text("✓ healthy: gradients flow from the output to the input", style="bold green")
+    return Text(f"✗ unhealthy: {', '.join(p.value for p in report.problems)}", style="bold red")
