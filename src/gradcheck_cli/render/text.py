@@ -66,7 +66,7 @@ def _table(report: Report) -> Table:
     if multi:
         table.add_column("calls", justify="right", no_wrap=True)
     table.add_column("∂L/∂h÷out" if activation else "g/w÷out", justify="right", no_wrap=True)
-    table.add_column("1e-8 ··· 1 ··· 1e8", no_wrap=True)
+    table.add_column("log ±8", no_wrap=True)
     table.add_column("‖∂L/∂W‖", justify="right", no_wrap=True)
     table.add_column("flags", overflow="fold")
     ordered = sorted(report.layers, key=lambda layer: (layer.position < 0, layer.position))
