@@ -1,0 +1,85 @@
+"""Loss choice (DESIGN.md §1) and splitting a batch into inputs and target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradcheck_cli.batch import Batch, make_batch
+from gradcheck_cli.errors import BatchError
+from gradcheck_cli.loss import choose_loss
+
+
+def test_model_loss_is_used_when_the_output_has_one():
+    pred = torch.randn(3, requires_grad=True)
+    loss, choice = choose_loss({"loss": pred.sum(), "logits": pred}, None, 0)
+    assert choice.kind == "model"
+    assert loss.requires_grad
+
+
+def test_class_indices_choose_cross_entropy_also_for_sequences():
+    pred = torch.randn(2, 5, 7, requires_grad=True)  # (N, C, L)
+    _, choice = choose_loss(pred, torch.randint(0, 5, (2, 7)), 0)
+    assert choice.kind == "cross_entropy"
+
+
+def test_same_shape_float_target_chooses_mse():
+    pred = torch.randn(4, 3, requires_grad=True)
+    _, choice = choose_loss(pred, torch.randn(4, 3), 0)
+    assert choice.kind == "mse"
+
+
+def test_target_that_fits_no_loss_is_a_batch_error_naming_both_shapes():
+    pred = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(BatchError, match=r"float32\[4, 3\]"):
+        choose_loss(pred, torch.randn(5), 0)
+
+
+def test_projection_is_seeded_and_not_a_plain_sum():
+    pred = torch.randn(4, 3, requires_grad=True)
+    a, choice = choose_loss(pred, None, 1)
+    b, _ = choose_loss(pred, None, 1)
+    c, _ = choose_loss(pred, None, 2)
+    assert choice.kind == "random_projection"
+    assert a.item() == b.item() != c.item()
+    assert a.item() != pytest.approx(pred.sum().item())
+
+
+def test_tuple_is_inputs_plus_target_when_forward_takes_one_argument_fewer():
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    batch = make_batch((x, y), model)
+    assert batch.args == (x,) and batch.target is y
+
+
+def test_tuple_is_all_inputs_when_forward_takes_them_all():
+    model = nn.Bilinear(3, 3, 2)
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    batch = make_batch((a, b), model)
+    assert len(batch.args) == 2 and batch.target is None
+
+
+def test_dict_becomes_keywords_and_a_target_key_the_forward_does_not_take_is_the_target():
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.fc(features)
+
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    batch = make_batch({"features": x, "target": y}, Keywords())
+    assert set(batch.kwargs) == {"features"} and batch.target is y
+    assert batch.describe() == "features=float32[4, 3], target int64[4]"
+
+
+def test_unsupported_batch_type_is_refused():
+    with pytest.raises(BatchError, match="save a tensor"):
+        make_batch(3.0, nn.Linear(1, 1))
+
+
+def test_batch_moves_to_a_device():
+    batch = Batch(args=(torch.randn(2),), kwargs={"m": [torch.ones(1)]}, target=torch.zeros(2)).to("cpu")
+    assert batch.args[0].device.type == "cpu" and batch.kwargs["m"][0].device.type == "cpu"

@@ -1,0 +1,152 @@
+"""The probe against gradients computed by hand, hook removal, and state restoration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradcheck_cli.batch import Batch
+from gradcheck_cli.errors import BatchError
+from gradcheck_cli.probe import probe
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+        for m in model.modules()
+    )
+
+
+class TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_parameter_and_activation_gradient_norms_match_manual_autograd():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    result = probe(model, Batch(args=(x,), target=y))
+
+    h1 = model.fc1(x)
+    h1.retain_grad()
+    out = model.fc2(torch.relu(h1))
+    out.retain_grad()
+    nn.functional.cross_entropy(out, y).backward()
+    fc1, fc2 = result.layers
+    expected_fc1 = torch.sqrt(model.fc1.weight.grad.norm() ** 2 + model.fc1.bias.grad.norm() ** 2)
+    assert fc1.grad.l2 == pytest.approx(float(expected_fc1), rel=1e-5)
+    assert fc1.calls[0].l2 == pytest.approx(float(h1.grad.norm()), rel=1e-5)
+    assert fc2.calls[0].l2 == pytest.approx(float(out.grad.norm()), rel=1e-5)
+    assert fc1.calls[0].max_abs == pytest.approx(float(h1.grad.abs().max()), rel=1e-5)
+    assert result.loss.kind == "cross_entropy"
+    assert result.call_order == ((0, 0), (1, 0))
+
+
+def test_inplace_relu_after_linear_gives_the_pre_activation_gradient():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    x, target = torch.randn(5, 4), torch.randn(5, 3)
+    result = probe(model, Batch(args=(x,), target=target))
+    h1 = model.fc1(x)
+    h1.retain_grad()
+    nn.functional.mse_loss(model.fc2(torch.relu(h1)), target).backward()
+    assert (h1.grad[h1 <= 0] == 0).all()  # the gradient w.r.t. fc1's output, before ReLU
+    assert result.layers[0].calls[0].l2 == pytest.approx(float(h1.grad.norm()), rel=1e-5)
+
+
+def test_a_module_called_in_a_loop_records_every_call_in_order():
+    cell = nn.RNNCell(3, 8)
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = cell
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.zeros(x.shape[1], 8)
+            for step in x:
+                h = self.cell(step, h)
+            return self.head(h)
+
+    result = probe(Loop(), Batch(args=(torch.randn(7, 2, 3),)))
+    assert len(result.layers[0].calls) == 7
+    assert result.call_order[:7] == tuple((0, k) for k in range(7))
+    assert result.call_order[-1] == (1, 0)
+    assert all(c is not None and c.l2 > 0 for c in result.layers[0].calls)
+
+
+def test_no_hook_left_after_success():
+    model = TwoLayer()
+    probe(model, Batch(args=(torch.randn(2, 4),)))
+    assert _hook_count(model) == 0
+
+
+def test_no_hook_left_after_a_forward_that_raises():
+    model = TwoLayer()
+    with pytest.raises(BatchError, match="does not fit the model"):
+        probe(model, Batch(args=(torch.randn(2, 5),)))
+    assert _hook_count(model) == 0
+
+
+def test_mode_requires_grad_and_existing_grads_are_restored():
+    model = TwoLayer()
+    model.eval()
+    model.fc1.weight.requires_grad_(False)
+    sentinel = torch.full_like(model.fc2.weight, 7.0)
+    model.fc2.weight.grad = sentinel
+    result = probe(model, Batch(args=(torch.randn(2, 4),)), train=True)
+    assert result.mode == "train"
+    assert not model.training and not model.fc1.training
+    assert model.fc1.weight.requires_grad is False
+    assert model.fc2.weight.grad is sentinel
+    assert model.fc1.weight.grad is None
+    assert result.layers[0].frozen is False  # bias still trainable
+    assert result.layers[0].grad is not None  # measured through the temporarily unfrozen weight
+
+
+def test_probe_is_seeded_so_dropout_gives_the_same_numbers_twice():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    batch = Batch(args=(torch.randn(4, 8),))
+    first = probe(model, batch, seed=3)
+    second = probe(model, batch, seed=3)
+    assert first.layers[0].grad == second.layers[0].grad
+    assert first.loss_value == second.loss_value
+
+
+def test_probe_leaves_the_global_rng_alone():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    batch = Batch(args=(torch.randn(2, 4),))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    probe(model, batch, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_random_projection_loss_has_unit_output_gradient_and_no_zero_for_softmax():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Softmax(dim=-1))
+    result = probe(model, Batch(args=(torch.randn(32, 6),)))
+    assert result.loss.kind == "random_projection"
+    assert result.layers[0].grad.l2 > 1e-4  # out.sum() would give exactly zero through softmax
+
+
+def test_torchscript_module_measures_parameter_gradients_only():
+    scripted = torch.jit.script(TwoLayer())
+    result = probe(scripted, Batch(args=(torch.randn(3, 4),)))
+    assert result.activation_hooks is False
+    assert all(layer.grad is not None for layer in result.layers)
+    assert all(layer.calls == () for layer in result.layers)
+
+
+def test_model_without_parameters_is_refused():
+    with pytest.raises(BatchError, match="no parameters"):
+        probe(nn.ReLU(), Batch(args=(torch.randn(2),)))
