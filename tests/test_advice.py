@@ -9,8 +9,18 @@ from gradcheck_cli.api import check
 from gradcheck_cli.examples import EXAMPLES
 
 ALLOWED_IDS = {
-    "xavier_init", "kaiming_init", "orthogonal_init", "gradient_clipping", "batch_norm", "layer_norm",
-    "residual", "weight_decay", "lstm_gru", "lower_lr", "mixed_precision_scaling", "activation_change",
+    "xavier_init",
+    "kaiming_init",
+    "orthogonal_init",
+    "gradient_clipping",
+    "batch_norm",
+    "layer_norm",
+    "residual",
+    "weight_decay",
+    "lstm_gru",
+    "lower_lr",
+    "mixed_precision_scaling",
+    "activation_change",
     "reconnect_graph",
 }
 
@@ -46,7 +56,7 @@ def test_exploding_linear_gets_clipping_with_a_max_norm_from_the_measurement():
 
 
 def test_plain_rnn_gets_lstm_gru_for_vanishing_and_orthogonal_init_for_exploding():
-    assert [r.id for r in _report("rnn-vanishing").recommendations][0] == "lstm_gru"
+    assert _report("rnn-vanishing").recommendations[0].id == "lstm_gru"
     exploding = [r.id for r in _report("rnn-exploding").recommendations]
     assert exploding[:2] == ["gradient_clipping", "orthogonal_init"]
     assert "residual" not in exploding

@@ -15,8 +15,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gradcheck_cli.batch import Batch  # noqa: E402
-from gradcheck_cli.examples import EXAMPLES, mlp  # noqa: E402
+from gradcheck_cli.batch import Batch
+from gradcheck_cli.examples import EXAMPLES, mlp
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,9 @@ def hf_bert(labels: bool) -> tuple[nn.Module, Batch]:
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, vocab_size=1000)
+    config = BertConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, vocab_size=1000
+    )
     ids = _ids(config.vocab_size)
     if labels:
         return BertForSequenceClassification(config), Batch(
@@ -59,7 +61,15 @@ def hf_vit() -> tuple[nn.Module, Batch]:
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
+    config = ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    )
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     return ViTForImageClassification(config), Batch(kwargs={"pixel_values": x, "labels": torch.tensor([1, 2])})
 
@@ -68,7 +78,9 @@ def hf_resnet() -> tuple[nn.Module, Batch]:
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(0)
-    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2], layer_type="bottleneck", num_labels=10)
+    config = ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2], layer_type="bottleneck", num_labels=10
+    )
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     return ResNetForImageClassification(config), Batch(kwargs={"pixel_values": x, "labels": torch.tensor([1, 2, 3, 4])})
 
@@ -96,15 +108,26 @@ class LSTMClassifier(nn.Module):
 def torch_lstm() -> tuple[nn.Module, Batch]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    return LSTMClassifier(), Batch(args=(torch.randn(8, 100, 16, generator=g),), target=torch.randint(0, 5, (8,), generator=g))
+    return LSTMClassifier(), Batch(
+        args=(torch.randn(8, 100, 16, generator=g),), target=torch.randint(0, 5, (8,), generator=g)
+    )
 
 
 def small_cnn() -> tuple[nn.Module, Batch]:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(64, 10),
     )
     g = torch.Generator().manual_seed(1)
@@ -160,7 +183,9 @@ def calibration_rows() -> list[tuple[str, str, str, float | None, float | None, 
         model, batch = entry.build()
         report = check(model, batch)
         verdict = ",".join(p.value for p in report.problems) or "healthy"
-        rows.append((entry.name, entry.expected, verdict, report.path.gain, report.path.attenuation, report.path.length))
+        rows.append(
+            (entry.name, entry.expected, verdict, report.path.gain, report.path.attenuation, report.path.length)
+        )
     return rows
 
 

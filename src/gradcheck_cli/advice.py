@@ -32,7 +32,7 @@ def advise(
 
 
 def _median_ratio(traits: ModelTraits, scheme: str) -> float | None:
-    ratios = [getattr(s, "std") / getattr(s, scheme) for s in traits.init if getattr(s, scheme) > 0]
+    ratios = [s.std / getattr(s, scheme) for s in traits.init if getattr(s, scheme) > 0]
     return statistics.median(ratios) if ratios else None
 
 
@@ -85,7 +85,7 @@ def _vanishing(findings: Sequence[Finding], path: PathSummary, traits: ModelTrai
                 f"ReLU halves the signal's variance, so each layer passes on about {kaiming_ratio:.2f}× "
                 f"(measured gain {gain} per layer)",
                 "for m in model.modules():\n    if isinstance(m, (nn.Linear, nn.Conv2d)):\n"
-                "        nn.init.kaiming_normal_(m.weight, nonlinearity=\"relu\")\n        nn.init.zeros_(m.bias)",
+                '        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")\n        nn.init.zeros_(m.bias)',
                 (Problem.VANISHING,),
             )
         )
@@ -97,7 +97,7 @@ def _vanishing(findings: Sequence[Finding], path: PathSummary, traits: ModelTrai
                 "Use a non-saturating activation (ReLU, GELU, SiLU)",
                 f"{kinds} has a derivative of at most {0.25 if 'Sigmoid' in kinds else 1.0} and near 0 when saturated; "
                 f"measured gain {gain} per layer",
-                "nn.ReLU()   # or nn.GELU(); then re-initialise with nn.init.kaiming_normal_(w, nonlinearity=\"relu\")",
+                'nn.ReLU()   # or nn.GELU(); then re-initialise with nn.init.kaiming_normal_(w, nonlinearity="relu")',
                 (Problem.VANISHING,),
             )
         )
@@ -108,7 +108,7 @@ def _vanishing(findings: Sequence[Finding], path: PathSummary, traits: ModelTrai
                     "Initialise sigmoid/tanh layers with Xavier (Glorot) init",
                     f"weights sit at {xavier_ratio:.2f}× the Xavier scale √(2/(fan_in+fan_out))",
                     "for m in model.modules():\n    if isinstance(m, nn.Linear):\n"
-                    "        nn.init.xavier_uniform_(m.weight, gain=nn.init.calculate_gain(\"tanh\"))",
+                    '        nn.init.xavier_uniform_(m.weight, gain=nn.init.calculate_gain("tanh"))',
                     (Problem.VANISHING,),
                 )
             )
@@ -158,7 +158,7 @@ def _exploding(layers: Sequence[LayerStats], path: PathSummary, traits: ModelTra
     if ratio is not None and ratio > 1.05:
         rec_id = "kaiming_init" if scheme == "kaiming" else ("xavier_init" if traits.saturating else "orthogonal_init")
         snippet = {
-            "kaiming_init": "nn.init.kaiming_normal_(m.weight, nonlinearity=\"relu\")",
+            "kaiming_init": 'nn.init.kaiming_normal_(m.weight, nonlinearity="relu")',
             "xavier_init": "nn.init.xavier_uniform_(m.weight)",
             "orthogonal_init": "nn.init.orthogonal_(m.weight)",
         }[rec_id]
@@ -191,17 +191,22 @@ def _normalise_and_shortcut(path: PathSummary, traits: ModelTraits, problem: Pro
     if not traits.norms:
         conv = any(s.layer for s in traits.init) and not traits.recurrent
         rec_id, title, snippet = (
-            ("batch_norm", "Add batch normalisation after each linear/conv layer",
-             "nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU())")
-            if conv else
-            ("layer_norm", "Add layer normalisation", "nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.ReLU())")
+            (
+                "batch_norm",
+                "Add batch normalisation after each linear/conv layer",
+                "nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU())",
+            )
+            if conv
+            else ("layer_norm", "Add layer normalisation", "nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.ReLU())")
         )
         recs.append(
             Recommendation(
-                rec_id, title,
+                rec_id,
+                title,
                 "the model has no normalisation layer, so nothing resets the activation scale that the "
                 f"gradient inherits (gain {path.gain or math.nan:.3g} per layer)",
-                snippet, (problem,),
+                snippet,
+                (problem,),
             )
         )
     if path.length >= DEEP_PLAIN_STACK and not traits.recurrent:
@@ -251,7 +256,8 @@ def _non_finite(findings: Sequence[Finding], layers: Sequence[LayerStats], trait
                 "mixed_precision_scaling",
                 "Use a gradient scaler or bf16",
                 "the model holds fp16/bf16 parameters, where gradients overflow above 65504 and underflow below 6e-8",
-                "scaler = torch.amp.GradScaler()\nscaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()",
+                "scaler = torch.amp.GradScaler()\n"
+                "scaler.scale(loss).backward()\nscaler.step(optimizer)\nscaler.update()",
                 (Problem.NON_FINITE,),
             )
         )

@@ -19,12 +19,12 @@ from gradcheck_cli.traits import model_traits
 def unwrap(model: nn.Module) -> nn.Module:
     """The eager module inside DataParallel/DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
     while True:
+        inner = getattr(model, "_orig_mod", None)
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
+            inner = model.module
+        if not isinstance(inner, nn.Module):
             return model
+        model = inner
 
 
 def check(
@@ -54,11 +54,9 @@ def check(
     recommendations = (
         advise(diagnosis.findings, diagnosis.layers, diagnosis.path, model_traits(model)) if has_problem else ()
     )
-    notes = list(notes)
+    all_notes = list(notes)
     if not result.activation_hooks:
-        notes.append(
-            "module hooks do not fire on TorchScript modules: only parameter gradients were measured"
-        )
+        all_notes.append("module hooks do not fire on TorchScript modules: only parameter gradients were measured")
     device = next((str(p.device) for p in model.parameters()), "cpu")
     run = RunInfo(
         source=source,
@@ -81,6 +79,6 @@ def check(
         path=diagnosis.path,
         findings=diagnosis.findings,
         recommendations=recommendations,
-        notes=tuple(notes),
+        notes=tuple(all_notes),
         thresholds=limits.as_dict(),
     )

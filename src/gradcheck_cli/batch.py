@@ -102,9 +102,14 @@ def make_batch(raw: Any, model: nn.Module) -> Batch:
         items = tuple(raw)
         if not items:
             raise BatchError("the batch is an empty sequence; save at least one input tensor")
-        if len(items) >= 2 and isinstance(items[-1], torch.Tensor) and _accepts_positional(model, len(items) - 1):
-            if not _accepts_positional(model, len(items)):
-                return Batch(args=items[:-1], target=items[-1])
+        last_is_target = (
+            len(items) >= 2
+            and isinstance(items[-1], torch.Tensor)
+            and _accepts_positional(model, len(items) - 1)
+            and not _accepts_positional(model, len(items))
+        )
+        if last_is_target:
+            return Batch(args=items[:-1], target=items[-1])
         return Batch(args=items)
     raise BatchError(
         f"the batch holds a {type(raw).__name__}; save a tensor, a tuple/list (inputs..., target) "

@@ -63,7 +63,10 @@ def _root(
 def inspect(
     checkpoint: Annotated[
         Path | None,
-        typer.Argument(help="Checkpoint: pickled nn.Module (needs --trust), state_dict / training dict (needs --model), TorchScript."),
+        typer.Argument(
+            help="Checkpoint: pickled nn.Module (needs --trust), state_dict or training dict (needs --model), "
+            "TorchScript."
+        ),
     ] = None,
     example: Annotated[
         str | None,
@@ -71,20 +74,34 @@ def inspect(
     ] = None,
     batch: Annotated[
         Path | None,
-        typer.Option("--input", "-i", help="Sample batch saved with torch.save: a tensor, (inputs..., target) or a dict of keyword tensors."),
+        typer.Option(
+            "--input",
+            "-i",
+            help="Sample batch saved with torch.save: a tensor, (inputs..., target) or a dict of keyword tensors.",
+        ),
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help="Architecture for weights-only files: 'package.module:factory' or 'path/file.py:factory'."),
+        typer.Option(
+            "--model",
+            "-m",
+            help="Architecture for weights-only files: 'package.module:factory' or 'path/file.py:factory'.",
+        ),
     ] = None,
     trust: Annotated[
         bool, typer.Option("--trust", help="Allow unpickling code from the checkpoint (only for files you trust).")
     ] = False,
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Report format.")] = OutputFormat.text,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")
+    ] = None,
     fail_on: Annotated[
         list[str] | None,
-        typer.Option("--fail-on", help="What fails the gate: error (default), warning, info, never, or problems: vanishing, exploding, non_finite (repeatable, comma-separated)."),
+        typer.Option(
+            "--fail-on",
+            help="What fails the gate: error (default), warning, info, never, or problems: vanishing, exploding, "
+            "non_finite (repeatable, comma-separated).",
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for dropout and the random-projection loss.")] = 0,
     eval_mode: Annotated[bool, typer.Option("--eval", help="Probe in eval mode (default: train mode).")] = False,
@@ -104,7 +121,9 @@ def inspect(
         _print_examples()
         raise typer.Exit(ExitCode.OK)
     if (checkpoint is None) == (example is None):
-        raise GradcheckError("give either a CHECKPOINT or --example NAME (try: gradcheck inspect --example deep-sigmoid)")
+        raise GradcheckError(
+            "give either a CHECKPOINT or --example NAME (try: gradcheck inspect --example deep-sigmoid)"
+        )
     if not (0 < vanishing_below < 1 < exploding_above):
         raise GradcheckError("thresholds must satisfy 0 < --vanishing-below < 1 < --exploding-above")
 

@@ -159,16 +159,25 @@ def build_nan_weight(seed: int) -> tuple[nn.Module, Batch]:
     """A small ReLU MLP one of whose weights is NaN, as after a diverged optimiser step."""
     _seeded(seed)
     model = mlp(4, 64, nn.ReLU, None)
+    broken = model[2]
+    assert isinstance(broken, nn.Linear)
     with torch.no_grad():
-        model[2].weight[0, 0] = float("nan")
+        broken.weight[0, 0] = float("nan")
     return _classification(model, 64, seed)
 
 
 EXAMPLES: dict[str, Example] = {
     e.name: e
     for e in (
-        Example("deep-sigmoid", "50-layer sigmoid MLP, default init (the classic vanishing chain)", "vanishing", build_deep_sigmoid),
-        Example("relu-xavier", "50-layer ReLU MLP with Xavier init (gain ≈ 0.71 per layer)", "vanishing", build_relu_xavier),
+        Example(
+            "deep-sigmoid",
+            "50-layer sigmoid MLP, default init (the classic vanishing chain)",
+            "vanishing",
+            build_deep_sigmoid,
+        ),
+        Example(
+            "relu-xavier", "50-layer ReLU MLP with Xavier init (gain ≈ 0.71 per layer)", "vanishing", build_relu_xavier
+        ),
         Example("relu-kaiming", "the same ReLU MLP with Kaiming init (the fix)", "healthy", build_relu_kaiming),
         Example("deep-linear", "50-layer linear net, orthogonal weights ×1.2", "exploding", build_deep_linear),
         Example("residual", "50-block pre-norm residual MLP", "healthy", build_residual),

@@ -33,7 +33,9 @@ def build_model(spec: str) -> nn.Module:
 def _resolve(spec: str) -> Any:
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
-        raise ModelFactoryError(f"--model must look like 'package.module:factory' or 'path/file.py:factory', got {spec!r}")
+        raise ModelFactoryError(
+            f"--model must look like 'package.module:factory' or 'path/file.py:factory', got {spec!r}"
+        )
     if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
         module = _import_file(Path(module_part), spec)
         try:
@@ -50,7 +52,9 @@ def _resolve(spec: str) -> Any:
             f"--model {spec}: {first_line(exc)}; run from the directory that holds the package or set PYTHONPATH"
         ) from None
     except Exception as exc:
-        raise ModelFactoryError(f"--model {spec}: importing it raised {type(exc).__name__}: {first_line(exc)}") from None
+        raise ModelFactoryError(
+            f"--model {spec}: importing it raised {type(exc).__name__}: {first_line(exc)}"
+        ) from None
 
 
 def _import_file(path: Path, spec: str) -> Any:
@@ -66,5 +70,7 @@ def _import_file(path: Path, spec: str) -> Any:
         loader_spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
-        raise ModelFactoryError(f"--model {spec}: importing {path} raised {type(exc).__name__}: {first_line(exc)}") from None
+        raise ModelFactoryError(
+            f"--model {spec}: importing {path} raised {type(exc).__name__}: {first_line(exc)}"
+        ) from None
     return module

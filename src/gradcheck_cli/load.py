@@ -131,8 +131,10 @@ def _interpret(content: Any, path: Path, model_spec: str | None) -> LoadedModel:
 
 
 def _is_state_dict(value: Mapping[Any, Any]) -> bool:
-    return bool(value) and all(isinstance(k, str) for k in value) and all(
-        isinstance(v, torch.Tensor) for v in value.values()
+    return (
+        bool(value)
+        and all(isinstance(k, str) for k in value)
+        and all(isinstance(v, torch.Tensor) for v in value.values())
     )
 
 
@@ -155,9 +157,7 @@ def _with_architecture(
     return LoadedModel(model, kind, notes + tuple(extra))
 
 
-def align_keys(
-    state: Mapping[str, torch.Tensor], expected: Any
-) -> tuple[dict[str, torch.Tensor], list[str], int]:
+def align_keys(state: Mapping[str, torch.Tensor], expected: Any) -> tuple[dict[str, torch.Tensor], list[str], int]:
     """Strip DDP/compile/Lightning prefixes while that matches more of the model's keys.
 
     Returns the aligned dict, the prefixes stripped in order, and how many tensors were
@@ -171,12 +171,14 @@ def align_keys(
     while improved:
         improved = False
         for prefix in PREFIXES:
-            inside = {k[len(prefix):]: v for k, v in current.items() if k.startswith(prefix)}
+            inside = {k[len(prefix) :]: v for k, v in current.items() if k.startswith(prefix)}
             if not inside:
                 continue
-            candidate = inside if len(inside) < len(current) and wanted <= set(inside) else {
-                **{k: v for k, v in current.items() if not k.startswith(prefix)}, **inside
-            }
+            candidate = (
+                inside
+                if len(inside) < len(current) and wanted <= set(inside)
+                else {**{k: v for k, v in current.items() if not k.startswith(prefix)}, **inside}
+            )
             if len(wanted & set(candidate)) > len(wanted & set(current)):
                 dropped += len(current) - len(candidate)
                 current = candidate
@@ -189,9 +191,7 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatch = next(
-        (k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)), None
-    )
+    mismatch = next((k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)), None)
     if missing or unexpected or mismatch:
         parts = []
         if missing:
@@ -200,7 +200,8 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
             parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
         if mismatch:
             parts.append(
-                f"shape mismatch at {mismatch}: checkpoint {list(state[mismatch].shape)}, model {list(own[mismatch].shape)}"
+                f"shape mismatch at {mismatch}: checkpoint {list(state[mismatch].shape)}, "
+                f"model {list(own[mismatch].shape)}"
             )
         raise CheckpointError(f"the weights in {path} do not fit the --model architecture: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)

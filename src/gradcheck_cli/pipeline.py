@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ class InspectRequest:
     seed: int = 0
     train: bool = True
     device: str = "cpu"
-    thresholds: Thresholds = Thresholds()
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
 
 def run_inspect(request: InspectRequest) -> Report:
@@ -36,12 +36,15 @@ def run_inspect(request: InspectRequest) -> Report:
     device = _device(request.device)
     if request.example is not None:
         model, batch = get_example(request.example).build(request.seed)
-        source, kind, notes = f"example:{request.example}", "example", ()
+        source, kind = f"example:{request.example}", "example"
+        notes: tuple[str, ...] = ()
     else:
         assert request.checkpoint is not None
         loaded = load_checkpoint(request.checkpoint, model_spec=request.model_spec, trust=request.trust)
         if request.batch is None:
-            raise GradcheckError("pass a sample batch with --input BATCH (a tensor, tuple or dict saved with torch.save)")
+            raise GradcheckError(
+                "pass a sample batch with --input BATCH (a tensor, tuple or dict saved with torch.save)"
+            )
         model, kind, notes = loaded.module, loaded.kind, loaded.notes
         batch = make_batch(load_batch_file(request.batch), model)
         source = str(request.checkpoint)

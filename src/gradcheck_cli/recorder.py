@@ -64,8 +64,6 @@ class ActivationGradientRecorder:
 
     def _grad_hook(self, call_id: int) -> Any:
         def hook(grad: torch.Tensor) -> None:
-            self.norms[call_id].append(
-                (torch.linalg.vector_norm(grad), torch.linalg.vector_norm(grad, ord=math.inf))
-            )
+            self.norms[call_id].append((torch.linalg.vector_norm(grad), torch.linalg.vector_norm(grad, ord=math.inf)))
 
         return hook

@@ -175,7 +175,7 @@ class Report:
             entry["flags"] = list(layer.flags)
             entry["grad_weight_ratio"] = layer.grad_weight_ratio
             layers.append(entry)
-        return _json_safe(
+        safe: dict[str, Any] = _json_safe(
             {
                 "schema_version": SCHEMA_VERSION,
                 "status": "healthy" if self.healthy else "unhealthy",
@@ -210,6 +210,7 @@ class Report:
                 "thresholds": dict(self.thresholds),
             }
         )
+        return safe
 
 
 def _json_safe(value: Any) -> Any:

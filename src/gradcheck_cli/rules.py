@@ -46,7 +46,15 @@ NO_GRADIENT = Rule("GC005", "no-gradient")
 PARAMETER_GRADIENTS_ONLY = Rule("GC006", "parameter-gradients-only")
 UNUSED_LAYER = Rule("GC007", "unused-layer")
 
-RULES = (VANISHING, EXPLODING, NON_FINITE_GRADIENT, NON_FINITE_FORWARD, NO_GRADIENT, PARAMETER_GRADIENTS_ONLY, UNUSED_LAYER)
+RULES = (
+    VANISHING,
+    EXPLODING,
+    NON_FINITE_GRADIENT,
+    NON_FINITE_FORWARD,
+    NO_GRADIENT,
+    PARAMETER_GRADIENTS_ONLY,
+    UNUSED_LAYER,
+)
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,11 @@ def diagnose(result: ProbeResult, thresholds: Thresholds | None = None) -> Diagn
     if not result.activation_hooks:
         findings.append(
             Finding(
-                PARAMETER_GRADIENTS_ONLY.code, PARAMETER_GRADIENTS_ONLY.name, Severity.INFO, None, None,
+                PARAMETER_GRADIENTS_ONLY.code,
+                PARAMETER_GRADIENTS_ONLY.name,
+                Severity.INFO,
+                None,
+                None,
                 "module hooks do not fire on this model (TorchScript), so the path is followed through "
                 "‖∂L/∂W‖/‖W‖ per layer; deep ReLU or linear stacks can hide vanishing there",
             )
@@ -92,7 +104,11 @@ def diagnose(result: ProbeResult, thresholds: Thresholds | None = None) -> Diagn
     if unused:
         findings.append(
             Finding(
-                UNUSED_LAYER.code, UNUSED_LAYER.name, Severity.INFO, None, unused[0],
+                UNUSED_LAYER.code,
+                UNUSED_LAYER.name,
+                Severity.INFO,
+                None,
+                unused[0],
                 f"{len(unused)} module(s) with parameters never ran in the forward pass (first: {unused[0]})",
                 {"layers": unused},
             )
@@ -167,8 +183,13 @@ def _attenuation(
     assert path.attenuation is not None
     out_end = points[-1].value
     names = [result.layers[p.layer].name for p in points]
-    evidence = {"attenuation": path.attenuation, "gain": path.gain, "path_length": path.length,
-                "first_layer": path.first_layer, "last_layer": path.last_layer}
+    evidence = {
+        "attenuation": path.attenuation,
+        "gain": path.gain,
+        "path_length": path.length,
+        "first_layer": path.first_layer,
+        "last_layer": path.last_layer,
+    }
     if path.attenuation < limits.vanishing:
         crossing = _first_crossing(points, lambda v: v < limits.vanishing * out_end)
         for p in points:
@@ -178,7 +199,11 @@ def _attenuation(
         detail = f"; it underflowed to exactly 0 in {underflow} of {len(points)} calls" if underflow else ""
         return [
             Finding(
-                VANISHING.code, VANISHING.name, Severity.ERROR, Problem.VANISHING, names[crossing],
+                VANISHING.code,
+                VANISHING.name,
+                Severity.ERROR,
+                Problem.VANISHING,
+                names[crossing],
                 f"the gradient at the input end ({path.first_layer}) is {_fmt(path.attenuation)} of that at the "
                 f"output ({path.last_layer}) over {path.length} calls, {_fmt(path.gain)} per call; it falls below "
                 f"{_fmt(limits.vanishing)} of the output's at layer {names[crossing]}{detail}",
@@ -192,7 +217,11 @@ def _attenuation(
                 flagged.setdefault(p.layer, Problem.EXPLODING.value)
         return [
             Finding(
-                EXPLODING.code, EXPLODING.name, Severity.ERROR, Problem.EXPLODING, names[crossing],
+                EXPLODING.code,
+                EXPLODING.name,
+                Severity.ERROR,
+                Problem.EXPLODING,
+                names[crossing],
                 f"the gradient grows {_fmt(path.attenuation)}× from the output ({path.last_layer}) to the input end "
                 f"({path.first_layer}) over {path.length} calls, {_fmt(path.gain)} per call; it exceeds "
                 f"{_fmt(limits.exploding)}× the output's from layer {names[crossing]} inwards",
@@ -217,7 +246,10 @@ def _non_finite(result: ProbeResult) -> list[Finding]:
         where = f"; weights of {len(bad_weights)} layer(s) are NaN/Inf (first: {bad_weights[0]})" if bad_weights else ""
         findings.append(
             Finding(
-                NON_FINITE_FORWARD.code, NON_FINITE_FORWARD.name, Severity.ERROR, Problem.NON_FINITE,
+                NON_FINITE_FORWARD.code,
+                NON_FINITE_FORWARD.name,
+                Severity.ERROR,
+                Problem.NON_FINITE,
                 bad_weights[0] if bad_weights else None,
                 f"the forward pass produced NaN/Inf (loss = {result.loss_value}){where}",
                 {"loss": result.loss_value, "non_finite_weights": bad_weights},
@@ -227,8 +259,13 @@ def _non_finite(result: ProbeResult) -> list[Finding]:
     if bad:
         findings.append(
             Finding(
-                NON_FINITE_GRADIENT.code, NON_FINITE_GRADIENT.name, Severity.ERROR, Problem.NON_FINITE, bad[0].name,
-                f"{len(bad)} of {len(result.layers)} layers have NaN/Inf gradients (first in forward order: {bad[0].name})",
+                NON_FINITE_GRADIENT.code,
+                NON_FINITE_GRADIENT.name,
+                Severity.ERROR,
+                Problem.NON_FINITE,
+                bad[0].name,
+                f"{len(bad)} of {len(result.layers)} layers have NaN/Inf gradients "
+                f"(first in forward order: {bad[0].name})",
                 {"layers": [m.name for m in bad], "non_finite_weights": bad_weights},
             )
         )
@@ -251,7 +288,11 @@ def _no_gradient(result: ProbeResult, flagged: dict[int, str]) -> list[Finding]:
     names = [result.layers[i].name for i in cut]
     return [
         Finding(
-            NO_GRADIENT.code, NO_GRADIENT.name, Severity.ERROR, Problem.VANISHING, names[0],
+            NO_GRADIENT.code,
+            NO_GRADIENT.name,
+            Severity.ERROR,
+            Problem.VANISHING,
+            names[0],
             f"{len(cut)} layer(s) ran in the forward pass but received no gradient at all (first: {names[0]}): "
             "the graph is cut between them and the loss (.detach(), torch.no_grad(), .item() or an integer op)",
             {"layers": names},

@@ -12,8 +12,18 @@ from gradcheck_cli.probe import module_type
 
 RELU_LIKE = {"ReLU", "LeakyReLU", "PReLU", "RReLU", "ReLU6", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardswish"}
 SATURATING = {"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "LogSigmoid", "Tanhshrink"}
-NORMS = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LayerNorm", "GroupNorm", "RMSNorm",
-         "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"}
+NORMS = {
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+    "LayerNorm",
+    "GroupNorm",
+    "RMSNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+}
 PLAIN_RECURRENT = {"RNN", "RNNCell"}
 GATED_RECURRENT = {"LSTM", "GRU", "LSTMCell", "GRUCell"}
 

@@ -58,8 +58,14 @@ def _count(n: int) -> str:
 def _table(report: Report) -> Table:
     activation = report.path.measured_with == "activation_gradients"
     multi = any(layer.calls > 1 for layer in report.layers)
-    table = Table(title="gradient per layer, input end first", title_justify="left", expand=False, box=None,
-                  header_style="bold", pad_edge=False)
+    table = Table(
+        title="gradient per layer, input end first",
+        title_justify="left",
+        expand=False,
+        box=None,
+        header_style="bold",
+        pad_edge=False,
+    )
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("layer", overflow="fold", min_width=12)
     table.add_column("type", overflow="ellipsis", min_width=6, max_width=12)
@@ -74,7 +80,7 @@ def _table(report: Report) -> Table:
     for layer in ordered:
         rel = layer.act_grad_rel if activation else _ratio(layer.grad_weight_ratio, reference)
         style = "red" if layer.flags else ""
-        row = [
+        row: list[str | Text] = [
             "–" if layer.position < 0 else str(layer.position),
             layer.name or "(root)",
             layer.type,
@@ -149,8 +155,11 @@ def _findings(report: Report) -> Table:
     table.add_column("message", overflow="fold")
     colours = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
     for finding in report.findings:
-        table.add_row(finding.code, Text(finding.severity.value, style=colours[finding.severity]),
-                      f"{finding.name}: {finding.message}")
+        table.add_row(
+            finding.code,
+            Text(finding.severity.value, style=colours[finding.severity]),
+            f"{finding.name}: {finding.message}",
+        )
     return table
 
 
