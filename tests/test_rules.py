@@ -100,6 +100,16 @@ def test_nan_gradient_is_non_finite_and_skips_attenuation_rules():
     assert all("non_finite" in layer.flags for layer in diagnosis.layers)
 
 
+def test_norm_that_overflows_float32_with_finite_elements_is_exploding_not_non_finite():
+    result = chain([1.0] * 5)
+    first = result.layers[0]
+    huge = LayerMeasure(first.name, "Linear", 10, False, 1.0, Norm(math.inf, 3e37), (Norm(math.inf, 3e37),))
+    result = ProbeResult((huge, *result.layers[1:]), result.call_order, True, result.loss, 1.0, "train", True)
+    diagnosis = diagnose(result)
+    assert problems(result) == {Problem.EXPLODING}
+    assert diagnosis.path.attenuation == math.inf
+
+
 def test_layer_that_ran_but_got_no_gradient_is_a_cut_path():
     result = chain([1.0, 1.0, 1.0])
     cut = result.layers[0].__class__(

@@ -142,6 +142,20 @@ def sigmoid_normal(width: int) -> tuple[nn.Module, Batch]:
     return model, Batch(args=(torch.randn(32, width, generator=g),), target=torch.randint(0, 10, (32,), generator=g))
 
 
+def scaled_weight(fill: float | None, scale: float = 1.0) -> tuple[nn.Module, Batch]:
+    """A 4-layer ReLU MLP whose middle layer's weights are filled with ``fill`` or scaled by ``scale``."""
+    torch.manual_seed(0)
+    model = mlp(4, 64, nn.ReLU, None)
+    layer = model[2]
+    assert isinstance(layer, nn.Linear)
+    with torch.no_grad():
+        if fill is not None:
+            layer.weight.fill_(fill)
+        layer.weight.mul_(scale)
+    g = torch.Generator().manual_seed(1)
+    return model, Batch(args=(torch.randn(16, 64, generator=g),), target=torch.randint(0, 10, (16,), generator=g))
+
+
 def _example(name: str) -> Callable[[], tuple[nn.Module, Batch]]:
     return lambda: EXAMPLES[name].build(0)
 
@@ -169,6 +183,8 @@ SICK = [
     ZooModel("tanh-rnn-200 (radius 0.5)", "vanishing", _example("rnn-vanishing")),
     ZooModel("tanh-rnn-200 (radius 2.0)", "exploding", _example("rnn-exploding")),
     ZooModel("nan-weight", "non_finite", _example("nan-weight")),
+    ZooModel("huge-weight 1e38 (forward overflows)", "non_finite", lambda: scaled_weight(1e38)),
+    ZooModel("weights ×1e30 (finite, norm overflows)", "exploding", lambda: scaled_weight(None, 1e30)),
 ]
 
 ZOO = HEALTHY + SICK

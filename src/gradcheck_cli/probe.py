@@ -14,7 +14,7 @@ from torch import nn
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import BatchError, first_line
 from gradcheck_cli.loss import LossChoice, choose_loss, float_leaves
-from gradcheck_cli.recorder import ActivationGradientRecorder
+from gradcheck_cli.recorder import ActivationGradientRecorder, norm_and_max_abs
 
 
 @dataclass(frozen=True)
@@ -165,8 +165,9 @@ def _collect(
     grads = [p.grad for p in with_grad if p.grad is not None]
     pieces: list[torch.Tensor] = []
     pieces += torch._foreach_norm([p.detach() for p in float_params]) if float_params else []
-    pieces += torch._foreach_norm(grads) if grads else []
-    pieces += torch._foreach_norm(grads, math.inf) if grads else []
+    grad_pairs = [norm_and_max_abs(g) for g in grads]
+    pieces += [l2 for l2, _ in grad_pairs]
+    pieces += [peak for _, peak in grad_pairs]
     act = [pair for call in recorder.norms for pair in call]
     pieces += [n for pair in act for n in pair]
     pieces += output_max

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from types import TracebackType
 from typing import Any
 
@@ -12,6 +11,17 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradcheck_cli.loss import float_leaves
+
+
+def norm_and_max_abs(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 norm and max |element| as 0-dim device tensors, without a sync.
+
+    ``aminmax`` propagates NaN and costs about as much as the norm, where ``ord=inf`` would
+    first materialise ``abs()``. A NaN or Inf element makes the max non-finite; an L2 norm
+    that overflows float32 while the max stays finite means a huge but finite gradient.
+    """
+    low, high = torch.aminmax(tensor)
+    return torch.linalg.vector_norm(tensor), torch.maximum(high, low.neg())
 
 
 class ActivationGradientRecorder:
@@ -64,6 +74,7 @@ class ActivationGradientRecorder:
 
     def _grad_hook(self, call_id: int) -> Any:
         def hook(grad: torch.Tensor) -> None:
-            self.norms[call_id].append((torch.linalg.vector_norm(grad), torch.linalg.vector_norm(grad, ord=math.inf)))
+            if grad.numel():
+                self.norms[call_id].append(norm_and_max_abs(grad))
 
         return hook

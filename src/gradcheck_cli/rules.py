@@ -159,7 +159,8 @@ def _summarise(points: list[_Point], result: ProbeResult) -> PathSummary:
 
 
 def _ratio(a: float, b: float) -> float | None:
-    if not (math.isfinite(a) and math.isfinite(b)) or b == 0:
+    """a / b; inf when ``a`` overflowed float32 (a finite gradient too large to take its norm)."""
+    if math.isnan(a) or not math.isfinite(b) or b == 0:
         return None
     return a / b
 
