@@ -171,6 +171,8 @@ def _gain(points: list[_Point]) -> float | None:
     if not math.isfinite(last) or last == 0:
         return None
     for k, point in enumerate(points[:-1]):
+        if point.value == math.inf:
+            return math.inf
         if point.value > 0 and math.isfinite(point.value):
             steps = len(points) - 1 - k
             ratio = _ratio(point.value, last)
