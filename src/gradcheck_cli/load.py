@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
 import warnings
 import zipfile
@@ -26,6 +27,9 @@ STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "module", "net")
 PREFIXES = ("module.", "_orig_mod.", "model.")
 """Key prefixes added by DDP/DataParallel, torch.compile and Lightning."""
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+PICKLE_PROTOCOL = b"\x80"
+"""Legacy (non-zip) torch files are a sequence of pickles, each starting with the PROTO opcode."""
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,18 @@ def load_checkpoint(path: Path, *, model_spec: str | None, trust: bool) -> Loade
         head = handle.read(64)
     if head.startswith(LFS_POINTER):
         raise CheckpointError(f"{path} is a git-LFS pointer, not the checkpoint; run `git lfs pull` first")
-    if _is_torchscript(path):
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and not head.startswith(PICKLE_PROTOCOL):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (neither a torch zip archive nor a legacy torch pickle)"
+        )
+    if is_zip and _is_torchscript(path):
         return LoadedModel(_load_torchscript(path), "torchscript")
     content = _torch_load(path, trust=trust)
     return _interpret(content, path, model_spec)
 
 
 def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
@@ -78,11 +85,12 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        unsafe = _unsafe_globals(path, exc)
+        if not unsafe:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first_line(exc)}") from None
         if not trust:
-            unsafe = _unsafe_globals(path)
-            listed = ", ".join(unsafe) if unsafe else first_line(exc)
             raise UntrustedCheckpointError(
-                f"{path} would import and run code when unpickled ({listed}); "
+                f"{path} would import and run code when unpickled ({', '.join(unsafe)}); "
                 "pass --trust only if you trust where it came from, or save a state_dict instead",
                 unsafe,
             ) from None
@@ -102,11 +110,20 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
         raise CheckpointError(f"{path} could not be unpickled: {first_line(exc)}") from None
 
 
-def _unsafe_globals(path: Path) -> list[str]:
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # legacy (non-zip) files cannot be scanned; the message falls back to torch's
+def _unsafe_globals(path: Path, error: pickle.UnpicklingError) -> list[str]:
+    """The globals the file would import; empty when the failure was not about code (a corrupt file).
+
+    Zip archives are scanned without executing anything; for legacy files, and as a cross-check,
+    the weights-only unpickler's own error names the first global it refused.
+    """
+    named = _BLOCKED_GLOBAL.findall(str(error))
+    if not named:
         return []
+    try:
+        scanned = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy (non-zip) files cannot be scanned
+        scanned = []
+    return scanned or named
 
 
 def _interpret(content: Any, path: Path, model_spec: str | None) -> LoadedModel:

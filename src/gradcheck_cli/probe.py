@@ -172,7 +172,7 @@ def _collect(
     pieces += [n for pair in act for n in pair]
     pieces += output_max
     pieces.append(loss.reshape(()))
-    values = torch.stack([t.reshape(()).to(device="cpu", dtype=torch.float64) for t in pieces]).tolist()
+    values = to_host(pieces)
 
     cursor = 0
 
@@ -224,6 +224,19 @@ def _collect(
         mode="train" if train else "eval",
         output_finite=all(math.isfinite(v) for v in out_values),
     )
+
+
+def to_host(scalars: list[torch.Tensor]) -> list[float]:
+    """Copy 0-dim tensors to Python floats with one synchronisation per device (one in the usual case)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for index, t in enumerate(scalars):
+        by_device.setdefault(t.device, []).append(index)
+    values = [0.0] * len(scalars)
+    for indices in by_device.values():
+        stacked = torch.stack([scalars[i].reshape(()).to(torch.float64) for i in indices])
+        for i, value in zip(indices, stacked.tolist(), strict=True):
+            values[i] = value
+    return values
 
 
 def _combine(pairs: list[tuple[float, float]]) -> Norm | None:

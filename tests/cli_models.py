@@ -1,0 +1,63 @@
+"""Tiny models, factories and a malicious pickle payload for the end-to-end CLI tests.
+
+Pickled checkpoints written by ``test_cli_checkpoints.py`` refer to these classes as
+``cli_models.<Name>``, so the CLI subprocess needs this directory on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+IN_FEATURES = 8
+WIDTH = 16
+OUT_FEATURES = 4
+
+
+class TinyNet(nn.Module):
+    """Two Linear layers with a ReLU between them: healthy by construction."""
+
+    def __init__(self, width: int = WIDTH) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(IN_FEATURES, width)
+        self.fc2 = nn.Linear(width, OUT_FEATURES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class KeywordNet(nn.Module):
+    """A model whose ``forward`` needs a keyword-only ``mask``: it must be called with keywords."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(IN_FEATURES, WIDTH)
+        self.fc2 = nn.Linear(WIDTH, OUT_FEATURES)
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x * mask)))
+
+
+def make_tiny() -> TinyNet:
+    """The ``--model cli_models:make_tiny`` factory (seeded, but the checkpoint's weights replace these)."""
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def make_keyword() -> KeywordNet:
+    """The ``--model cli_models:make_keyword`` factory."""
+    torch.manual_seed(0)
+    return KeywordNet()
+
+
+class MaliciousPayload:
+    """Unpickling this runs a shell command (``os.system``): what ``--trust`` must guard against."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (self.command,))

@@ -1,0 +1,681 @@
+"""End-to-end tests of ``gradcheck inspect`` on real checkpoint and batch files.
+
+Every test writes real files (``torch.save``, ``torch.jit.script(...).save``) and runs the real
+command line as ``python -m gradcheck_cli`` in a subprocess, then checks the exit code and what the
+command printed (or its ``--format json`` report). Pickled checkpoints refer to classes in
+``tests/cli_models.py`` as ``cli_models.<Name>``, so the subprocess gets ``tests/`` on PYTHONPATH.
+
+Runs that several tests look at are made once by module-scoped fixtures; the runs of one fixture
+go in parallel (one per CPU) because each subprocess spends most of its time importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import random
+import shlex
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import cli_models
+import gradcheck_cli
+
+TESTS_DIR = Path(__file__).resolve().parent
+CLI_TIMEOUT_S = 120
+REPORT_KEYS = {"schema_version", "status", "problems", "layers", "findings", "recommendations", "run", "notes"}
+CHECKPOINT_SEED = 1234
+"""Seed of the weights written to checkpoints; the --model factories use seed 0, so loaded weights are visible."""
+
+Proc = subprocess.CompletedProcess  # a finished CLI run (stdout/stderr as text)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        env.pop(name, None)  # rich would colour the output a pipe gets
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+CLI_ENV = _cli_env()
+
+
+def run_cli(args: Sequence[Any], *, cwd: Path, python_flags: Sequence[str] = ()) -> Proc:
+    """``python [flags] -m gradcheck_cli ARGS`` in ``cwd``, the way a user runs it."""
+    return subprocess.run(
+        [sys.executable, *python_flags, "-m", "gradcheck_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=CLI_ENV,
+        timeout=CLI_TIMEOUT_S,
+    )
+
+
+def run_many(commands: Mapping[str, Sequence[Any]], *, cwd: Path, python_flags: Sequence[str] = ()) -> dict[str, Proc]:
+    """Run several CLI commands, one per CPU at a time; results by name."""
+    workers = max(1, min(len(commands), os.cpu_count() or 2))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {
+            name: pool.submit(run_cli, args, cwd=cwd, python_flags=python_flags) for name, args in commands.items()
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
+def show(proc: Proc) -> str:
+    """What a failed assertion should print about a run."""
+    return f"\n$ {shlex.join(proc.args)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+def assert_one_line_error(proc: Proc, *needles: str) -> str:
+    """Exit 2, nothing on stdout, and one ``error: ...`` line on stderr holding every needle; no traceback."""
+    assert proc.returncode == 2, show(proc)
+    assert "Traceback" not in proc.stderr, show(proc)
+    assert proc.stdout == "", show(proc)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, show(proc)
+    assert lines[0].startswith("error: "), show(proc)
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in the error line{show(proc)}"
+    return lines[0]
+
+
+def json_report(proc: Proc, *, exit_code: int | None = 0) -> dict[str, Any]:
+    """The ``--format json`` report a run printed, after checking its exit code and top-level shape.
+
+    ``exit_code=None``: the exit code must be the one the report warrants under the default gate.
+    """
+    assert proc.returncode in (0, 1), show(proc)
+    if exit_code is not None:
+        assert proc.returncode == exit_code, show(proc)
+    assert "Traceback" not in proc.stderr, show(proc)
+    report = json.loads(proc.stdout)
+    assert report.keys() >= REPORT_KEYS, show(proc)
+    assert report["schema_version"] == 1
+    assert report["status"] == ("unhealthy" if report["problems"] else "healthy")
+    assert isinstance(report["layers"], list)
+    assert isinstance(report["findings"], list)
+    assert isinstance(report["recommendations"], list)
+    if exit_code is None:
+        has_error = any(f["severity"] == "error" for f in report["findings"])
+        assert proc.returncode == (1 if has_error else 0), show(proc)
+    return report
+
+
+def assert_healthy_tiny_net(report: dict[str, Any]) -> None:
+    """The report of a healthy two-layer ``TinyNet``: both layers measured, nothing wrong, no advice."""
+    assert report["status"] == "healthy"
+    assert report["problems"] == []
+    assert [layer["name"] for layer in report["layers"]] == ["fc1", "fc2"]
+    assert all(layer["grad_norm"] and layer["grad_norm"] > 0 for layer in report["layers"])
+    assert not [f for f in report["findings"] if f["severity"] == "error"]
+    assert report["recommendations"] == []
+
+
+def layer_weight_norms(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """L2 norm of each layer's own parameters, the way the report's ``weight_norm`` measures it."""
+    squares: dict[str, float] = {}
+    for key, tensor in state.items():
+        layer = key.rsplit(".", 1)[0]
+        squares[layer] = squares.get(layer, 0.0) + float(tensor.double().pow(2).sum())
+    return {layer: math.sqrt(total) for layer, total in squares.items()}
+
+
+def assert_weights_from(report: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """The probed model carried the checkpoint's weights, not the factory's fresh ones."""
+    measured = {layer["name"]: layer["weight_norm"] for layer in report["layers"]}
+    assert measured == pytest.approx(layer_weight_norms(state), rel=1e-5)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hashes(directory: Path) -> dict[str, str]:
+    """SHA-256 of every checkpoint and batch file (``*.pt``) in ``directory``."""
+    return {p.name: sha256(p) for p in sorted(directory.glob("*.pt"))}
+
+
+def checkpoint_model(width: int = cli_models.WIDTH) -> cli_models.TinyNet:
+    """The TinyNet whose weights the checkpoints hold (seeded apart from the factories)."""
+    torch.manual_seed(CHECKPOINT_SEED)
+    return cli_models.TinyNet(width)
+
+
+def checkpoint_state() -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in checkpoint_model().state_dict().items()}
+
+
+def batch_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(7)
+
+
+def save_inputs(directory: Path) -> None:
+    """The batch files: inputs only, (x, class indices), (x, float target), keyword dicts, a misfit."""
+    g = batch_generator()
+    x = torch.randn(4, cli_models.IN_FEATURES, generator=g)
+    torch.save(x, directory / "x.pt")
+    torch.save((x, torch.tensor([0, 1, 2, 3])), directory / "xy_index.pt")
+    torch.save((x, torch.randn(4, cli_models.OUT_FEATURES, generator=g)), directory / "xy_float.pt")
+    torch.save({"x": x, "mask": torch.ones_like(x)}, directory / "kwargs.pt")
+    torch.save({"x": x, "mask": torch.ones_like(x), "y": torch.tensor([3, 2, 1, 0])}, directory / "kwargs_y.pt")
+    torch.save(torch.randn(4, cli_models.IN_FEATURES - 3, generator=g), directory / "x_wrong_width.pt")
+
+
+# --------------------------------------------------------------------------- 1. whole pickled module
+
+
+@pytest.fixture(scope="module")
+def pickled_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("pickled")
+    torch.save(checkpoint_model(), work / "tiny_module.pt")
+    save_inputs(work)
+    before = hashes(work)
+    runs = run_many(
+        {
+            "refused": ["inspect", "tiny_module.pt", "--input", "x.pt"],
+            "trusted": ["inspect", "tiny_module.pt", "--input", "x.pt", "--trust", "--format", "json"],
+        },
+        cwd=work,
+    )
+    return {"dir": work, "before": before, **runs}
+
+
+def test_pickled_module_refused_without_trust_lists_classes(pickled_runs: dict[str, Any]) -> None:
+    line = assert_one_line_error(pickled_runs["refused"], "tiny_module.pt", "cli_models.TinyNet", "--trust")
+    assert "would import and run code" in line
+
+
+def test_pickled_module_loads_with_trust(pickled_runs: dict[str, Any]) -> None:
+    report = json_report(pickled_runs["trusted"], exit_code=0)
+    assert report["run"]["checkpoint_kind"] == "pickled_module"
+    assert report["run"]["model_type"] == "TinyNet"
+    assert report["run"]["loss_kind"] == "random_projection"
+    assert_healthy_tiny_net(report)
+    assert_weights_from(report, checkpoint_state())
+
+
+# --------------------------------------------------------------------------- 2. malicious pickle
+
+
+@pytest.fixture(scope="module")
+def malicious_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The same payload saved as a zip checkpoint and in the legacy format; a trusted run as control."""
+    work = tmp_path_factory.mktemp("malicious")
+    save_inputs(work)
+    markers = {}
+    for name, zip_format in (("zip", True), ("legacy", False), ("control", True)):
+        markers[name] = work / f"pwned_{name}"
+        payload = cli_models.MaliciousPayload(f"touch {shlex.quote(str(markers[name]))}")
+        torch.save(payload, work / f"evil_{name}.pt", _use_new_zipfile_serialization=zip_format)
+    runs = run_many(
+        {
+            "zip": ["inspect", "evil_zip.pt", "--input", "x.pt"],
+            "legacy": ["inspect", "evil_legacy.pt", "--input", "x.pt"],
+            "control": ["inspect", "evil_control.pt", "--input", "x.pt", "--trust"],
+        },
+        cwd=work,
+    )
+    return {"markers": markers, **runs}
+
+
+@pytest.mark.parametrize("file_format", ["zip", "legacy"])
+def test_malicious_pickle_refused_without_trust_and_not_executed(
+    malicious_runs: dict[str, Any], file_format: str
+) -> None:
+    proc = malicious_runs[file_format]
+    line = assert_one_line_error(proc, f"evil_{file_format}.pt", "would import and run code", "--trust")
+    if file_format == "zip":  # zip checkpoints can be scanned: the offending global is named
+        assert "system" in line
+    assert not malicious_runs["markers"][file_format].exists(), "the pickle's payload ran without --trust"
+
+
+def test_malicious_pickle_payload_is_live_with_trust(malicious_runs: dict[str, Any]) -> None:
+    """Control: the payload does run once the user trusts the file, so the refusal above is what saved us."""
+    assert malicious_runs["markers"]["control"].exists()
+    assert_one_line_error(malicious_runs["control"], "evil_control.pt", "not a model or a state_dict")
+
+
+# --------------------------------------------------------------------------- 3. state_dict + --model
+
+ARCH_FILE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def build():
+    return Net()
+"""
+
+
+@pytest.fixture(scope="module")
+def state_dict_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("state_dict")
+    torch.save(checkpoint_model().state_dict(), work / "tiny_sd.pt")
+    save_inputs(work)
+    (work / "arch").mkdir()
+    (work / "arch" / "net.py").write_text(textwrap.dedent(ARCH_FILE), encoding="utf-8")
+    before = hashes(work)
+    runs = run_many(
+        {
+            "module_form": ["inspect", "tiny_sd.pt", "-i", "x.pt", "--model", "cli_models:make_tiny", "-f", "json"],
+            "file_form": ["inspect", "tiny_sd.pt", "-i", "x.pt", "--model", "arch/net.py:build", "-f", "json"],
+            "no_model": ["inspect", "tiny_sd.pt", "-i", "x.pt"],
+        },
+        cwd=work,
+    )
+    return {"dir": work, "before": before, **runs}
+
+
+def test_state_dict_with_module_factory_loads_checkpoint_weights(state_dict_runs: dict[str, Any]) -> None:
+    report = json_report(state_dict_runs["module_form"], exit_code=0)
+    assert report["run"]["checkpoint_kind"] == "state_dict"
+    assert report["run"]["model_type"] == "TinyNet"
+    assert_healthy_tiny_net(report)
+    assert_weights_from(report, checkpoint_state())
+    fresh = layer_weight_norms(cli_models.make_tiny().state_dict())
+    assert layer_weight_norms(checkpoint_state()) != pytest.approx(fresh, rel=1e-3), "weights must be told apart"
+
+
+def test_tensor_batch_uses_random_projection_loss(state_dict_runs: dict[str, Any]) -> None:
+    run = json_report(state_dict_runs["module_form"])["run"]
+    assert run["loss_kind"] == "random_projection"
+    assert run["batch"] == "float32[4, 8]"
+
+
+def test_state_dict_with_file_factory_loads_checkpoint_weights(state_dict_runs: dict[str, Any]) -> None:
+    report = json_report(state_dict_runs["file_form"], exit_code=0)
+    assert report["run"]["checkpoint_kind"] == "state_dict"
+    assert report["run"]["model_type"] == "Net"
+    assert_healthy_tiny_net(report)
+    assert_weights_from(report, checkpoint_state())
+
+
+def test_state_dict_without_model_flag_asks_for_it(state_dict_runs: dict[str, Any]) -> None:
+    assert_one_line_error(state_dict_runs["no_model"], "tiny_sd.pt", "weights only", "--model")
+
+
+# --------------------------------------------------------------------------- 4. training-checkpoint layouts
+
+TRAINING_LAYOUTS = {
+    # name: (checkpoint_kind, notes the loader must report)
+    "training_dict": ("training_checkpoint", ["weights from 'model_state_dict'"]),
+    "lightning": ("training_checkpoint", ["weights from 'state_dict'", "stripped key prefix 'model.'"]),
+    "ddp": ("state_dict", ["stripped key prefix 'module.'"]),
+    "compile": ("state_dict", ["stripped key prefix '_orig_mod.'"]),
+}
+
+
+def _trained_checkpoint() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and Adam state after one real optimiser step."""
+    model = checkpoint_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = batch_generator()
+    loss = torch.nn.functional.cross_entropy(
+        model(torch.randn(4, cli_models.IN_FEATURES, generator=g)), torch.tensor([0, 1, 2, 3])
+    )
+    loss.backward()
+    optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, optimizer.state_dict()
+
+
+@pytest.fixture(scope="module")
+def training_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("training")
+    save_inputs(work)
+    state, optimizer_state = _trained_checkpoint()
+    contents = {
+        "training_dict": {"model_state_dict": state, "epoch": 3, "optimizer_state_dict": optimizer_state},
+        "lightning": {"state_dict": {"model." + k: v for k, v in state.items()}, "epoch": 3, "global_step": 30},
+        "ddp": {"module." + k: v for k, v in state.items()},
+        "compile": {"_orig_mod." + k: v for k, v in state.items()},
+    }
+    for name, content in contents.items():
+        torch.save(content, work / f"{name}.pt")
+    before = hashes(work)
+    runs = run_many(
+        {
+            name: ["inspect", f"{name}.pt", "-i", "xy_index.pt", "-m", "cli_models:make_tiny", "-f", "json"]
+            for name in contents
+        },
+        cwd=work,
+    )
+    return {"dir": work, "before": before, "state": state, **runs}
+
+
+@pytest.mark.parametrize("layout", list(TRAINING_LAYOUTS))
+def test_training_checkpoint_layout_loads_model_weights(training_runs: dict[str, Any], layout: str) -> None:
+    kind, notes = TRAINING_LAYOUTS[layout]
+    report = json_report(training_runs[layout], exit_code=0)
+    assert report["run"]["checkpoint_kind"] == kind
+    assert report["run"]["loss_kind"] == "cross_entropy"
+    for note in notes:
+        assert any(note in n for n in report["notes"]), report["notes"]
+    assert_healthy_tiny_net(report)
+    assert_weights_from(report, training_runs["state"])
+
+
+# --------------------------------------------------------------------------- 5. weights that do not fit
+
+
+@pytest.fixture(scope="module")
+def mismatch_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Proc]:
+    work = tmp_path_factory.mktemp("mismatch")
+    save_inputs(work)
+    torch.save(checkpoint_model(width=32).state_dict(), work / "wider.pt")
+    missing = checkpoint_model().state_dict()
+    del missing["fc2.bias"]
+    torch.save(missing, work / "missing_key.pt")
+    return run_many(
+        {
+            name: ["inspect", f"{name}.pt", "-i", "x.pt", "-m", "cli_models:make_tiny"]
+            for name in ("wider", "missing_key")
+        },
+        cwd=work,
+    )
+
+
+def test_weights_of_another_width_refused_naming_shape_mismatch(mismatch_runs: dict[str, Proc]) -> None:
+    assert_one_line_error(
+        mismatch_runs["wider"],
+        "do not fit the --model architecture",
+        "shape mismatch at fc1.weight: checkpoint [32, 8], model [16, 8]",
+    )
+
+
+def test_weights_missing_a_key_refused_naming_the_key(mismatch_runs: dict[str, Proc]) -> None:
+    assert_one_line_error(
+        mismatch_runs["missing_key"], "do not fit the --model architecture", "1 missing key(s) (first: fc2.bias)"
+    )
+
+
+# --------------------------------------------------------------------------- 6. TorchScript
+
+
+@pytest.fixture(scope="module")
+def torchscript_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("torchscript")
+    save_inputs(work)
+    torch.jit.script(checkpoint_model()).save(str(work / "tiny_script.pt"))
+    before = hashes(work)
+    proc = run_cli(["inspect", "tiny_script.pt", "-i", "xy_index.pt", "--format", "json"], cwd=work)
+    return {"dir": work, "before": before, "run": proc}
+
+
+def test_torchscript_checkpoint_measures_parameter_gradients_only(torchscript_run: dict[str, Any]) -> None:
+    proc = torchscript_run["run"]
+    report = json_report(proc, exit_code=None)
+    assert proc.returncode == 0, "a two-layer ReLU net is healthy" + show(proc)
+    assert report["run"]["checkpoint_kind"] == "torchscript"
+    assert report["run"]["model_type"] == "TinyNet"
+    assert report["run"]["loss_kind"] == "cross_entropy"
+    assert report["path"]["measured_with"] == "parameter_gradients"
+    assert any("only parameter gradients were measured" in note for note in report["notes"]), report["notes"]
+    assert_healthy_tiny_net(report)
+    assert_weights_from(report, checkpoint_state())
+
+
+# --------------------------------------------------------------------------- 7. batches
+
+
+@pytest.fixture(scope="module")
+def batch_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("batches")
+    save_inputs(work)
+    torch.save(checkpoint_model().state_dict(), work / "tiny_sd.pt")
+    torch.save(cli_models.make_keyword().state_dict(), work / "keyword_sd.pt")
+    tiny = ["tiny_sd.pt", "-m", "cli_models:make_tiny"]
+    keyword = ["keyword_sd.pt", "-m", "cli_models:make_keyword"]
+    runs = run_many(
+        {
+            "tuple_index": ["inspect", *tiny, "-i", "xy_index.pt", "-f", "json"],
+            "tuple_float": ["inspect", *tiny, "-i", "xy_float.pt", "-f", "json"],
+            "kwargs": ["inspect", *keyword, "-i", "kwargs.pt", "-f", "json"],
+            "kwargs_target": ["inspect", *keyword, "-i", "kwargs_y.pt", "-f", "json"],
+            "wrong_width": ["inspect", *tiny, "-i", "x_wrong_width.pt"],
+            "missing_file": ["inspect", *tiny, "-i", "no_such_batch.pt"],
+            "no_input": ["inspect", *tiny],
+        },
+        cwd=work,
+    )
+    return {"dir": work, **runs}
+
+
+def test_tuple_batch_with_class_indices_uses_cross_entropy(batch_runs: dict[str, Any]) -> None:
+    report = json_report(batch_runs["tuple_index"], exit_code=0)
+    assert report["run"]["loss_kind"] == "cross_entropy"
+    assert report["run"]["batch"] == "float32[4, 8], target int64[4]"
+    assert_healthy_tiny_net(report)
+
+
+def test_tuple_batch_with_same_shape_float_target_uses_mse(batch_runs: dict[str, Any]) -> None:
+    report = json_report(batch_runs["tuple_float"], exit_code=0)
+    assert report["run"]["loss_kind"] == "mse"
+    assert report["run"]["batch"] == "float32[4, 8], target float32[4, 4]"
+    assert_healthy_tiny_net(report)
+
+
+def test_dict_batch_passes_keyword_arguments(batch_runs: dict[str, Any]) -> None:
+    report = json_report(batch_runs["kwargs"], exit_code=0)
+    assert report["run"]["model_type"] == "KeywordNet"
+    assert report["run"]["batch"] == "x=float32[4, 8], mask=float32[4, 8]"
+    assert report["run"]["loss_kind"] == "random_projection"
+    assert_healthy_tiny_net(report)
+
+
+def test_dict_batch_target_key_the_forward_does_not_take_becomes_the_target(batch_runs: dict[str, Any]) -> None:
+    report = json_report(batch_runs["kwargs_target"], exit_code=0)
+    assert report["run"]["batch"] == "x=float32[4, 8], mask=float32[4, 8], target int64[4]"
+    assert report["run"]["loss_kind"] == "cross_entropy"
+
+
+def test_batch_of_wrong_feature_size_refused_in_one_line(batch_runs: dict[str, Any]) -> None:
+    assert_one_line_error(batch_runs["wrong_width"], "the batch (float32[4, 5]) does not fit the model")
+
+
+def test_missing_input_file_refused(batch_runs: dict[str, Any]) -> None:
+    assert_one_line_error(batch_runs["missing_file"], "batch file not found", "no_such_batch.pt")
+
+
+def test_checkpoint_without_input_flag_asks_for_a_batch(batch_runs: dict[str, Any]) -> None:
+    assert_one_line_error(batch_runs["no_input"], "--input")
+
+
+# --------------------------------------------------------------------------- 8. unusable files
+
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    f"oid sha256:{hashlib.sha256(b'the real weights').hexdigest()}\n"
+    "size 104857600\n"
+)
+
+
+@pytest.fixture(scope="module")
+def unusable_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Proc]:
+    work = tmp_path_factory.mktemp("unusable")
+    save_inputs(work)
+    (work / "random.pt").write_bytes(random.Random(0).randbytes(4096))
+    (work / "lfs_pointer.pt").write_text(LFS_POINTER, encoding="utf-8")
+    return run_many(
+        {
+            "missing": ["inspect", "no_such_model.pt", "-i", "x.pt"],
+            "random": ["inspect", "random.pt", "-i", "x.pt"],
+            "lfs": ["inspect", "lfs_pointer.pt", "-i", "x.pt"],
+        },
+        cwd=work,
+    )
+
+
+def test_nonexistent_checkpoint_refused(unusable_runs: dict[str, Proc]) -> None:
+    assert_one_line_error(unusable_runs["missing"], "checkpoint not found: no_such_model.pt")
+
+
+def test_random_bytes_checkpoint_refused_in_one_line(unusable_runs: dict[str, Proc]) -> None:
+    assert_one_line_error(unusable_runs["random"], "random.pt")
+
+
+def test_random_bytes_checkpoint_reported_as_unreadable_not_as_code_to_trust(unusable_runs: dict[str, Proc]) -> None:
+    line = assert_one_line_error(unusable_runs["random"], "random.pt")
+    assert "would import and run code" not in line
+    assert "--trust" not in line
+    assert "not a PyTorch checkpoint" in line
+
+
+def test_git_lfs_pointer_refused_with_lfs_pull_hint(unusable_runs: dict[str, Proc]) -> None:
+    assert_one_line_error(unusable_runs["lfs"], "lfs_pointer.pt", "git-LFS pointer", "git lfs pull")
+
+
+# --------------------------------------------------------------------------- 9. files left untouched
+
+
+@pytest.mark.parametrize("group", ["pickled_runs", "state_dict_runs", "training_runs", "torchscript_run"])
+def test_run_leaves_checkpoint_and_batch_files_byte_identical(request: pytest.FixtureRequest, group: str) -> None:
+    runs = request.getfixturevalue(group)
+    assert runs["before"], "the fixture wrote checkpoint and batch files"
+    assert hashes(runs["dir"]) == runs["before"]
+
+
+# --------------------------------------------------------------------------- 10. the CI gate
+
+
+@pytest.fixture(scope="module")
+def gate_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("gate")
+    sigmoid = ["inspect", "--example", "deep-sigmoid"]
+    runs = run_many(
+        {
+            "sigmoid": [*sigmoid, "--format", "json"],
+            "kaiming": ["inspect", "--example", "relu-kaiming", "--format", "json"],
+            "never": [*sigmoid, "--fail-on", "never"],
+            "exploding": [*sigmoid, "--fail-on", "exploding"],
+            "vanishing": [*sigmoid, "--fail-on", "vanishing"],
+            "bogus": [*sigmoid, "--fail-on", "bogus"],
+            "to_file": [*sigmoid, "--format", "json", "--output", "report.json"],
+        },
+        cwd=work,
+    )
+    return {"dir": work, **runs}
+
+
+def test_vanishing_example_fails_the_gate(gate_runs: dict[str, Any]) -> None:
+    report = json_report(gate_runs["sigmoid"], exit_code=1)
+    assert report["status"] == "unhealthy"
+    assert report["problems"] == ["vanishing"]
+    assert report["run"]["checkpoint_kind"] == "example"
+    assert any(f["severity"] == "error" and f["problem"] == "vanishing" for f in report["findings"])
+    assert report["recommendations"], "an unhealthy report says what to do"
+
+
+def test_healthy_example_passes_the_gate(gate_runs: dict[str, Any]) -> None:
+    report = json_report(gate_runs["kaiming"], exit_code=0)
+    assert report["status"] == "healthy"
+    assert report["problems"] == []
+
+
+def test_fail_on_never_passes_an_unhealthy_model_but_still_reports_it(gate_runs: dict[str, Any]) -> None:
+    proc = gate_runs["never"]
+    assert proc.returncode == 0, show(proc)
+    assert "unhealthy: vanishing" in proc.stdout
+
+
+def test_fail_on_a_problem_gates_only_that_problem(gate_runs: dict[str, Any]) -> None:
+    assert gate_runs["exploding"].returncode == 0, show(gate_runs["exploding"])
+    assert gate_runs["vanishing"].returncode == 1, show(gate_runs["vanishing"])
+
+
+def test_fail_on_unknown_value_is_a_usage_error(gate_runs: dict[str, Any]) -> None:
+    assert_one_line_error(gate_runs["bogus"], "--fail-on 'bogus' is not one of", "never", "vanishing")
+
+
+def test_json_output_file_gets_the_report_and_stdout_stays_empty(gate_runs: dict[str, Any]) -> None:
+    proc = gate_runs["to_file"]
+    assert proc.returncode == 1, show(proc)
+    assert proc.stdout == ""
+    assert "report written to report.json" in proc.stderr
+    report = json.loads((gate_runs["dir"] / "report.json").read_text(encoding="utf-8"))
+    assert report.keys() >= REPORT_KEYS
+    assert report["problems"] == ["vanishing"]
+
+
+# --------------------------------------------------------------------------- 11. startup without torch
+
+
+def imported_modules(importtime_stderr: str) -> list[str]:
+    """Module names from ``python -X importtime``'s table (its last column, indentation stripped)."""
+    names = []
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:"):
+            name = line.rsplit("|", 1)[-1].strip()
+            if name != "imported package":
+                names.append(name)
+    return names
+
+
+def _torch_modules(names: list[str]) -> list[str]:
+    return [n for n in names if n == "torch" or n.startswith("torch.")]
+
+
+@pytest.fixture(scope="module")
+def startup_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Proc]:
+    work = tmp_path_factory.mktemp("startup")
+    runs = run_many(
+        {
+            "help": ["--help"],
+            "inspect_help": ["inspect", "--help"],
+            "control": ["inspect", "--example", "nan-weight", "--fail-on", "never"],
+        },
+        cwd=work,
+        python_flags=["-X", "importtime"],
+    )
+    runs["version"] = run_cli(["--version"], cwd=work)
+    return runs
+
+
+@pytest.mark.parametrize("command", ["help", "inspect_help"])
+def test_help_does_not_import_torch(startup_runs: dict[str, Proc], command: str) -> None:
+    proc = startup_runs[command]
+    assert proc.returncode == 0, show(proc)
+    assert "Usage:" in proc.stdout
+    assert "Exit codes:" in proc.stdout
+    names = imported_modules(proc.stderr)
+    assert "gradcheck_cli.cli" in names
+    assert _torch_modules(names) == []
+
+
+def test_importtime_parser_sees_torch_when_a_probe_runs(startup_runs: dict[str, Proc]) -> None:
+    """Control for the test above: the same parsing finds torch once inspect really runs."""
+    proc = startup_runs["control"]
+    assert proc.returncode == 0, show(proc)
+    assert "torch" in imported_modules(proc.stderr)
+
+
+def test_version_prints_the_package_version(startup_runs: dict[str, Proc]) -> None:
+    proc = startup_runs["version"]
+    assert proc.returncode == 0, show(proc)
+    assert proc.stdout == f"gradcheck {gradcheck_cli.__version__}\n"
+    assert gradcheck_cli.__version__ == importlib.metadata.version("gradcheck")
