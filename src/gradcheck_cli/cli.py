@@ -13,13 +13,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
 from gradcheck_cli import __version__
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.exitcodes import ExitCode
+
+# Typer ≥ 0.24 vendors click as typer._click; older releases use click itself. Take the usage-error
+# base class from Typer's own BadParameter so both work without importing click directly.
+_ClickException: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 healthy (nothing at or above --fail-on), 1 problems found, "
@@ -192,11 +195,11 @@ def main() -> None:
     except GradcheckError as exc:
         err.print(f"error: {exc}", markup=False)
         sys.exit(ExitCode.UNUSABLE_INPUT)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("aborted")
         sys.exit(ExitCode.UNUSABLE_INPUT)
-    except click.ClickException as exc:
-        exc.show()
+    except _ClickException as exc:
+        exc.show()  # type: ignore[attr-defined]
         sys.exit(ExitCode.UNUSABLE_INPUT)
     except KeyboardInterrupt:
         sys.exit(130)

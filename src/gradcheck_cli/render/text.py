@@ -79,6 +79,8 @@ def _table(report: Report) -> Table:
     reference = _parameter_reference(ordered) if not activation else None
     for layer in ordered:
         rel = layer.act_grad_rel if activation else _ratio(layer.grad_weight_ratio, reference)
+        if rel is None and layer.act_grad_norm is not None and not math.isfinite(layer.act_grad_norm):
+            rel = layer.act_grad_norm
         style = "red" if layer.flags else ""
         row: list[str | Text] = [
             "–" if layer.position < 0 else str(layer.position),
