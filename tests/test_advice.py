@@ -22,6 +22,7 @@ ALLOWED_IDS = {
     "mixed_precision_scaling",
     "activation_change",
     "reconnect_graph",
+    "forget_gate_bias",
 }
 
 

@@ -134,6 +134,52 @@ def small_cnn() -> tuple[nn.Module, Batch]:
     return model, Batch(args=(torch.randn(8, 3, 32, 32, generator=g),), target=torch.randint(0, 10, (8,), generator=g))
 
 
+class FusedRNN(nn.Module):
+    """A fused ``nn.RNN``/``nn.LSTM``/``nn.GRU`` over a whole sequence, classifier on the last step."""
+
+    def __init__(self, kind: str, radius: float | None = None) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, kind)(8, 256, batch_first=True)
+        if radius is not None:
+            with torch.no_grad():
+                w = torch.randn(256, 256)
+                self.rnn.weight_hh_l0.copy_(w * radius / torch.linalg.eigvals(w).abs().max())
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def fused_rnn(kind: str, radius: float | None = None, steps: int = 200) -> tuple[nn.Module, Batch]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, steps, 8, generator=g)
+    return FusedRNN(kind, radius), Batch(args=(x,), target=torch.randint(0, 10, (16,), generator=g))
+
+
+class UnrolledLSTM(nn.Module):
+    """An ``nn.LSTMCell`` run step by step, classifier on the last hidden state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(16, 64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = x.new_zeros(x.shape[1], 64)
+        for step in x:
+            h, c = self.cell(step, (h, c))
+        return self.head(h)
+
+
+def unrolled_lstm() -> tuple[nn.Module, Batch]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 8, 16, generator=g)
+    return UnrolledLSTM(), Batch(args=(x,), target=torch.randint(0, 5, (8,), generator=g))
+
+
 def sigmoid_normal(width: int) -> tuple[nn.Module, Batch]:
     """50 sigmoid layers with N(0, 1) weights: narrow vanishes, wide explodes (σ_w² = width)."""
     torch.manual_seed(0)
@@ -169,6 +215,8 @@ HEALTHY = [
     ZooModel("hf-resnet", "healthy", hf_resnet),
     ZooModel("nn.TransformerEncoder", "healthy", torch_transformer),
     ZooModel("nn.LSTM", "healthy", torch_lstm),
+    ZooModel("nn.GRU 200 steps", "healthy", lambda: fused_rnn("GRU")),
+    ZooModel("nn.LSTMCell unrolled 50 steps", "healthy", unrolled_lstm),
     ZooModel("cnn-inplace-relu", "healthy", small_cnn),
     ZooModel("relu-kaiming-50", "healthy", _example("relu-kaiming")),
     ZooModel("residual-mlp-50", "healthy", _example("residual")),
@@ -182,6 +230,8 @@ SICK = [
     ZooModel("linear-orthogonal-1.2x-50", "exploding", _example("deep-linear")),
     ZooModel("tanh-rnn-200 (radius 0.5)", "vanishing", _example("rnn-vanishing")),
     ZooModel("tanh-rnn-200 (radius 2.0)", "exploding", _example("rnn-exploding")),
+    ZooModel("nn.RNN fused 200 (radius 0.5)", "vanishing", lambda: fused_rnn("RNN", 0.5)),
+    ZooModel("nn.RNN fused 200 (radius 2.0)", "exploding", lambda: fused_rnn("RNN", 2.0)),
     ZooModel("nan-weight", "non_finite", _example("nan-weight")),
     ZooModel("huge-weight 1e38 (forward overflows)", "non_finite", lambda: scaled_weight(1e38)),
     ZooModel("weights ×1e30 (finite, norm overflows)", "exploding", lambda: scaled_weight(None, 1e30)),
@@ -190,8 +240,11 @@ SICK = [
 ZOO = HEALTHY + SICK
 
 
-def calibration_rows() -> list[tuple[str, str, str, float | None, float | None, int]]:
-    """(model, expected, verdict, gain, attenuation, path length) for every zoo model."""
+Row = tuple[str, str, str, float | None, float | None, int, float | None]
+
+
+def calibration_rows() -> list[Row]:
+    """(model, expected, verdict, gain, attenuation, path length, through-time ratio) per zoo model."""
     from gradcheck_cli.api import check
 
     rows = []
@@ -199,9 +252,13 @@ def calibration_rows() -> list[tuple[str, str, str, float | None, float | None, 
         model, batch = entry.build()
         report = check(model, batch)
         verdict = ",".join(p.value for p in report.problems) or "healthy"
-        rows.append(
-            (entry.name, entry.expected, verdict, report.path.gain, report.path.attenuation, report.path.length)
-        )
+        warnings = [f.code for f in report.findings if f.severity.value == "warning"]
+        if warnings:
+            verdict += f" (warning {', '.join(warnings)})"
+        profile = next((layer.time_grad_norms for layer in report.layers if layer.time_grad_norms), ())
+        through_time = profile[0] / profile[-1] if profile and profile[-1] else None
+        path = report.path
+        rows.append((entry.name, entry.expected, verdict, path.gain, path.attenuation, path.length, through_time))
     return rows
 
 
@@ -210,7 +267,8 @@ def _fmt(value: float | None) -> str:
 
 
 if __name__ == "__main__":
-    print("| model | expected | verdict | gain per layer | attenuation (input/output) | path length |")
-    print("|---|---|---|---|---|---|")
-    for name, expected, verdict, gain, attenuation, length in calibration_rows():
-        print(f"| {name} | {expected} | {verdict} | {_fmt(gain)} | {_fmt(attenuation)} | {length} |")
+    print("| model | expected | verdict | gain per call | attenuation (input/output) | path length | through time |")
+    print("|---|---|---|---|---|---|---|")
+    for name, expected, verdict, gain, attenuation, length, through_time in calibration_rows():
+        numbers = f"{_fmt(gain)} | {_fmt(attenuation)} | {length} | {_fmt(through_time)}"
+        print(f"| {name} | {expected} | {verdict} | {numbers} |")

@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Sequence
 
 from gradcheck_cli.report import Finding, LayerStats, PathSummary, Problem, Recommendation
-from gradcheck_cli.traits import ModelTraits
+from gradcheck_cli.traits import PLAIN_RECURRENT, ModelTraits
 
 DEEP_PLAIN_STACK = 20
 """Path length from which a plain stack without normalisation is called deep."""
@@ -22,7 +22,7 @@ def advise(
     if Problem.NON_FINITE in problems:
         recs += _non_finite(findings, layers, traits)
     if Problem.EXPLODING in problems:
-        recs += _exploding(layers, path, traits)
+        recs += _exploding(findings, layers, path, traits)
     if Problem.VANISHING in problems:
         recs += _vanishing(findings, path, traits)
     unique: dict[str, Recommendation] = {}
@@ -52,27 +52,41 @@ def _vanishing(findings: Sequence[Finding], path: PathSummary, traits: ModelTrai
                 tuple(blocked.evidence.get("layers", [])),
             )
         )
-    if traits.plain_rnn:
-        recs.append(
-            Recommendation(
-                "lstm_gru",
-                "Replace the plain RNN cell by an LSTM or GRU",
-                f"the gradient through time shrinks {gain}× per step over {path.length} steps; gated cells keep an "
-                "additive path through time",
-                "cell = nn.LSTMCell(input_size, hidden_size)   # or nn.GRU / nn.LSTM for whole sequences",
-                (Problem.VANISHING,),
+    vanishing = [f for f in findings if f.problem is Problem.VANISHING and f.code != "GC005"]
+    recurrent = {str(f.evidence["recurrent"]) for f in vanishing if f.evidence.get("recurrent")}
+    through_time = next((f for f in vanishing if f.evidence.get("recurrent")), None)
+    if through_time is not None:
+        step_gain = through_time.evidence.get("gain")
+        per_step = "n/a" if step_gain is None else f"{step_gain:.3g}"
+        if recurrent & PLAIN_RECURRENT:
+            recs.append(
+                Recommendation(
+                    "lstm_gru",
+                    "Replace the plain RNN by an LSTM or GRU",
+                    f"the gradient through time shrinks {per_step}× per step in {through_time.layer}; gated cells "
+                    "keep an additive path through time",
+                    "cell = nn.LSTMCell(input_size, hidden_size)   # or nn.LSTM / nn.GRU for whole sequences",
+                    (Problem.VANISHING,),
+                    (str(through_time.layer),),
+                )
             )
-        )
-        recs.append(
-            Recommendation(
-                "orthogonal_init",
-                "Initialise the recurrent weights orthogonally",
-                "an orthogonal recurrent matrix has all singular values 1, so it neither shrinks nor grows the "
-                "gradient through time by itself",
-                "for name, p in rnn.named_parameters():\n    if 'weight_hh' in name:\n        nn.init.orthogonal_(p)",
-                (Problem.VANISHING, Problem.EXPLODING),
+            recs.append(_orthogonal_recurrent(Problem.VANISHING))
+        if recurrent - PLAIN_RECURRENT:
+            recs.append(
+                Recommendation(
+                    "forget_gate_bias",
+                    "Initialise the LSTM forget-gate bias to 1",
+                    f"the gradient through time shrinks {per_step}× per step in {through_time.layer}; an open forget "
+                    "gate (σ(1) ≈ 0.73 instead of σ(0) = 0.5) carries it further back from the start "
+                    "(Jozefowicz et al. 2015); for GRUs, bias the update gate towards keeping the state",
+                    "for name, p in lstm.named_parameters():\n    if name.startswith('bias_ih'):\n"
+                    "        h = p.shape[0] // 4\n        nn.init.zeros_(p)\n        p.data[h:2 * h] = 1.0",
+                    (Problem.VANISHING,),
+                    (str(through_time.layer),),
+                )
             )
-        )
+    if vanishing and all(f.evidence.get("recurrent") for f in vanishing):
+        return recs
     xavier_ratio = _median_ratio(traits, "xavier")
     kaiming_ratio = _median_ratio(traits, "kaiming")
     if traits.relu_like and kaiming_ratio is not None and kaiming_ratio < 0.85:
@@ -116,7 +130,20 @@ def _vanishing(findings: Sequence[Finding], path: PathSummary, traits: ModelTrai
     return recs
 
 
-def _exploding(layers: Sequence[LayerStats], path: PathSummary, traits: ModelTraits) -> list[Recommendation]:
+def _orthogonal_recurrent(problem: Problem) -> Recommendation:
+    return Recommendation(
+        "orthogonal_init",
+        "Initialise the recurrent weights orthogonally",
+        "an orthogonal recurrent matrix has all singular values 1, so it neither shrinks nor grows the "
+        "gradient through time by itself",
+        "for name, p in rnn.named_parameters():\n    if 'weight_hh' in name:\n        nn.init.orthogonal_(p)",
+        (problem,),
+    )
+
+
+def _exploding(
+    findings: Sequence[Finding], layers: Sequence[LayerStats], path: PathSummary, traits: ModelTraits
+) -> list[Recommendation]:
     recs: list[Recommendation] = []
     grads = [layer.grad_norm for layer in layers if layer.grad_norm is not None and math.isfinite(layer.grad_norm)]
     total = math.sqrt(sum(g * g for g in grads)) if grads else math.nan
@@ -132,26 +159,32 @@ def _exploding(layers: Sequence[LayerStats], path: PathSummary, traits: ModelTra
             (Problem.EXPLODING,),
         )
     )
-    if traits.plain_rnn:
+    exploding = [f for f in findings if f.problem is Problem.EXPLODING]
+    recurrent = {str(f.evidence["recurrent"]) for f in exploding if f.evidence.get("recurrent")}
+    if recurrent:
+        through_time = next(f for f in exploding if f.evidence.get("recurrent"))
+        step_gain = through_time.evidence.get("gain")
         recs.append(
             Recommendation(
                 "orthogonal_init",
                 "Initialise the recurrent weights orthogonally",
-                f"the gradient through time grows {path.gain or math.nan:.3g}× per step over {path.length} steps: "
-                "the recurrent matrix's spectral radius is above 1",
+                f"the gradient through time grows {step_gain or math.nan:.3g}× per step in {through_time.layer}: "
+                "the recurrent matrix's spectral radius is above 1; an orthogonal one has all singular values 1",
                 "for name, p in rnn.named_parameters():\n    if 'weight_hh' in name:\n        nn.init.orthogonal_(p)",
                 (Problem.EXPLODING,),
+                (str(through_time.layer),),
             )
         )
-        recs.append(
-            Recommendation(
-                "lstm_gru",
-                "Replace the plain RNN cell by an LSTM or GRU",
-                "gated cells bound the state and keep an additive path through time",
-                "cell = nn.LSTMCell(input_size, hidden_size)",
-                (Problem.EXPLODING,),
+        if recurrent & PLAIN_RECURRENT:
+            recs.append(
+                Recommendation(
+                    "lstm_gru",
+                    "Replace the plain RNN by an LSTM or GRU",
+                    "gated cells bound the state and keep an additive path through time",
+                    "cell = nn.LSTMCell(input_size, hidden_size)   # or nn.LSTM / nn.GRU",
+                    (Problem.EXPLODING,),
+                )
             )
-        )
     xavier_ratio = _median_ratio(traits, "xavier")
     kaiming_ratio = _median_ratio(traits, "kaiming")
     scheme, ratio = ("kaiming", kaiming_ratio) if traits.relu_like else ("xavier", xavier_ratio)

@@ -43,6 +43,8 @@ class LayerMeasure:
     """Gradient of the parameters it owns; None when no gradient reached any of them."""
     calls: tuple[Norm | None, ...]
     """‖∂L/∂output‖ per forward call; None for a call whose output got no gradient."""
+    time_profile: tuple[float, ...] = ()
+    """Fused recurrent modules: ‖∂L/∂x_t‖ per time step of the first call (the gradient through time)."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,8 @@ def _collect(
     pieces += [n for pair in act for n in pair]
     pieces += output_max
     pieces.append(loss.reshape(()))
+    timed = sorted(recorder.time_norms)
+    pieces += [recorder.time_norms[call_id] for call_id in timed]
     values = to_host(pieces)
 
     cursor = 0
@@ -188,6 +192,7 @@ def _collect(
     act_values = take(2 * len(act))
     out_values = take(len(output_max))
     loss_value = take(1)[0]
+    time_of = {call_id: tuple(take(recorder.time_norms[call_id].numel())) for call_id in timed}
 
     per_call: list[Norm | None] = []
     offset = 0
@@ -197,8 +202,11 @@ def _collect(
         per_call.append(_combine(pairs))
 
     calls_of: list[list[Norm | None]] = [[] for _ in named]
-    for (layer, _), norm in zip(recorder.calls, per_call, strict=True):
+    profile_of: dict[int, tuple[float, ...]] = {}
+    for call_id, ((layer, _), norm) in enumerate(zip(recorder.calls, per_call, strict=True)):
         calls_of[layer].append(norm)
+        if call_id in time_of:
+            profile_of.setdefault(layer, time_of[call_id])
 
     layers = []
     for index, (name, module) in enumerate(named):
@@ -213,6 +221,7 @@ def _collect(
                 weight_norm=math.sqrt(sum(weight_norm[id(p)] ** 2 for p in own)),
                 grad=_combine(grads_here),
                 calls=tuple(calls_of[index]),
+                time_profile=profile_of.get(index, ()),
             )
         )
     return ProbeResult(
@@ -226,17 +235,23 @@ def _collect(
     )
 
 
-def to_host(scalars: list[torch.Tensor]) -> list[float]:
-    """Copy 0-dim tensors to Python floats with one synchronisation per device (one in the usual case)."""
+def to_host(tensors: list[torch.Tensor]) -> list[float]:
+    """Every element of ``tensors``, flattened in order, with one synchronisation per device.
+
+    Models on one device (the usual case) cost exactly one device-to-host copy.
+    """
     by_device: dict[torch.device, list[int]] = {}
-    for index, t in enumerate(scalars):
+    for index, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(index)
-    values = [0.0] * len(scalars)
+    chunks: list[list[float]] = [[] for _ in tensors]
     for indices in by_device.values():
-        stacked = torch.stack([scalars[i].reshape(()).to(torch.float64) for i in indices])
-        for i, value in zip(indices, stacked.tolist(), strict=True):
-            values[i] = value
-    return values
+        flat = torch.cat([tensors[i].reshape(-1).to(torch.float64) for i in indices]).tolist()
+        start = 0
+        for i in indices:
+            end = start + tensors[i].numel()
+            chunks[i] = flat[start:end]
+            start = end
+    return [value for chunk in chunks for value in chunk]
 
 
 def _combine(pairs: list[tuple[float, float]]) -> Norm | None:

@@ -29,8 +29,11 @@ class ActivationGradientRecorder:
 
     A forward hook registers a tensor hook on each floating-point output; this works with
     ``nn.ReLU(inplace=True)``, where ``register_full_backward_hook`` raises. Every call is kept
-    in order, so a cell run 200 times in a loop yields 200 records. The hooks hold no reference
-    to activations, and all of them are removed when the block exits, even after an exception.
+    in order, so a cell run 200 times in a loop yields 200 records. For fused recurrent modules
+    (``nn.RNN``/``nn.LSTM``/``nn.GRU``), which run a whole sequence in one call, the gradient
+    reaching each time step's input is recorded too: that is the gradient through time. The
+    hooks hold no reference to activations, and all of them are removed when the block exits,
+    even after an exception.
     """
 
     def __init__(self, modules: list[nn.Module]) -> None:
@@ -40,11 +43,15 @@ class ActivationGradientRecorder:
         """(module index, call index of that module) per forward call, in forward order."""
         self.norms: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         """Per call: (L2 norm, max |g|) of each output's gradient, as 0-dim device tensors."""
+        self.time_norms: dict[int, torch.Tensor] = {}
+        """Per call of a fused recurrent module: ‖∂L/∂x_t‖ for every time step t (1-D device tensor)."""
         self._calls_per_module = [0] * len(modules)
 
     def __enter__(self) -> ActivationGradientRecorder:
         try:
             for index, module in enumerate(self._modules):
+                if isinstance(module, nn.RNNBase):
+                    self._stack.enter_context(module.register_forward_pre_hook(self._time_hook(module)))
                 self._stack.enter_context(module.register_forward_hook(self._forward_hook(index)))
         except BaseException:
             self._stack.close()
@@ -67,8 +74,7 @@ class ActivationGradientRecorder:
             self.norms.append([])
             for tensor in float_leaves(output):
                 if tensor.requires_grad:
-                    handle: RemovableHandle = tensor.register_hook(self._grad_hook(call_id))
-                    self._stack.callback(handle.remove)
+                    self._watch(tensor, self._grad_hook(call_id))
 
         return hook
 
@@ -78,3 +84,36 @@ class ActivationGradientRecorder:
                 self.norms[call_id].append(norm_and_max_abs(grad))
 
         return hook
+
+    def _time_hook(self, module: nn.RNNBase) -> Any:
+        """Make the sequence input of a fused RNN report ‖∂L/∂x_t‖ per time step.
+
+        An input that needs no gradient is replaced by a detached copy that does: nothing
+        upstream is cut, and backward computes one extra product per step.
+        """
+
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+                return None  # a PackedSequence has no plain time axis
+            if module.bidirectional:
+                return None  # the reverse direction's gradient would mask the forward one's decay
+            x = args[0]
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            time_dim = 1 if module.batch_first and x.dim() == 3 else 0
+            call_id = len(self.calls)  # the forward hook of this call appends it next
+            self._watch(x, self._time_grad_hook(call_id, time_dim))
+            return (x, *args[1:])
+
+        return hook
+
+    def _time_grad_hook(self, call_id: int, time_dim: int) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            other = [d for d in range(grad.dim()) if d != time_dim]
+            self.time_norms[call_id] = torch.linalg.vector_norm(grad, dim=other) if other else grad.abs()
+
+        return hook
+
+    def _watch(self, tensor: torch.Tensor, hook: Any) -> None:
+        handle: RemovableHandle = tensor.register_hook(hook)
+        self._stack.callback(handle.remove)

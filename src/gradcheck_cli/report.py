@@ -57,6 +57,8 @@ class LayerStats:
     """‖∂L/∂output‖ of each call, in forward order (recurrent cells run many times)."""
     act_grad_rel: float | None = None
     """``act_grad_norm`` divided by the activation gradient at the output end of the path."""
+    time_grad_norms: tuple[float, ...] = ()
+    """Fused RNN/LSTM/GRU: ‖∂L/∂x_t‖ per time step, the gradient through time (first call)."""
     flags: tuple[str, ...] = ()
     """Problems seen in this layer (``vanishing``, ``exploding``, ``non_finite``, ``no_gradient``)."""
 
@@ -173,6 +175,7 @@ class Report:
             entry = asdict(layer)
             entry["act_grad_norms"] = list(layer.act_grad_norms)
             entry["flags"] = list(layer.flags)
+            entry["time_grad_norms"] = list(layer.time_grad_norms)
             entry["grad_weight_ratio"] = layer.grad_weight_ratio
             layers.append(entry)
         safe: dict[str, Any] = _json_safe(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from gradcheck_cli.probe import LayerMeasure, Norm, ProbeResult
 from gradcheck_cli.report import Finding, LayerStats, PathSummary, Problem, Severity
+from gradcheck_cli.traits import GATED_RECURRENT, PLAIN_RECURRENT
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ NON_FINITE_FORWARD = Rule("GC004", "non-finite-forward")
 NO_GRADIENT = Rule("GC005", "no-gradient")
 PARAMETER_GRADIENTS_ONLY = Rule("GC006", "parameter-gradients-only")
 UNUSED_LAYER = Rule("GC007", "unused-layer")
+VANISHING_THROUGH_TIME = Rule("GC008", "vanishing-through-time")
+EXPLODING_THROUGH_TIME = Rule("GC009", "exploding-through-time")
 
 RULES = (
     VANISHING,
@@ -54,6 +57,14 @@ RULES = (
     NO_GRADIENT,
     PARAMETER_GRADIENTS_ONLY,
     UNUSED_LAYER,
+    VANISHING_THROUGH_TIME,
+    EXPLODING_THROUGH_TIME,
+)
+
+RECURRENT_CELLS = GATED_RECURRENT | PLAIN_RECURRENT
+GATED_NOTE = (
+    " (a warning, not an error: gated cells start like this and learn to open their forget/update gates; "
+    "it limits how far back credit reaches until they do)"
 )
 
 
@@ -87,6 +98,8 @@ def diagnose(result: ProbeResult, thresholds: Thresholds | None = None) -> Diagn
     flagged: dict[int, str] = {}
     if finite_run and path.attenuation is not None:
         findings += _attenuation(points, path, limits, result, flagged)
+    if finite_run:
+        findings += _through_time(result, limits, flagged)
     findings += _no_gradient(result, flagged)
     if not result.activation_hooks:
         findings.append(
@@ -195,8 +208,10 @@ def _attenuation(
     }
     if path.attenuation < limits.vanishing:
         crossing = _first_crossing(points, lambda v: v < limits.vanishing * out_end)
+        cell = result.layers[points[crossing].layer]
+        gated = cell.type in GATED_RECURRENT and len(cell.calls) > 1
         for p in points:
-            if p.value < limits.vanishing * out_end:
+            if p.value < limits.vanishing * out_end and not gated:
                 flagged.setdefault(p.layer, Problem.VANISHING.value)
         underflow = sum(1 for p in points if p.value == 0)
         detail = f"; it underflowed to exactly 0 in {underflow} of {len(points)} calls" if underflow else ""
@@ -204,13 +219,14 @@ def _attenuation(
             Finding(
                 VANISHING.code,
                 VANISHING.name,
-                Severity.ERROR,
+                Severity.WARNING if gated else Severity.ERROR,
                 Problem.VANISHING,
                 names[crossing],
                 f"the gradient at the input end ({path.first_layer}) is {_fmt(path.attenuation)} of that at the "
                 f"output ({path.last_layer}) over {path.length} calls, {_fmt(path.gain)} per call; it falls below "
-                f"{_fmt(limits.vanishing)} of the output's at layer {names[crossing]}{detail}",
-                {**evidence, "underflowed_calls": underflow},
+                f"{_fmt(limits.vanishing)} of the output's at layer {names[crossing]}{detail}"
+                + (GATED_NOTE if gated else ""),
+                {**evidence, "underflowed_calls": underflow, "recurrent": _recurrent_type(cell)},
             )
         ]
     if path.attenuation > limits.exploding:
@@ -228,10 +244,66 @@ def _attenuation(
                 f"the gradient grows {_fmt(path.attenuation)}× from the output ({path.last_layer}) to the input end "
                 f"({path.first_layer}) over {path.length} calls, {_fmt(path.gain)} per call; it exceeds "
                 f"{_fmt(limits.exploding)}× the output's from layer {names[crossing]} inwards",
-                evidence,
+                {**evidence, "recurrent": _recurrent_type(result.layers[points[crossing].layer])},
             )
         ]
     return []
+
+
+def _recurrent_type(measure: LayerMeasure) -> str | None:
+    """The recurrent module type when the gradient is followed through time in it, else None."""
+    if measure.type in RECURRENT_CELLS and len(measure.calls) > 1:
+        return measure.type
+    if measure.time_profile:
+        return measure.type
+    return None
+
+
+def _through_time(result: ProbeResult, limits: Thresholds, flagged: dict[int, str]) -> list[Finding]:
+    """Fused RNN/LSTM/GRU modules: the gradient reaching the first time step's input vs the last's."""
+    findings = []
+    for index, measure in enumerate(result.layers):
+        profile = measure.time_profile
+        if len(profile) < 2 or not all(math.isfinite(v) for v in profile):
+            continue
+        ratio = _ratio(profile[0], profile[-1])
+        if ratio is None:
+            continue
+        steps = len(profile)
+        gain = ratio ** (1.0 / (steps - 1)) if ratio > 0 else 0.0
+        evidence = {"attenuation": ratio, "gain": gain, "steps": steps, "recurrent": measure.type}
+        plain = measure.type not in GATED_RECURRENT
+        if ratio < limits.vanishing:
+            if plain:
+                flagged.setdefault(index, Problem.VANISHING.value)
+            findings.append(
+                Finding(
+                    VANISHING_THROUGH_TIME.code,
+                    VANISHING_THROUGH_TIME.name,
+                    Severity.ERROR if plain else Severity.WARNING,
+                    Problem.VANISHING,
+                    measure.name,
+                    f"in {measure.name} ({measure.type}) the gradient reaching the first time step is "
+                    f"{_fmt(ratio)} of that at the last, over {steps} steps ({_fmt(gain)} per step)"
+                    + ("" if plain else GATED_NOTE),
+                    evidence,
+                )
+            )
+        elif ratio > limits.exploding:
+            flagged.setdefault(index, Problem.EXPLODING.value)
+            findings.append(
+                Finding(
+                    EXPLODING_THROUGH_TIME.code,
+                    EXPLODING_THROUGH_TIME.name,
+                    Severity.ERROR,
+                    Problem.EXPLODING,
+                    measure.name,
+                    f"in {measure.name} ({measure.type}) the gradient reaching the first time step is "
+                    f"{_fmt(ratio)}× that at the last, over {steps} steps ({_fmt(gain)} per step)",
+                    evidence,
+                )
+            )
+    return findings
 
 
 def _first_crossing(points: list[_Point], crossed: Callable[[float], bool]) -> int:
@@ -329,6 +401,7 @@ def _layer_stats(
         act_grad_norm=act,
         act_grad_norms=call_norms if hooks else (),
         act_grad_rel=reference,
+        time_grad_norms=measure.time_profile,
         flags=tuple(flags),
     )
 

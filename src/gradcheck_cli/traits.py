@@ -24,8 +24,8 @@ NORMS = {
     "InstanceNorm2d",
     "InstanceNorm3d",
 }
-PLAIN_RECURRENT = {"RNN", "RNNCell"}
-GATED_RECURRENT = {"LSTM", "GRU", "LSTMCell", "GRUCell"}
+PLAIN_RECURRENT = frozenset({"RNN", "RNNCell"})
+GATED_RECURRENT = frozenset({"LSTM", "GRU", "LSTMCell", "GRUCell"})
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,6 @@ class ModelTraits:
     def saturating(self) -> frozenset[str]:
         """The sigmoid/tanh-like activation modules present."""
         return self.activations & SATURATING
-
-    @property
-    def plain_rnn(self) -> bool:
-        """Whether the model uses a plain (ungated) recurrent cell."""
-        return bool(self.recurrent & PLAIN_RECURRENT)
 
 
 def model_traits(model: nn.Module) -> ModelTraits:
