@@ -150,3 +150,35 @@ def test_torchscript_module_measures_parameter_gradients_only():
 def test_model_without_parameters_is_refused():
     with pytest.raises(BatchError, match="no parameters"):
         probe(nn.ReLU(), Batch(args=(torch.randn(2),)))
+
+
+class EmbedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(ids))
+        return self.head(out[:, -1])
+
+
+def test_fused_lstm_time_profile_leaves_upstream_gradients_and_no_hooks():
+    model = EmbedLSTM()
+    ids = torch.randint(0, 20, (4, 12))
+    result = probe(model, Batch(args=(ids,)))
+    embed, lstm, _ = result.layers
+    assert len(lstm.time_profile) == 12
+    assert embed.grad is not None and embed.grad.l2 > 0  # the embedding still gets its gradient
+    # the profile is ‖∂L/∂x_t‖ of the LSTM's input, which is the embedding's output
+    assert embed.calls[0].l2 == pytest.approx(sum(v * v for v in lstm.time_profile) ** 0.5, rel=1e-5)
+    assert _hook_count(model) == 0
+
+
+def test_raw_sequence_input_is_not_modified_by_the_time_hook():
+    model = nn.RNN(3, 5, batch_first=True)
+    x = torch.randn(2, 6, 3)
+    result = probe(model, Batch(args=(x,)))
+    assert x.requires_grad is False and x.grad is None
+    assert len(result.layers[0].time_profile) == 6
