@@ -459,7 +459,7 @@ def batch_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "kwargs_target": ["inspect", *keyword, "-i", "kwargs_y.pt", "-f", "json"],
             "wrong_width": ["inspect", *tiny, "-i", "x_wrong_width.pt"],
             "missing_file": ["inspect", *tiny, "-i", "no_such_batch.pt"],
-            "no_input": ["inspect", *tiny],
+            "no_input": ["inspect", *tiny, "-f", "json"],
         },
         cwd=work,
     )
@@ -502,8 +502,10 @@ def test_missing_input_file_refused(batch_runs: dict[str, Any]) -> None:
     assert_one_line_error(batch_runs["missing_file"], "batch file not found", "no_such_batch.pt")
 
 
-def test_checkpoint_without_input_flag_asks_for_a_batch(batch_runs: dict[str, Any]) -> None:
-    assert_one_line_error(batch_runs["no_input"], "--input")
+def test_checkpoint_without_input_flag_infers_a_batch_from_the_first_layer(batch_runs: dict[str, Any]) -> None:
+    report = json_report(batch_runs["no_input"], exit_code=None)
+    assert report["run"]["batch"] == "float32[8, 8]"
+    assert report["run"]["batch_source"] == "random float32[8, 8] inferred from the first layer fc1 (Linear)"
 
 
 # --------------------------------------------------------------------------- 8. unusable files

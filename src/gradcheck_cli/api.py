@@ -37,6 +37,7 @@ def check(
     source: str = "python object",
     checkpoint_kind: str = "module",
     notes: tuple[str, ...] = (),
+    batch_source: str = "passed to check()",
 ) -> Report:
     """Probe ``model`` on ``batch`` once, diagnose the gradients and return the frozen report.
 
@@ -56,7 +57,10 @@ def check(
     )
     all_notes = list(notes)
     if not result.activation_hooks:
-        all_notes.append("module hooks do not fire on TorchScript modules: only parameter gradients were measured")
+        all_notes.append(
+            "module hooks do not fire on TorchScript modules or torch.export programs: "
+            "only parameter gradients were measured"
+        )
     device = next((str(p.device) for p in model.parameters()), "cpu")
     run = RunInfo(
         source=source,
@@ -66,6 +70,7 @@ def check(
         mode=result.mode,
         seed=seed,
         batch=ready.describe(),
+        batch_source=batch_source,
         loss=result.loss.description,
         loss_kind=result.loss.kind,
         loss_value=result.loss_value,

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from gradcheck_cli.errors import BatchError, first_line
+from gradcheck_cli.errors import BatchError, GradcheckError, first_line
 
 _TARGET_KEYS = ("target", "targets", "y")
 
@@ -63,20 +66,66 @@ def _move(value: Any, device: torch.device | str) -> Any:
     return value
 
 
-def load_batch_file(path: Path) -> Any:
-    """Read a batch saved with ``torch.save``, tensors only (``weights_only=True``)."""
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_batch_file(path: Path, *, trust: bool = False) -> Any:
+    """Read a batch: a ``torch.save`` file (tensors only unless ``trust``), ``.npy`` or ``.npz``.
+
+    Recognised by content. NumPy files are read with ``allow_pickle=False``; an ``.npz`` whose
+    arrays are named ``arr_0, arr_1, ...`` (``np.savez(path, x, y)``) becomes a tuple, otherwise
+    a dict of keyword tensors.
+    """
     if not path.exists():
         raise BatchError(f"batch file not found: {path}")
     if path.is_dir():
-        raise BatchError(f"--input must be a file saved with torch.save, not a directory: {path}")
+        raise BatchError(f"--input must be a file (torch.save, .npy or .npz), not a directory: {path}")
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if not head:
+        raise BatchError(f"batch file {path} is empty (0 bytes)")
+    if head.startswith(NPY_MAGIC) or (head.startswith(b"PK") and _is_npz(path)):
+        return _load_numpy(path)
+    from gradcheck_cli.loaders.torch_file import read_torch_file  # imports Batch from here
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        first = first_line(exc)
+        return read_torch_file(path, trust=trust, what="batch")
+    except GradcheckError as exc:
         raise BatchError(
-            f"could not read batch {path} as a torch file of tensors ({first}); "
-            "save it with torch.save(tensor | tuple | dict of tensors)"
+            f"{exc}; save the batch with torch.save(tensor | tuple | dict of tensors), np.save or np.savez"
         ) from None
+
+
+def _is_npz(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def _load_numpy(path: Path) -> Any:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return _tensor(loaded, path)
+        with loaded:
+            arrays = {name: _tensor(loaded[name], path) for name in loaded.files}
+    except BatchError:
+        raise
+    except Exception as exc:  # numpy raises ValueError for object arrays, OSError/EOFError for damage
+        raise BatchError(f"could not read {path} as NumPy data without pickle: {first_line(exc)}") from None
+    if all(re.fullmatch(r"arr_\d+", name) for name in arrays):
+        return tuple(arrays[f"arr_{i}"] for i in range(len(arrays)))
+    return arrays
+
+
+def _tensor(array: Any, path: Path) -> torch.Tensor:
+    try:
+        return torch.from_numpy(array.copy())
+    except TypeError:
+        raise BatchError(f"{path} holds a NumPy array of dtype {array.dtype}, which torch cannot use") from None
 
 
 def make_batch(raw: Any, model: nn.Module) -> Batch:

@@ -106,6 +106,13 @@ def inspect(
             "non_finite (repeatable, comma-separated).",
         ),
     ] = None,
+    input_shape: Annotated[
+        str | None,
+        typer.Option("--input-shape", help="No batch file: a random batch of this shape, e.g. 8,3,32,32."),
+    ] = None,
+    input_dtype: Annotated[
+        str | None, typer.Option("--input-dtype", help="dtype for --input-shape: float32 (default), int64, ...")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for dropout and the random-projection loss.")] = 0,
     eval_mode: Annotated[bool, typer.Option("--eval", help="Probe in eval mode (default: train mode).")] = False,
     device: Annotated[str, typer.Option(help="Device to run on: cpu, cuda, cuda:N.")] = "cpu",
@@ -115,6 +122,7 @@ def inspect(
     exploding_above: Annotated[
         float, typer.Option(help="Flag exploding when the input-end gradient is above this multiple of the output's.")
     ] = 1e3,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an input error (exit 2).")] = False,
 ) -> None:
     """Probe a model with one forward and backward pass and report per-layer gradient health."""
     from gradcheck_cli.gate import parse_fail_on
@@ -130,9 +138,12 @@ def inspect(
     if not (0 < vanishing_below < 1 < exploding_above):
         raise GradcheckError("thresholds must satisfy 0 < --vanishing-below < 1 < --exploding-above")
 
+    if input_shape is not None and batch is not None:
+        raise GradcheckError("give either --input or --input-shape, not both")
     with _status("probing gradients…"):
         from gradcheck_cli.pipeline import InspectRequest, run_inspect
         from gradcheck_cli.rules import Thresholds
+        from gradcheck_cli.synthetic import parse_shape
 
         report = run_inspect(
             InspectRequest(
@@ -144,6 +155,8 @@ def inspect(
                 seed=seed,
                 train=not eval_mode,
                 device=device,
+                input_shape=None if input_shape is None else parse_shape(input_shape),
+                input_dtype=input_dtype,
                 thresholds=Thresholds(vanishing=vanishing_below, exploding=exploding_above),
             )
         )
@@ -193,6 +206,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except GradcheckError as exc:
+        if "--debug" in sys.argv[1:]:
+            traceback.print_exc()
         err.print(f"error: {exc}", markup=False)
         sys.exit(ExitCode.UNUSABLE_INPUT)
     except typer.Abort:

@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 
 from gradcheck_cli.api import check
-from gradcheck_cli.batch import load_batch_file, make_batch
+from gradcheck_cli.batch import Batch, load_batch_file, make_batch
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.examples import get_example
-from gradcheck_cli.load import load_checkpoint
+from gradcheck_cli.loaders import LoadedModel, load_checkpoint
 from gradcheck_cli.report import Report
 from gradcheck_cli.rules import Thresholds
+from gradcheck_cli.synthetic import inferred_batch, shaped_batch
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class InspectRequest:
     seed: int = 0
     train: bool = True
     device: str = "cpu"
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
@@ -38,15 +41,12 @@ def run_inspect(request: InspectRequest) -> Report:
         model, batch = get_example(request.example).build(request.seed)
         source, kind = f"example:{request.example}", "example"
         notes: tuple[str, ...] = ()
+        batch_source = f"example:{request.example}"
     else:
         assert request.checkpoint is not None
         loaded = load_checkpoint(request.checkpoint, model_spec=request.model_spec, trust=request.trust)
-        if request.batch is None:
-            raise GradcheckError(
-                "pass a sample batch with --input BATCH (a tensor, tuple or dict saved with torch.save)"
-            )
         model, kind, notes = loaded.module, loaded.kind, loaded.notes
-        batch = make_batch(load_batch_file(request.batch), model)
+        batch, batch_source = _choose_batch(request, loaded)
         source = str(request.checkpoint)
     model = model.to(device)
     return check(
@@ -58,7 +58,20 @@ def run_inspect(request: InspectRequest) -> Report:
         source=source,
         checkpoint_kind=kind,
         notes=notes,
+        batch_source=batch_source,
     )
+
+
+def _choose_batch(request: InspectRequest, loaded: LoadedModel) -> tuple[Batch, str]:
+    """The batch to probe with, and where it came from: --input, --input-shape, the file's own, or inferred."""
+    model = loaded.module
+    if request.batch is not None:
+        return make_batch(load_batch_file(request.batch, trust=request.trust), model), f"--input {request.batch}"
+    if request.input_shape is not None:
+        return shaped_batch(model, request.input_shape, request.input_dtype, request.seed)
+    if loaded.example_batch is not None:
+        return loaded.example_batch, "the example inputs stored in the checkpoint"
+    return inferred_batch(model, request.seed)
 
 
 def _device(name: str) -> torch.device:

@@ -69,8 +69,21 @@ def parametrised_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def supports_module_hooks(model: nn.Module) -> bool:
-    """Module hooks never fire on TorchScript modules."""
-    return not isinstance(model, torch.jit.ScriptModule)
+    """Module hooks never fire on TorchScript modules, nor on a ``torch.export`` program's flat graph."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return False
+    if isinstance(model, torch.fx.GraphModule):
+        return any(node.op == "call_module" for node in model.graph.nodes)
+    return True
+
+
+def set_mode(model: nn.Module, train: bool) -> str:
+    """Switch train/eval and return the mode used; ``torch.export`` programs cannot switch (they stay as exported)."""
+    try:
+        model.train(train)
+    except NotImplementedError:
+        return "as exported (train/eval cannot be switched)"
+    return "train" if train else "eval"
 
 
 def module_type(module: nn.Module) -> str:
@@ -98,7 +111,7 @@ def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True) 
         ActivationGradientRecorder(modules if hooks else []) as recorder,
     ):
         torch.manual_seed(seed)
-        model.train(train)
+        mode = set_mode(model, train)
         for p in params:
             p.grad = None
             if p.is_floating_point():
@@ -108,7 +121,7 @@ def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True) 
         output_max = [torch.linalg.vector_norm(t.detach(), ord=math.inf) for t in float_leaves(output)]
         del output
         loss.backward()
-        return _collect(named, params, frozen, recorder, choice, loss.detach(), output_max, hooks, train)
+        return _collect(named, params, frozen, recorder, choice, loss.detach(), output_max, hooks, mode)
 
 
 def _forward(model: nn.Module, batch: Batch) -> Any:
@@ -159,7 +172,7 @@ def _collect(
     loss: torch.Tensor,
     output_max: list[torch.Tensor],
     hooks: bool,
-    train: bool,
+    mode: str,
 ) -> ProbeResult:
     """Reduce every norm on the device, then copy them to the host in one synchronisation."""
     float_params = [p for p in params if p.is_floating_point()]
@@ -230,7 +243,7 @@ def _collect(
         activation_hooks=hooks,
         loss=choice,
         loss_value=loss_value,
-        mode="train" if train else "eval",
+        mode=mode,
         output_finite=all(math.isfinite(v) for v in out_values),
     )
 

@@ -134,6 +134,8 @@ class RunInfo:
     seed: int
     batch: str
     """Human description of the batch (shapes and dtypes)."""
+    batch_source: str
+    """Where the batch came from: ``--input FILE``, ``--input-shape``, the checkpoint's example inputs, inferred."""
     loss: str
     """Human description of the loss that was differentiated."""
     loss_kind: str

@@ -109,7 +109,7 @@ def diagnose(result: ProbeResult, thresholds: Thresholds | None = None) -> Diagn
                 Severity.INFO,
                 None,
                 None,
-                "module hooks do not fire on this model (TorchScript), so the path is followed through "
+                "module hooks do not fire on this model (TorchScript, torch.export), so the path is followed through "
                 "‖∂L/∂W‖/‖W‖ per layer; deep ReLU or linear stacks can hide vanishing there",
             )
         )

@@ -43,7 +43,7 @@ def _header(report: Report) -> Text:
     text = Text()
     text.append("gradcheck ", style="bold")
     text.append(f"{run.model_type} ({_count(run.parameters)} parameters) from {run.source} [{run.checkpoint_kind}]\n")
-    text.append(f"mode {run.mode}, seed {run.seed}, device {run.device}; batch {run.batch}\n")
+    text.append(f"mode {run.mode}, seed {run.seed}, device {run.device}; batch {run.batch} ({run.batch_source})\n")
     text.append(f"loss {run.loss_value:.4g}: {run.loss}")
     return text
 

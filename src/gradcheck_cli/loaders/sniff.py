@@ -1,0 +1,100 @@
+"""Recognise a checkpoint's kind by its content, never by its file name."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from enum import Enum
+from pathlib import Path
+
+from gradcheck_cli.errors import CheckpointError
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+PICKLE_PROTOCOL = b"\x80"
+"""Legacy (non-zip) torch files are a sequence of pickles, each starting with the PROTO opcode."""
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+class Kind(str, Enum):
+    """The checkpoint formats gradcheck reads."""
+
+    TORCH_ZIP = "torch_zip"
+    """``torch.save`` (zip): a state_dict, a training dict or a pickled module."""
+    TORCH_LEGACY = "torch_legacy"
+    """``torch.save(..., _use_new_zipfile_serialization=False)``: the same, as plain pickles."""
+    TORCHSCRIPT = "torchscript"
+    EXPORTED = "exported_program"
+    """``torch.export.save``: a ``.pt2`` archive."""
+    SAFETENSORS = "safetensors"
+    HF_DIRECTORY = "huggingface"
+    """A Hugging Face ``save_pretrained`` directory (``config.json`` + weights)."""
+
+
+def sniff(path: Path) -> Kind:
+    """The kind of checkpoint at ``path``; :class:`CheckpointError` with one line when it is none."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return Kind.HF_DIRECTORY
+        raise CheckpointError(
+            f"{path} is a directory without config.json; pass a checkpoint file or a Hugging Face "
+            "save_pretrained directory"
+        )
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(64)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes); was the checkpoint written completely?")
+    if head.startswith(LFS_POINTER):
+        raise CheckpointError(f"{path} is a git-LFS pointer, not the checkpoint; run `git lfs pull` first")
+    if head.startswith(b"PK"):
+        return _zip_kind(path)
+    if head.startswith(PICKLE_PROTOCOL):
+        return Kind.TORCH_LEGACY
+    if _is_safetensors(path, head):
+        return Kind.SAFETENSORS
+    raise CheckpointError(
+        f"{path} is not a PyTorch checkpoint (not a torch zip archive, legacy torch pickle, TorchScript, "
+        ".pt2 or safetensors file)"
+    )
+
+
+def _zip_kind(path: Path) -> Kind:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(
+            f"{path} is a damaged zip archive ({exc}); was it copied or written completely?"
+        ) from None
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return Kind.TORCHSCRIPT
+    if any(n.endswith("/archive_format") for n in names) or any("/models/" in n and n.endswith(".json") for n in names):
+        return Kind.EXPORTED
+    if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+        return Kind.TORCH_ZIP
+    if any(n.endswith(".npy") for n in names):
+        raise CheckpointError(f"{path} is a NumPy .npz archive, not a checkpoint; pass it as --input")
+    raise CheckpointError(
+        f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl, code/ or archive_format)"
+    )
+
+
+def _is_safetensors(path: Path, head: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON object of that length."""
+    if len(head) < 10:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    if not 2 <= length <= SAFETENSORS_MAX_HEADER or head[8:9] != b"{" or 8 + length > path.stat().st_size:
+        return False
+    with path.open("rb") as handle:
+        handle.seek(8)
+        header = handle.read(length)
+    try:
+        return isinstance(json.loads(header), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False

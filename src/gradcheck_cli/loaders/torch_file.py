@@ -1,0 +1,85 @@
+"""Files written by ``torch.save``: a state_dict, a training checkpoint or a whole pickled module.
+
+Read with ``weights_only=True`` (passed explicitly: left out, an environment variable can switch
+torch to unsafe loading); anything more (a pickled module, custom classes) needs ``--trust``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradcheck_cli.errors import CheckpointError, UntrustedCheckpointError, first_line
+from gradcheck_cli.loaders.loaded import LoadedModel
+from gradcheck_cli.loaders.safety import unsafe_globals
+from gradcheck_cli.loaders.weights import is_state_dict, with_architecture
+
+STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "module", "net")
+"""Keys under which training checkpoints keep the weights, in the order they are tried."""
+
+
+def load_torch_file(path: Path, *, model_spec: str | None, trust: bool) -> LoadedModel:
+    """Load a ``torch.save`` file (zip or legacy) into a module."""
+    content = read_torch_file(path, trust=trust, what="checkpoint")
+    return _interpret(content, path, model_spec)
+
+
+def read_torch_file(path: Path, *, trust: bool, what: str) -> Any:
+    """``torch.load`` tensors-only; with ``trust``, fall back to full unpickling where that is needed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = unsafe_globals(path, exc)
+        if not unsafe:
+            raise CheckpointError(f"{path} is not a readable PyTorch {what}: {first_line(exc)}") from None
+        if not trust:
+            raise UntrustedCheckpointError(
+                f"{path} would import and run code when unpickled ({', '.join(unsafe)}); "
+                "pass --trust only if you trust where it came from, or save tensors only (a state_dict)",
+                unsafe,
+            ) from None
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{path} is not a readable PyTorch {what}: {first_line(exc)}") from None
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        raise CheckpointError(
+            f"the pickled {what} needs code that cannot be imported ({first_line(exc)}); run gradcheck where its "
+            "package is importable (your project root, or set PYTHONPATH)"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{path} could not be unpickled: {first_line(exc)}") from None
+
+
+def _interpret(content: Any, path: Path, model_spec: str | None) -> LoadedModel:
+    if isinstance(content, nn.Module):
+        notes = (f"--model {model_spec} ignored: the checkpoint holds a whole module",) if model_spec else ()
+        return LoadedModel(content, "pickled_module", notes)
+    if not isinstance(content, Mapping):
+        raise CheckpointError(f"{path} holds a {type(content).__name__}, not a model or a state_dict")
+    if is_state_dict(content):
+        return with_architecture(content, path, model_spec, "state_dict")
+    for key in STATE_DICT_KEYS:
+        value = content.get(key)
+        if isinstance(value, nn.Module):
+            return LoadedModel(value, "training_checkpoint", (f"model taken from the checkpoint's {key!r} entry",))
+        if isinstance(value, Mapping) and is_state_dict(value):
+            found = [f"weights from {key!r}"]
+            if "hyper_parameters" in content:
+                found.append("a Lightning checkpoint (hyper_parameters present)")
+            return with_architecture(value, path, model_spec, "training_checkpoint", tuple(found))
+    keys = ", ".join(repr(k) for k in list(content)[:8])
+    raise CheckpointError(
+        f"{path} is a dict without model weights (keys: {keys}); expected a state_dict or one under "
+        f"{', '.join(repr(k) for k in STATE_DICT_KEYS)}"
+    )
