@@ -495,7 +495,11 @@ def test_dict_batch_target_key_the_forward_does_not_take_becomes_the_target(batc
 
 
 def test_batch_of_wrong_feature_size_refused_in_one_line(batch_runs: dict[str, Any]) -> None:
-    assert_one_line_error(batch_runs["wrong_width"], "the batch (float32[4, 5]) does not fit the model")
+    assert_one_line_error(
+        batch_runs["wrong_width"],
+        "the forward pass raised in fc1 (Linear)",
+        "the first layer fc1 (Linear) expects in_features=8, the batch is float32[4, 5]",
+    )
 
 
 def test_missing_input_file_refused(batch_runs: dict[str, Any]) -> None:

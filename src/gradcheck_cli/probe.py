@@ -98,8 +98,8 @@ def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True) 
     no hook outlives the call, whether it succeeds or raises.
     """
     named = parametrised_modules(model)
-    if not named:
-        raise BatchError("the model has no parameters, so there is no gradient to check")
+    if not any(p.is_floating_point() for _, m in named for p in m.parameters(recurse=False)):
+        raise BatchError("the model has no floating-point parameters, so there is no gradient to check")
     modules = [m for _, m in named]
     hooks = supports_module_hooks(model)
     params = _unique_params(modules)
@@ -116,20 +116,40 @@ def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True) 
             p.grad = None
             if p.is_floating_point():
                 p.requires_grad_(True)
-        output = _forward(model, batch)
+        output = _forward(model, batch, seed)
         loss, choice = choose_loss(output, batch.target, seed)
         output_max = [torch.linalg.vector_norm(t.detach(), ord=math.inf) for t in float_leaves(output)]
         del output
-        loss.backward()
+        _backward(loss)
         return _collect(named, params, frozen, recorder, choice, loss.detach(), output_max, hooks, mode)
 
 
-def _forward(model: nn.Module, batch: Batch) -> Any:
+OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
+OUT_OF_MEMORY_HINT = "ran out of memory; try a smaller batch (fewer samples or shorter sequences) or another --device"
+
+
+def _forward(model: nn.Module, batch: Batch, seed: int) -> Any:
+    """``model(*args, **kwargs)``; a forward that raises becomes one line naming the module where it did."""
     try:
         return model(*batch.args, **batch.kwargs)
-    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AssertionError) as exc:
-        first = first_line(exc)
-        raise BatchError(f"the batch ({batch.describe()}) does not fit the model: {first}") from None
+    except OUT_OF_MEMORY:
+        raise BatchError(f"the forward pass {OUT_OF_MEMORY_HINT}") from None
+    except Exception as exc:  # the user's forward can raise anything; it is their input that failed
+        from gradcheck_cli.synthetic import expected_input  # imports this module
+        from gradcheck_cli.tracker import where_forward_raises
+
+        where = where_forward_raises(model, batch, seed)
+        expected = expected_input(model)
+        place = f" in {where}" if where else ""
+        hint = f"; {expected}, the batch is {batch.describe()}" if expected else f"; the batch is {batch.describe()}"
+        raise BatchError(f"the forward pass raised{place}: {type(exc).__name__}: {first_line(exc)}{hint}") from None
+
+
+def _backward(loss: torch.Tensor) -> None:
+    try:
+        loss.backward()
+    except OUT_OF_MEMORY:
+        raise BatchError(f"the backward pass {OUT_OF_MEMORY_HINT}") from None
 
 
 def _unique_params(modules: list[nn.Module]) -> list[nn.Parameter]:
