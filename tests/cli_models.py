@@ -61,3 +61,8 @@ class MaliciousPayload:
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         return (os.system, (self.command,))
+
+
+def make_fuzz_target() -> nn.Module:
+    """The architecture of tests/test_fuzz_loader.py's checkpoint: Linear 8→8, ReLU, Linear 8→2."""
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))

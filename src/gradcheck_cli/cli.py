@@ -200,6 +200,11 @@ def _status(message: str) -> AbstractContextManager[Any]:
     return Console(stderr=True).status(message)
 
 
+def _one_line(text: str) -> str:
+    """Escape control characters (a newline inside a key name, say) so an error stays one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def main() -> None:
     """Console entry point: run the app and turn every outcome into a documented exit code."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -208,7 +213,7 @@ def main() -> None:
     except GradcheckError as exc:
         if "--debug" in sys.argv[1:]:
             traceback.print_exc()
-        err.print(f"error: {exc}", markup=False)
+        err.print(f"error: {_one_line(str(exc))}", markup=False)
         sys.exit(ExitCode.UNUSABLE_INPUT)
     except typer.Abort:
         err.print("aborted")

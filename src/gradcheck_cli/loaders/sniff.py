@@ -67,7 +67,7 @@ def _zip_kind(path: Path) -> Kind:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except Exception as exc:  # zipfile raises BadZipFile, UnicodeDecodeError, struct.error... on damage
         raise CheckpointError(
             f"{path} is a damaged zip archive ({exc}); was it copied or written completely?"
         ) from None
