@@ -66,3 +66,65 @@ class MaliciousPayload:
 def make_fuzz_target() -> nn.Module:
     """The architecture of tests/test_fuzz_loader.py's checkpoint: Linear 8→8, ReLU, Linear 8→2."""
     return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+class Nested(nn.Module):
+    """A block inside a block, whose inner layer raises for a batch of the wrong width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), nn.ReLU())
+        self.decoder = nn.Sequential(nn.Linear(WIDTH + 1, OUT_FEATURES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class ArgmaxNet(nn.Module):
+    """Returns class indices: an integer output that carries no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(IN_FEATURES, OUT_FEATURES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).argmax(dim=-1)
+
+
+class DetachedNet(nn.Module):
+    """Returns a detached output: no gradient reaches any parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(IN_FEATURES, OUT_FEATURES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).detach()
+
+
+class TokenNet(nn.Module):
+    """An embedding and a classifier: takes int64 token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, WIDTH)
+        self.head = nn.Linear(WIDTH, OUT_FEATURES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(dim=1))
+
+
+class BufferOnly(nn.Module):
+    """No parameters at all, only a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(IN_FEATURES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def make_not_a_module() -> int:
+    """A factory that returns something other than an nn.Module."""
+    return 42

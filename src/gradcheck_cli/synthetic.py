@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ DTYPES = {
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"8,3,32,32"`` (or ``8x3x32x32``) → ``(8, 3, 32, 32)``."""
-    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    parts = re.split(r"[,x×]", text.replace(" ", ""))
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
