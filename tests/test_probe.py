@@ -182,3 +182,15 @@ def test_raw_sequence_input_is_not_modified_by_the_time_hook():
     result = probe(model, Batch(args=(x,)))
     assert x.requires_grad is False and x.grad is None
     assert len(result.layers[0].time_profile) == 6
+
+
+def test_frozen_model_is_measured_and_the_report_says_so():
+    from gradcheck_cli.api import check
+
+    model = TwoLayer()
+    model.requires_grad_(False)
+    report = check(model, torch.randn(3, 4))
+    assert all(layer.frozen for layer in report.layers)
+    assert all(layer.grad_norm and layer.grad_norm > 0 for layer in report.layers)
+    assert any("all parameters had requires_grad=False" in note for note in report.notes)
+    assert not any(p.requires_grad for p in model.parameters())

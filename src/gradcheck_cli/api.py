@@ -56,6 +56,13 @@ def check(
         advise(diagnosis.findings, diagnosis.layers, diagnosis.path, model_traits(model)) if has_problem else ()
     )
     all_notes = list(notes)
+    frozen = [layer.name for layer in diagnosis.layers if layer.frozen]
+    if frozen:
+        everything = "all parameters" if len(frozen) == len(diagnosis.layers) else f"{len(frozen)} frozen layer(s)"
+        all_notes.append(
+            f"{everything} had requires_grad=False; gradcheck enabled gradients for this probe only, so the flow "
+            "through them is measured too (flags restored afterwards)"
+        )
     if not result.activation_hooks:
         all_notes.append(
             "module hooks do not fire on TorchScript modules or torch.export programs: "
