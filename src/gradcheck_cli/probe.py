@@ -73,7 +73,8 @@ def supports_module_hooks(model: nn.Module) -> bool:
     if isinstance(model, torch.jit.ScriptModule):
         return False
     if isinstance(model, torch.fx.GraphModule):
-        return any(node.op == "call_module" for node in model.graph.nodes)
+        # an exported program may call one guard submodule; its layers are never call_module targets
+        return any(node.op == "call_module" and node.target != "_guards_fn" for node in model.graph.nodes)
     return True
 
 
@@ -100,6 +101,14 @@ def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True) 
     named = parametrised_modules(model)
     if not any(p.is_floating_point() for _, m in named for p in m.parameters(recurse=False)):
         raise BatchError("the model has no floating-point parameters, so there is no gradient to check")
+    subclass = next(
+        (p for _, m in named for p in m.parameters(recurse=False) if type(p.detach()) is not torch.Tensor), None
+    )
+    if subclass is not None:
+        raise BatchError(
+            f"parameters of tensor subclass {type(subclass.detach()).__name__} are not supported yet; "
+            "check the model with plain tensor weights"
+        )
     modules = [m for _, m in named]
     hooks = supports_module_hooks(model)
     params = _unique_params(modules)

@@ -18,7 +18,9 @@ def unsafe_globals(source: Path | bytes, error: pickle.UnpicklingError | None = 
     Zip archives (``torch.save``'s default) are scanned without executing anything. For legacy
     files, which torch cannot scan, the weights-only unpickler's ``error`` names the first global
     it refused. An empty list means the file needs no code (or a load failed for another reason:
-    a corrupt file).
+    a corrupt file). Never use it alone as a safety check: torch's scanner can miss globals named
+    through protocol 4's ``STACK_GLOBAL``; callers consult it only after the weights-only load
+    itself refused the file, or (``.pt2``) together with such a load.
     """
     scanned: list[str] = []
     try:

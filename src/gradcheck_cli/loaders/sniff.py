@@ -73,7 +73,8 @@ def _zip_kind(path: Path) -> Kind:
         ) from None
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         return Kind.TORCHSCRIPT
-    if any(n.endswith("/archive_format") for n in names) or any("/models/" in n and n.endswith(".json") for n in names):
+    exported_markers = ("/archive_format", "serialized_exported_program.json")  # the 2.7 layout has the latter
+    if any(n.endswith(exported_markers) for n in names) or any("/models/" in n and n.endswith(".json") for n in names):
         return Kind.EXPORTED
     if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
         return Kind.TORCH_ZIP
