@@ -67,8 +67,9 @@ def inspect(
     checkpoint: Annotated[
         Path | None,
         typer.Argument(
-            help="Checkpoint: pickled nn.Module (needs --trust), state_dict or training dict (needs --model), "
-            "TorchScript."
+            help="Checkpoint, recognised by content: pickled nn.Module (needs --trust), state_dict or training "
+            "dict (needs --model), TorchScript, torch.export .pt2, .safetensors (needs --model), or a Hugging "
+            "Face save_pretrained directory."
         ),
     ] = None,
     example: Annotated[
@@ -80,7 +81,8 @@ def inspect(
         typer.Option(
             "--input",
             "-i",
-            help="Sample batch saved with torch.save: a tensor, (inputs..., target) or a dict of keyword tensors.",
+            help="Sample batch: torch.save of a tensor, (inputs..., target) or a dict of keyword tensors, or "
+            ".npy/.npz. Default: a .pt2 file's example inputs, else a batch inferred from the model.",
         ),
     ] = None,
     model: Annotated[
