@@ -133,9 +133,9 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def hashes(directory: Path) -> dict[str, str]:
-    """SHA-256 of every checkpoint and batch file (``*.pt``) in ``directory``."""
-    return {p.name: sha256(p) for p in sorted(directory.glob("*.pt"))}
+def hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, by relative path (a new file shows up as a new key)."""
+    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def checkpoint_model(width: int = cli_models.WIDTH) -> cli_models.TinyNet:

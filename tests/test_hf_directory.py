@@ -11,16 +11,12 @@ form that transformers 4 wrote is then produced here from the same tensors (:fun
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import shlex
 import shutil
-import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +24,7 @@ import pytest
 import torch
 
 import cli_models
+from cli_support import Proc, assert_one_line_error, hashes, run_many, show
 
 pytest.importorskip("transformers")
 
@@ -46,66 +43,12 @@ from transformers import (
 from gradcheck_cli.errors import CheckpointError
 from gradcheck_cli.loaders.hf_dir import load_hf_directory
 
-TESTS_DIR = Path(__file__).resolve().parent
-CLI_TIMEOUT_S = 120
 SAVE_SEED = 1234
 """Seed of the saved weights; the CLI builds its model unseeded, so only loaded weights match the files."""
 SHARD_SIZE = "50KB"
 
-Proc = subprocess.CompletedProcess  # a finished CLI run (stdout/stderr as text)
-
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
-        env.pop(name, None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_VERBOSITY"] = "error"
-    return env
-
-
-CLI_ENV = _cli_env()
-
-
-def run_cli(args: Sequence[Any], *, cwd: Path) -> Proc:
-    """``python -m gradcheck_cli inspect ARGS`` in ``cwd``, the way a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "gradcheck_cli", "inspect", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=CLI_ENV,
-        timeout=CLI_TIMEOUT_S,
-    )
-
-
-def run_many(commands: Mapping[str, Sequence[Any]], *, cwd: Path) -> dict[str, Proc]:
-    """Run several CLI commands, one per CPU at a time; results by name."""
-    workers = max(1, min(len(commands), os.cpu_count() or 2))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {name: pool.submit(run_cli, args, cwd=cwd) for name, args in commands.items()}
-        return {name: future.result() for name, future in futures.items()}
-
-
-def show(proc: Proc) -> str:
-    return f"\n$ {shlex.join(proc.args)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-
-
-def assert_one_line_error(proc: Proc, *needles: str) -> str:
-    """Exit 2, nothing on stdout, one ``error: ...`` line on stderr holding every needle; no traceback."""
-    assert proc.returncode == 2, show(proc)
-    assert "Traceback" not in proc.stderr, show(proc)
-    assert proc.stdout == "", show(proc)
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, show(proc)
-    assert lines[0].startswith("error: "), show(proc)
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in the error line{show(proc)}"
-    return lines[0]
 
 
 def healthy_report(proc: Proc) -> dict[str, Any]:
@@ -127,15 +70,6 @@ def weight_norm(report: dict[str, Any], layer: str) -> float:
 
 def norm(*tensors: torch.Tensor) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
-
-
-def file_hashes(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``root``, by relative path (a new file shows up as a new key)."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def edit_config(directory: Path, **changes: Any) -> None:
@@ -267,25 +201,25 @@ def hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for module in ("configuration_custom", "modeling_custom"):
         (custom / f"{module}.py").write_text(CUSTOM_CODE.format(marker=str(markers["custom"])))
 
-    before = file_hashes(work)
+    before = hashes(work)
     runs = run_many(
         {
-            "gpt2_safetensors": ["gpt2_safetensors", "--format", "json"],
-            "gpt2_safetensors_batch": ["gpt2_safetensors", "--input", "batch.pt", "--format", "json"],
-            "gpt2_bin": ["gpt2_bin", "--format", "json"],
-            "gpt2_bin_batch": ["gpt2_bin", "--input", "batch.pt", "--format", "json"],
-            "bert_sharded": ["bert_sharded", "--format", "json"],
-            "vit_bin_sharded": ["vit_bin_sharded", "--format", "json"],
-            "no_weights": ["no_weights", "--format", "json"],
-            "wider": ["wider", "--format", "json"],
-            "unknown_arch": ["unknown_arch", "--format", "json"],
-            "no_config": ["no_config", "--format", "json"],
-            "evil": ["evil", "--format", "json"],
-            "custom_code": ["custom_code", "--format", "json"],
+            "gpt2_safetensors": ["inspect", "gpt2_safetensors", "--format", "json"],
+            "gpt2_safetensors_batch": ["inspect", "gpt2_safetensors", "--input", "batch.pt", "--format", "json"],
+            "gpt2_bin": ["inspect", "gpt2_bin", "--format", "json"],
+            "gpt2_bin_batch": ["inspect", "gpt2_bin", "--input", "batch.pt", "--format", "json"],
+            "bert_sharded": ["inspect", "bert_sharded", "--format", "json"],
+            "vit_bin_sharded": ["inspect", "vit_bin_sharded", "--format", "json"],
+            "no_weights": ["inspect", "no_weights", "--format", "json"],
+            "wider": ["inspect", "wider", "--format", "json"],
+            "unknown_arch": ["inspect", "unknown_arch", "--format", "json"],
+            "no_config": ["inspect", "no_config", "--format", "json"],
+            "evil": ["inspect", "evil", "--format", "json"],
+            "custom_code": ["inspect", "custom_code", "--format", "json"],
         },
         cwd=work,
     )
-    return {"dir": work, "before": before, "after": file_hashes(work), "markers": markers, **runs}
+    return {"dir": work, "before": before, "after": hashes(work), "markers": markers, **runs}
 
 
 # --------------------------------------------------------------------------- GPT-2: tied LM head, both file forms

@@ -29,7 +29,6 @@ Rules, stricter than ``from_pretrained``, because the report must describe the c
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -46,6 +45,7 @@ from gradcheck_cli.loaders.hf_weights import (
     fit_state,
     layout_renamer,
     mismatch_hint,
+    read_json,
     read_weights,
     stored_float_dtype,
     weight_files,
@@ -103,12 +103,7 @@ def load_hf_directory(path: Path, *, trust: bool) -> LoadedModel:
 def _read_config_json(path: Path) -> dict[str, Any]:
     """``config.json`` as JSON, read by us first: custom code and quantisation are refused before transformers."""
     config_path = path / "config.json"
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {config_path}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {first_line(exc)}") from None
+    raw = read_json(config_path)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path} holds a JSON {type(raw).__name__}, not a model config object")
     return raw

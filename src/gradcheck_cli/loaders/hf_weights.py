@@ -60,6 +60,16 @@ class Fit:
 # --------------------------------------------------------------------------- weight files
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or a one-line :class:`CheckpointError` for an unreadable or invalid file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {first_line(exc)}") from None
+
+
 def weight_files(path: Path) -> tuple[list[Path], str, str, dict[str, str] | None]:
     """The files to read, how to describe them, which weight files were passed over, and a shard index's map."""
     present = [name for name in WEIGHT_FILES if (path / name).is_file()]
@@ -86,12 +96,7 @@ def _unread_hint(path: Path) -> str:
 
 def _shards(index: Path) -> tuple[list[Path], dict[str, str]]:
     """The shard files a ``*.index.json`` lists, each checked to lie in the directory and exist."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {index}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{index} is not valid JSON: {first_line(exc)}") from None
+    data = read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f'{index} is not a shard index (no "weight_map" of tensor names to files)')
