@@ -49,6 +49,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     torch.save(cli_models.Nested().state_dict(), work / "nested.pt")
     for name in ("ArgmaxNet", "DetachedNet", "BufferOnly"):
         torch.save(getattr(cli_models, name)(), work / f"{name}.pt")
+    torch.save(cli_models.make_tiny().requires_grad_(False), work / "frozen.pt")
 
     g = torch.Generator().manual_seed(CHECKPOINT_SEED)
     x = torch.randn(6, 8, generator=g)
@@ -108,6 +109,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "argmax": ["inspect", "ArgmaxNet.pt", "--trust", "-i", "x.pt"],
         "detached": ["inspect", "DetachedNet.pt", "--trust", "-i", "x.pt"],
         "buffer_only": ["inspect", "BufferOnly.pt", "--trust", "-i", "x.pt"],
+        "frozen": ["inspect", "frozen.pt", "--trust", "-i", "x.pt"],
+        "frozen_unfreeze": ["inspect", "frozen.pt", "--trust", "-i", "x.pt", "--unfreeze", "-f", "json"],
         "factory_not_module": ["inspect", "tiny_sd.pt", "-m", "cli_models:make_not_a_module", "-i", "x.pt"],
         "factory_missing": ["inspect", "tiny_sd.pt", "-m", "no_such_package.nets:build", "-i", "x.pt"],
         "factory_bad_spec": ["inspect", "tiny_sd.pt", "-m", "just_a_name", "-i", "x.pt"],
@@ -183,6 +186,7 @@ def test_batch_inferred_from_a_first_embedding_layer(runs: dict[str, Any]) -> No
         ("argmax", ["no floating-point output depends on its parameters"]),
         ("detached", ["no floating-point output depends on its parameters"]),
         ("buffer_only", ["no floating-point parameters"]),
+        ("frozen", ["no trainable parameters", "--unfreeze"]),
         ("factory_not_module", ["returned a int, not an nn.Module"]),
         ("factory_missing", ["no_such_package"]),
         ("factory_bad_spec", ["package.module:factory"]),
@@ -190,6 +194,12 @@ def test_batch_inferred_from_a_first_embedding_layer(runs: dict[str, Any]) -> No
 )
 def test_bad_input_is_one_line_exit_2(runs: dict[str, Any], name: str, needles: list[str]) -> None:
     assert_one_line_error(runs[name], *needles)
+
+
+def test_unfreeze_measures_a_fully_frozen_model(runs: dict[str, Any]) -> None:
+    report = json_report(runs["frozen_unfreeze"])
+    assert all(layer["frozen"] for layer in report["layers"])
+    assert any("requires_grad=False" in note for note in report["notes"])
 
 
 def test_debug_shows_the_traceback_behind_an_input_error(runs: dict[str, Any]) -> None:

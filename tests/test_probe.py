@@ -184,13 +184,28 @@ def test_raw_sequence_input_is_not_modified_by_the_time_hook():
     assert len(result.layers[0].time_profile) == 6
 
 
-def test_frozen_model_is_measured_and_the_report_says_so():
+def test_frozen_model_is_refused_unless_unfreeze_and_then_measured_with_a_note():
     from gradcheck_cli.api import check
 
     model = TwoLayer()
     model.requires_grad_(False)
-    report = check(model, torch.randn(3, 4))
+    with pytest.raises(BatchError, match=r"no trainable parameters.*--unfreeze"):
+        check(model, torch.randn(3, 4))
+    report = check(model, torch.randn(3, 4), unfreeze=True)
     assert all(layer.frozen for layer in report.layers)
     assert all(layer.grad_norm and layer.grad_norm > 0 for layer in report.layers)
     assert any("all parameters had requires_grad=False" in note for note in report.notes)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_out_of_memory_in_the_forward_is_an_input_error():
+    class Hungry(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    with pytest.raises(BatchError, match="ran out of memory; try a smaller batch"):
+        probe(Hungry(), Batch(args=(torch.randn(1, 2),)))

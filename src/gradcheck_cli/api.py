@@ -33,6 +33,7 @@ def check(
     *,
     seed: int = 0,
     train: bool = True,
+    unfreeze: bool = False,
     thresholds: Thresholds | None = None,
     source: str = "python object",
     checkpoint_kind: str = "module",
@@ -42,14 +43,15 @@ def check(
     """Probe ``model`` on ``batch`` once, diagnose the gradients and return the frozen report.
 
     ``batch`` is what a batch file would hold (a tensor, ``(inputs..., target)``, a dict of
-    keyword tensors) or a ready :class:`Batch`. ``notes`` (what the loader had to do) are
+    keyword tensors) or a ready :class:`Batch`. A model whose parameters are all frozen is
+    refused (:class:`~gradcheck_cli.errors.BatchError`) unless ``unfreeze``. ``notes`` (what the loader had to do) are
     carried into the report. The model is left as it was found: its modes,
     ``requires_grad`` flags and ``.grad`` values are restored and no hook remains.
     """
     model = unwrap(model)
     ready = batch if isinstance(batch, Batch) else make_batch(batch, model)
     limits = thresholds or Thresholds()
-    result = probe(model, ready, seed=seed, train=train)
+    result = probe(model, ready, seed=seed, train=train, unfreeze=unfreeze)
     diagnosis = diagnose(result, limits)
     has_problem = any(f.problem is not None for f in diagnosis.findings)
     recommendations = (

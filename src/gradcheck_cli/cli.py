@@ -117,6 +117,9 @@ def inspect(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for dropout and the random-projection loss.")] = 0,
     eval_mode: Annotated[bool, typer.Option("--eval", help="Probe in eval mode (default: train mode).")] = False,
+    unfreeze: Annotated[
+        bool, typer.Option("--unfreeze", help="Measure a model whose parameters are all frozen (requires_grad=False).")
+    ] = False,
     device: Annotated[str, typer.Option(help="Device to run on: cpu, cuda, cuda:N.")] = "cpu",
     vanishing_below: Annotated[
         float, typer.Option(help="Flag vanishing when the input-end gradient is below this fraction of the output's.")
@@ -156,6 +159,7 @@ def inspect(
                 trust=trust,
                 seed=seed,
                 train=not eval_mode,
+                unfreeze=unfreeze,
                 device=device,
                 input_shape=None if input_shape is None else parse_shape(input_shape),
                 input_dtype=input_dtype,

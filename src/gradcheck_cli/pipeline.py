@@ -28,6 +28,7 @@ class InspectRequest:
     trust: bool = False
     seed: int = 0
     train: bool = True
+    unfreeze: bool = False
     device: str = "cpu"
     input_shape: tuple[int, ...] | None = None
     input_dtype: str | None = None
@@ -54,6 +55,7 @@ def run_inspect(request: InspectRequest) -> Report:
         batch.to(device),
         seed=request.seed,
         train=request.train,
+        unfreeze=request.unfreeze,
         thresholds=request.thresholds,
         source=source,
         checkpoint_kind=kind,

@@ -92,11 +92,13 @@ def module_type(module: nn.Module) -> str:
     return str(getattr(module, "original_name", None) or type(module).__name__)
 
 
-def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True) -> ProbeResult:
+def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True, unfreeze: bool = False) -> ProbeResult:
     """Run one forward and backward pass of ``model`` on ``batch`` and measure every layer.
 
-    The model's modes, ``requires_grad`` flags and existing ``.grad`` values are restored, and
-    no hook outlives the call, whether it succeeds or raises.
+    Frozen parameters get gradients for this pass only, so the flow through them is measured;
+    a model with no trainable parameter at all is refused unless ``unfreeze``. The model's
+    modes, ``requires_grad`` flags and existing ``.grad`` values are restored, and no hook
+    outlives the call, whether it succeeds or raises.
     """
     named = parametrised_modules(model)
     if not any(p.is_floating_point() for _, m in named for p in m.parameters(recurse=False)):
@@ -113,6 +115,11 @@ def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True) 
     hooks = supports_module_hooks(model)
     params = _unique_params(modules)
     frozen = {id(p) for p in params if not p.requires_grad}
+    if not unfreeze and all(id(p) in frozen for p in params if p.is_floating_point()):
+        raise BatchError(
+            "the model has no trainable parameters (every one has requires_grad=False); unfreeze the layers you "
+            "train, or pass --unfreeze to measure the gradient flow anyway"
+        )
     with (
         _restored_state(model, params),
         torch.random.fork_rng(devices=_cuda_devices(params)),
