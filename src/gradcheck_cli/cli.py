@@ -170,6 +170,93 @@ def inspect(
     raise typer.Exit(ExitCode.PROBLEMS if gate.fails(report) else ExitCode.OK)
 
 
+@app.command(epilog="Chain mode (--factor) imports no torch and answers instantly.")
+def simulate(
+    depth: Annotated[int, typer.Option(help="Number of layers (or chain factors).")] = 50,
+    factor: Annotated[float | None, typer.Option(help="Chain mode: the gradient after k layers is factor**k.")] = None,
+    activation: Annotated[
+        str, typer.Option(help="Network mode: linear, relu, leaky_relu, tanh, sigmoid, gelu, silu, elu.")
+    ] = "relu",
+    init: Annotated[
+        str,
+        typer.Option(
+            help="Network mode: normal, default, xavier_uniform, xavier_normal, kaiming_uniform, kaiming_normal, "
+            "orthogonal."
+        ),
+    ] = "default",
+    width: Annotated[int, typer.Option(help="Network mode: units per layer.")] = 256,
+    weight_scale: Annotated[float, typer.Option(help="Multiply every weight by this after init.")] = 1.0,
+    bias_std: Annotated[
+        float | None, typer.Option(help="Biases ~ N(0, B²) (default: zero, or PyTorch's for default init).")
+    ] = None,
+    residual: Annotated[bool, typer.Option("--residual", help="Shortcut x + f(x) around every layer.")] = False,
+    norm: Annotated[str | None, typer.Option(help="Normalise before every layer: batch or layer.")] = None,
+    seeds: Annotated[int, typer.Option(help="Monte Carlo: random networks per configuration.")] = 3,
+    seed: Annotated[int, typer.Option(help="First random seed.")] = 0,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Each remedy side by side, ranked by gain closeness to 1.")
+    ] = False,
+    map_name: Annotated[str | None, typer.Option("--map", help="The iterated map to illustrate: logistic.")] = None,
+    r: Annotated[float, typer.Option("--r", help="Logistic map parameter r in f(x) = r·x(1−x).")] = 3.5,
+    iterations: Annotated[int, typer.Option(help="Logistic map: number of iterations.")] = 6,
+    rnn: Annotated[
+        bool, typer.Option("--rnn", help="Backpropagation through time in a random recurrent cell.")
+    ] = False,
+    steps: Annotated[int, typer.Option(help="RNN mode: time steps.")] = 100,
+    radius: Annotated[float, typer.Option(help="RNN mode: spectral radius of the recurrent matrix.")] = 1.0,
+    cell: Annotated[str, typer.Option(help="RNN mode: rnn, lstm or gru.")] = "rnn",
+    output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Report format.")] = OutputFormat.text,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file.")] = None,
+) -> None:
+    """Show how gradients shrink or grow with depth: the chain product, mean-field theory and real random nets."""
+    if factor is not None:
+        from gradcheck_cli.simulate.chain import simulate_chain
+
+        report = simulate_chain(depth, factor)
+    elif map_name is not None:
+        if map_name != "logistic":
+            raise GradcheckError(f"--map {map_name!r}: the only map is 'logistic'")
+        from gradcheck_cli.simulate.logistic import simulate_logistic_map
+
+        report = simulate_logistic_map(r, iterations)
+    else:
+        with _status("simulating random networks…"):
+            if rnn:
+                from gradcheck_cli.simulate.rnn import simulate_rnn
+
+                report = simulate_rnn(steps, radius, cell=cell, seeds=seeds, seed=seed)
+            else:
+                from gradcheck_cli.simulate.network import NetworkSpec, simulate_compare, simulate_network
+
+                spec = NetworkSpec(
+                    depth=depth, activation=activation, init=init, width=width, weight_scale=weight_scale,
+                    bias_std=bias_std, residual=residual, norm=norm, seeds=seeds, seed=seed,
+                )  # fmt: skip
+                report = simulate_compare(spec) if compare else simulate_network(spec)
+    _emit_simulation(report, output_format, output)
+
+
+def _emit_simulation(report: Any, output_format: OutputFormat, output: Path | None) -> None:
+    from gradcheck_cli.render.simulate_text import render_simulation_json, render_simulation_text, simulation_view
+
+    if output_format is OutputFormat.json:
+        _write(render_simulation_json(report), output)
+    elif output is None:
+        Console(highlight=False, soft_wrap=False).print(simulation_view(report))
+    else:
+        _write(render_simulation_text(report), output)
+
+
+def _write(rendered: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(rendered)
+        return
+    try:
+        output.write_text(rendered, encoding="utf-8")
+    except OSError as exc:
+        raise GradcheckError(f"cannot write --output {output}: {exc.strerror or exc}") from None
+
+
 def _emit(report: Any, output_format: OutputFormat, output: Path | None) -> None:
     from gradcheck_cli.render.json import render_json
     from gradcheck_cli.render.text import render_text, text_report
@@ -181,13 +268,9 @@ def _emit(report: Any, output_format: OutputFormat, output: Path | None) -> None
     else:
         Console(highlight=False, soft_wrap=False).print(text_report(report))
         return
+    _write(rendered, output)
     if output is None:
-        sys.stdout.write(rendered)
         return
-    try:
-        output.write_text(rendered, encoding="utf-8")
-    except OSError as exc:
-        raise GradcheckError(f"cannot write --output {output}: {exc.strerror or exc}") from None
     verdict = "healthy" if report.healthy else "unhealthy: " + ", ".join(p.value for p in report.problems)
     Console(stderr=True, highlight=False).print(f"gradcheck: {verdict}; report written to {output}")
 

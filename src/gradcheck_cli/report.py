@@ -180,7 +180,7 @@ class Report:
             entry["time_grad_norms"] = list(layer.time_grad_norms)
             entry["grad_weight_ratio"] = layer.grad_weight_ratio
             layers.append(entry)
-        safe: dict[str, Any] = _json_safe(
+        safe: dict[str, Any] = json_safe(
             {
                 "schema_version": SCHEMA_VERSION,
                 "status": "healthy" if self.healthy else "unhealthy",
@@ -218,14 +218,14 @@ class Report:
         return safe
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Replace NaN and ±Inf (not valid JSON) by the strings ``"nan"``, ``"inf"``, ``"-inf"``."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

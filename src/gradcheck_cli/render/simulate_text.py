@@ -1,0 +1,141 @@
+"""The terminal view of a simulation: summary, a log-scale chart, a per-layer (or per-remedy) table."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from gradcheck_cli.render.chart import log_chart
+from gradcheck_cli.simulate.report import SimulationReport
+
+MAX_ROWS = 24
+"""Deeper simulations show every k-th layer in the table (the chart and JSON show all)."""
+
+
+def render_simulation_json(report: SimulationReport) -> str:
+    """The JSON object of DESIGN.md §3 for ``simulate``."""
+    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+
+def render_simulation_text(report: SimulationReport, *, width: int = 110) -> str:
+    """Plain text, for ``--output FILE``."""
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, color_system=None, force_terminal=False).print(simulation_view(report))
+    return buffer.getvalue()
+
+
+def simulation_view(report: SimulationReport) -> RenderableType:
+    """The whole simulation as one rich renderable."""
+    parts: list[RenderableType] = [_summary(report)]
+    if report.rows:
+        parts.append(_compare_table(report))
+    elif report.layers:
+        parts.append(Text(log_chart(_series(report), x_label=_unit(report) + " back from the output")))
+        parts.append(_layer_table(report))
+    for note in report.notes:
+        parts.append(Text(f"note: {note}", style="dim"))
+    style = {"vanishing": "bold red", "exploding": "bold red", "stable": "bold green"}.get(report.verdict, "bold")
+    parts.append(Text(f"verdict: {report.verdict}", style=style))
+    return Group(*parts)
+
+
+def _unit(report: SimulationReport) -> str:
+    return {"map": "iterations", "rnn": "steps"}.get(report.mode, "layers")
+
+
+def _summary(report: SimulationReport) -> Text:
+    text = Text()
+    text.append(f"gradcheck simulate · {report.mode}", style="bold")
+    spec = ", ".join(f"{k}={_fmt(v)}" for k, v in report.spec.items() if v is not None)
+    text.append(f"  depth {report.depth}" + (f"; {spec}" if spec else "") + "\n")
+    text.append(f"gain per {_unit(report)[:-1]} {_fmt(report.gain)}, first/last ratio ")
+    text.append(_fmt(report.ratio), style="bold")
+    if report.theory is not None and report.monte_carlo is not None:
+        t, m = report.theory, report.monte_carlo
+        text.append(
+            f"\ntheory: gain {_fmt(t.gain)}, ratio {_fmt(t.ratio)}, depth scale ξ {_fmt(t.depth_scale)}"
+            f"\nMonte Carlo ({m.seeds} seeds): gain {_fmt(m.gain)} [{_fmt(m.gain_low)} … {_fmt(m.gain_high)}], "
+            f"ratio {_fmt(m.ratio)} [{_fmt(m.ratio_low)} … {_fmt(m.ratio_high)}]"
+        )
+    elif report.monte_carlo is not None:
+        m = report.monte_carlo
+        text.append(f"\nMonte Carlo ({m.seeds} seeds): gain {_fmt(m.gain)} [{_fmt(m.gain_low)} … {_fmt(m.gain_high)}]")
+    crossings = [
+        f"below 1e-3 at {v}" if k == "vanishing" else f"above 1e3 at {v}" for k, v in report.crossings.items() if v
+    ]
+    if crossings:
+        text.append(f"\ncrosses {', '.join(crossings)} {_unit(report)}")
+    return text
+
+
+def _series(report: SimulationReport) -> dict[str, list[float]]:
+    if report.theory is not None:
+        return {
+            "theory": [layer.theory if layer.theory is not None else math.nan for layer in report.layers],
+            "Monte Carlo (median)": [layer.value for layer in report.layers],
+        }
+    return {"gradient": [layer.value for layer in report.layers]}
+
+
+def _layer_table(report: SimulationReport) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column(_unit(report)[:-1], justify="right")
+    has_theory = any(layer.theory is not None for layer in report.layers)
+    has_spread = any(layer.low is not None for layer in report.layers)
+    extra_keys = sorted({key for layer in report.layers for key in layer.extra})
+    if has_theory:
+        table.add_column("theory", justify="right")
+    table.add_column("Monte Carlo" if has_spread else "value", justify="right")
+    if has_spread:
+        table.add_column("min … max", justify="right")
+    for key in extra_keys:
+        table.add_column(key.replace("_", " "), justify="right")
+    step = max(1, math.ceil(len(report.layers) / MAX_ROWS))
+    shown = list(report.layers[::step])
+    if report.layers and shown[-1] is not report.layers[-1]:
+        shown.append(report.layers[-1])
+    for layer in shown:
+        row: list[Any] = [str(layer.index)]
+        if has_theory:
+            row.append(_fmt(layer.theory))
+        row.append(_fmt(layer.value))
+        if has_spread:
+            row.append(f"{_fmt(layer.low)} … {_fmt(layer.high)}")
+        row += [_fmt(layer.extra.get(key)) for key in extra_keys]
+        table.add_row(*row)
+    return table
+
+
+def _compare_table(report: SimulationReport) -> Table:
+    table = Table(title="remedies, closest to gain 1 first", title_justify="left", box=None, header_style="bold")
+    for column in ("rank", "remedy", "init", "norm", "residual", "theory gain", "gain", "first/last ratio", "verdict"):
+        table.add_column(
+            column, justify="right" if column in ("rank", "theory gain", "gain", "first/last ratio") else "left"
+        )
+    for row in report.rows:
+        table.add_row(
+            str(row["rank"]), str(row["remedy"]), str(row["init"]), str(row["norm"] or "–"),
+            "yes" if row["residual"] else "no", _fmt(row["theory_gain"]), _fmt(row["gain"]), _fmt(row["ratio"]),
+            str(row["verdict"]),
+        )  # fmt: skip
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.4g}"
+    return str(value)
