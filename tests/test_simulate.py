@@ -193,3 +193,25 @@ def test_simulate_bad_flags_exit_2_in_one_line():
     proc = run("--activation", "swish", "--depth", "3")
     assert proc.returncode == 2 and "swish" in proc.stderr and "Traceback" not in proc.stderr
     assert run("--factor", "-1").returncode == 2
+
+
+def test_every_mode_json_follows_the_contract():
+    from gradcheck_cli.simulate.logistic import simulate_logistic_map
+    from gradcheck_cli.simulate.rnn import simulate_rnn
+
+    reports = [
+        simulate_chain(20, 0.9),
+        simulate_network(NetworkSpec(5, "tanh", "xavier_normal", width=32, seeds=1)),
+        simulate_compare(NetworkSpec(5, "relu", "default", width=32, seeds=1)),
+        simulate_logistic_map(3.5, 4),
+        simulate_rnn(10, 0.9, hidden=16, seeds=1),
+    ]
+    for report in reports:
+        data = json.loads(json.dumps(report.to_dict()))
+        assert isinstance(data["depth"], int) and data["depth"] > 0
+        assert isinstance(data["ratio"], (int, float, str)) and isinstance(data["gain"], (int, float, str))
+        assert data["verdict"] in ("vanishing", "exploding", "stable")
+        assert isinstance(data["layers"], list)
+        assert all(isinstance(layer["index"], int) and "value" in layer for layer in data["layers"])
+    assert {"gain", "ratio"} <= set(reports[1].to_dict()["theory"])
+    assert [row["rank"] for row in reports[2].to_dict()["rows"]] == list(range(1, 8))

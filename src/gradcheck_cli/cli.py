@@ -204,7 +204,7 @@ def simulate(
     ] = False,
     steps: Annotated[int, typer.Option(help="RNN mode: time steps.")] = 100,
     radius: Annotated[float, typer.Option(help="RNN mode: spectral radius of the recurrent matrix.")] = 1.0,
-    cell: Annotated[str, typer.Option(help="RNN mode: rnn, lstm or gru.")] = "rnn",
+    cell: Annotated[str, typer.Option(help="RNN mode: rnn (tanh), lstm, gru, or linear (exactly ρ per step).")] = "rnn",
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Report format.")] = OutputFormat.text,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file.")] = None,
 ) -> None:

@@ -36,7 +36,8 @@ def simulation_view(report: SimulationReport) -> RenderableType:
     if report.rows:
         parts.append(_compare_table(report))
     elif report.layers:
-        parts.append(Text(log_chart(_series(report), x_label=_unit(report) + " back from the output")))
+        axis = "iterations n of f" if report.mode == "map" else _unit(report) + " back from the output"
+        parts.append(Text(log_chart(_series(report), x_label=axis)))
         parts.append(_layer_table(report))
     for note in report.notes:
         parts.append(Text(f"note: {note}", style="dim"))
