@@ -128,3 +128,20 @@ class BufferOnly(nn.Module):
 def make_not_a_module() -> int:
     """A factory that returns something other than an nn.Module."""
     return 42
+
+
+def make_exiting() -> nn.Module:
+    """A factory that calls sys.exit(0), as an argparse-driven script would: must not pass the gate."""
+    raise SystemExit(0)
+
+
+class SparseBag(nn.Module):
+    """A sparse embedding (its gradient is a sparse tensor) and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, WIDTH, sparse=True)
+        self.head = nn.Linear(WIDTH, OUT_FEATURES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(dim=1))

@@ -60,6 +60,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     np.save(work / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     torch.save(x, work / "x.pt")
     torch.save(torch.randn(6, 5), work / "x5.pt")
+    torch.save((x, torch.tensor([0, 1, 2, 3, 7, 1])), work / "bad_classes.pt")
+    torch.save(torch.randn(0, 8), work / "no_samples.pt")
+    np.savez(work / "gap.npz", arr_0=x.numpy(), arr_2=y.numpy())
+    torch.save(cli_models.SparseBag(), work / "sparse.pt")
 
     (work / "empty.pt").write_bytes(b"")
     (work / "notes.txt").write_text("these are not weights\n")
@@ -114,6 +118,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "factory_not_module": ["inspect", "tiny_sd.pt", "-m", "cli_models:make_not_a_module", "-i", "x.pt"],
         "factory_missing": ["inspect", "tiny_sd.pt", "-m", "no_such_package.nets:build", "-i", "x.pt"],
         "factory_bad_spec": ["inspect", "tiny_sd.pt", "-m", "just_a_name", "-i", "x.pt"],
+        "factory_bad_name": ["inspect", "tiny_sd.pt", "-m", f"{cli_models.__file__}:bad-name", "-i", "x.pt"],
+        "factory_exits": ["inspect", "tiny_sd.pt", "-m", "cli_models:make_exiting", "-i", "x.pt"],
+        "bad_classes": ["inspect", "tiny_sd.pt", *TINY, "-i", "bad_classes.pt"],
+        "no_samples": ["inspect", "tiny_sd.pt", *TINY, "-i", "no_samples.pt"],
+        "gap_npz": ["inspect", "tiny_sd.pt", *TINY, "-i", "gap.npz", "-f", "json"],
+        "sparse": ["inspect", "sparse.pt", "--trust", "--input-shape", "4,6", "--input-dtype", "int64", "-f", "json"],
+        "meta_device": ["inspect", "tiny_sd.pt", *TINY, "-i", "x.pt", "--device", "meta"],
+        "huge_seed": ["inspect", "tiny_sd.pt", *TINY, "-i", "x.pt", "--seed", "99999999999999999999"],
+        "overwrite": ["inspect", "tiny_sd.pt", *TINY, "-i", "x.pt", "-o", "tiny_sd.pt"],
+        "example_with_input": ["inspect", "--example", "residual", "-i", "x.pt"],
     }
     results = run_many(commands, cwd=work)
     return {"dir": work, "before": before, "after": hashes(work), **results}
@@ -187,6 +201,13 @@ def test_batch_inferred_from_a_first_embedding_layer(runs: dict[str, Any]) -> No
         ("detached", ["no floating-point output depends on its parameters"]),
         ("buffer_only", ["no floating-point parameters"]),
         ("frozen", ["no trainable parameters", "--unfreeze"]),
+        ("factory_bad_name", ["bad-name"]),
+        ("factory_exits", ["SystemExit"]),
+        ("bad_classes", ["class indices in the target run from 0 to 7", "4 classes"]),
+        ("no_samples", ["the batch is empty (float32[0, 8])"]),
+        ("meta_device", ["--device meta"]),
+        ("overwrite", ["--output tiny_sd.pt is one of the input files"]),
+        ("example_with_input", ["--example brings its own model and batch; drop --input"]),
         ("factory_not_module", ["returned a int, not an nn.Module"]),
         ("factory_missing", ["no_such_package"]),
         ("factory_bad_spec", ["package.module:factory"]),
@@ -194,6 +215,22 @@ def test_batch_inferred_from_a_first_embedding_layer(runs: dict[str, Any]) -> No
 )
 def test_bad_input_is_one_line_exit_2(runs: dict[str, Any], name: str, needles: list[str]) -> None:
     assert_one_line_error(runs[name], *needles)
+
+
+def test_npz_with_gaps_in_the_positional_names_keeps_their_order(runs: dict[str, Any]) -> None:
+    report = json_report(runs["gap_npz"])
+    assert report["run"]["loss_kind"] == "cross_entropy"
+
+
+def test_sparse_embedding_gradients_are_measured(runs: dict[str, Any]) -> None:
+    report = json_report(runs["sparse"])
+    embed = next(layer for layer in report["layers"] if layer["name"] == "embed")
+    assert embed["grad_norm"] > 0
+
+
+def test_out_of_range_seed_is_a_usage_error(runs: dict[str, Any]) -> None:
+    proc = runs["huge_seed"]
+    assert proc.returncode == 2 and "--seed" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_unfreeze_measures_a_fully_frozen_model(runs: dict[str, Any]) -> None:

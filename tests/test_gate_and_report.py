@@ -86,3 +86,20 @@ def test_text_report_has_table_findings_recommendations_and_verdict(reports):
     assert "\x1b[" not in text  # no colour codes in plain text
     healthy = render_text(reports["relu-kaiming"])
     assert "✓ healthy" in healthy and "recommendations" not in healthy
+
+
+def test_problem_names_fail_the_gate_on_errors_only_not_on_warnings():
+    from zoo import torch_lstm
+
+    model, batch = torch_lstm()
+    report = check(model, batch)
+    assert report.healthy and any(f.severity is Severity.WARNING for f in report.findings)
+    assert not parse_fail_on(["vanishing"]).fails(report)
+    assert parse_fail_on(["warning"]).fails(report)
+
+
+def test_multihead_attention_out_proj_is_not_reported_unused():
+    from zoo import torch_transformer
+
+    model, batch = torch_transformer()
+    assert not [f for f in check(model, batch).findings if f.code == "GC007"]

@@ -86,6 +86,19 @@ def test_known_values_relu_kaiming_xavier_and_linear_1_2():
     assert simulate_network(scaled).theory.gain == pytest.approx(1.2)
 
 
+def test_theory_per_layer_values_run_from_the_output_and_match_monte_carlo_at_both_ends():
+    """Sigmoid with N(0, 1) weights: q and χ change with depth, so a reversed index would show."""
+    field = mean_field("sigmoid", 12, 256.0, 0.0, 1.0)
+    relative = field.relative()
+    assert relative[0] == pytest.approx(math.sqrt(field.chi[-1]))
+    assert relative[-1] == pytest.approx(field.ratio)
+    assert field.chi[0] != pytest.approx(field.chi[-1], rel=0.05)
+    report = simulate_network(NetworkSpec(12, "sigmoid", "normal", width=256))
+    first, last = report.layers[0], report.layers[-1]
+    assert first.monte_carlo == pytest.approx(first.theory, rel=0.1)
+    assert last.monte_carlo == pytest.approx(last.theory, rel=0.15)
+
+
 def test_depth_scale_is_minus_one_over_log_gain():
     theory = simulate_network(NetworkSpec(5, "relu", "xavier_normal", seeds=1)).theory
     assert theory.depth_scale == pytest.approx(-1 / math.log(2**-0.5))
@@ -215,3 +228,11 @@ def test_every_mode_json_follows_the_contract():
         assert all(isinstance(layer["index"], int) and "value" in layer for layer in data["layers"])
     assert {"gain", "ratio"} <= set(reports[1].to_dict()["theory"])
     assert [row["rank"] for row in reports[2].to_dict()["rows"]] == list(range(1, 8))
+
+
+def test_conflicting_modes_and_out_of_range_specs_exit_2():
+    for args in (("--factor", "0.8", "--rnn"), ("--map", "logistic", "--compare"), ("--weight-scale", "1e200"),
+                 ("--width", "1000000000")):  # fmt: skip
+        proc = run(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -70,7 +70,14 @@ def _vanishing(findings: Sequence[Finding], path: PathSummary, traits: ModelTrai
                     (str(through_time.layer),),
                 )
             )
-            recs.append(_orthogonal_recurrent(Problem.VANISHING))
+            recs.append(
+                _orthogonal_recurrent(
+                    Problem.VANISHING,
+                    "an orthogonal recurrent matrix has all singular values 1, so it neither shrinks nor grows the "
+                    "gradient through time by itself",
+                    str(through_time.layer),
+                )
+            )
         if recurrent - PLAIN_RECURRENT:
             recs.append(
                 Recommendation(
@@ -85,8 +92,8 @@ def _vanishing(findings: Sequence[Finding], path: PathSummary, traits: ModelTrai
                     (str(through_time.layer),),
                 )
             )
-    if vanishing and all(f.evidence.get("recurrent") for f in vanishing):
-        return recs
+    if all(f.evidence.get("recurrent") for f in vanishing):
+        return recs  # a cut graph alone (GC005), or vanishing through time: no depth remedies
     xavier_ratio = _median_ratio(traits, "xavier")
     kaiming_ratio = _median_ratio(traits, "kaiming")
     if traits.relu_like and kaiming_ratio is not None and kaiming_ratio < 0.85:
@@ -109,7 +116,8 @@ def _vanishing(findings: Sequence[Finding], path: PathSummary, traits: ModelTrai
             Recommendation(
                 "activation_change",
                 "Use a non-saturating activation (ReLU, GELU, SiLU)",
-                f"{kinds} has a derivative of at most {0.25 if 'Sigmoid' in kinds else 1.0} and near 0 when saturated; "
+                f"{kinds}: sigmoid's derivative is at most 0.25, tanh's at most 1, and both are near 0 when the "
+                f"unit saturates; "
                 f"measured gain {gain} per layer",
                 'nn.ReLU()   # or nn.GELU(); then re-initialise with nn.init.kaiming_normal_(w, nonlinearity="relu")',
                 (Problem.VANISHING,),
@@ -130,14 +138,14 @@ def _vanishing(findings: Sequence[Finding], path: PathSummary, traits: ModelTrai
     return recs
 
 
-def _orthogonal_recurrent(problem: Problem) -> Recommendation:
+def _orthogonal_recurrent(problem: Problem, why: str, layer: str) -> Recommendation:
     return Recommendation(
         "orthogonal_init",
         "Initialise the recurrent weights orthogonally",
-        "an orthogonal recurrent matrix has all singular values 1, so it neither shrinks nor grows the "
-        "gradient through time by itself",
+        why,
         "for name, p in rnn.named_parameters():\n    if 'weight_hh' in name:\n        nn.init.orthogonal_(p)",
         (problem,),
+        (layer,),
     )
 
 
@@ -165,14 +173,11 @@ def _exploding(
         through_time = next(f for f in exploding if f.evidence.get("recurrent"))
         step_gain = through_time.evidence.get("gain")
         recs.append(
-            Recommendation(
-                "orthogonal_init",
-                "Initialise the recurrent weights orthogonally",
+            _orthogonal_recurrent(
+                Problem.EXPLODING,
                 f"the gradient through time grows {step_gain or math.nan:.3g}× per step in {through_time.layer}: "
                 "the recurrent matrix's spectral radius is above 1; an orthogonal one has all singular values 1",
-                "for name, p in rnn.named_parameters():\n    if 'weight_hh' in name:\n        nn.init.orthogonal_(p)",
-                (Problem.EXPLODING,),
-                (str(through_time.layer),),
+                str(through_time.layer),
             )
         )
         if recurrent & PLAIN_RECURRENT:
@@ -222,14 +227,13 @@ def _exploding(
 def _normalise_and_shortcut(path: PathSummary, traits: ModelTraits, problem: Problem) -> list[Recommendation]:
     recs = []
     if not traits.norms:
-        conv = any(s.layer for s in traits.init) and not traits.recurrent
         rec_id, title, snippet = (
             (
                 "batch_norm",
                 "Add batch normalisation after each linear/conv layer",
                 "nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU())",
             )
-            if conv
+            if not traits.recurrent
             else ("layer_norm", "Add layer normalisation", "nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.ReLU())")
         )
         recs.append(

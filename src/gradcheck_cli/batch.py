@@ -69,8 +69,8 @@ def _move(value: Any, device: torch.device | str) -> Any:
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def load_batch_file(path: Path, *, trust: bool = False) -> Any:
-    """Read a batch: a ``torch.save`` file (tensors only unless ``trust``), ``.npy`` or ``.npz``.
+def load_batch_file(path: Path) -> Any:
+    """Read a batch: a ``torch.save`` file (tensors only, always), ``.npy`` or ``.npz``.
 
     Recognised by content. NumPy files are read with ``allow_pickle=False``; an ``.npz`` whose
     arrays are named ``arr_0, arr_1, ...`` (``np.savez(path, x, y)``) becomes a tuple, otherwise
@@ -89,7 +89,7 @@ def load_batch_file(path: Path, *, trust: bool = False) -> Any:
     from gradcheck_cli.loaders.torch_file import read_torch_file  # imports Batch from here
 
     try:
-        return read_torch_file(path, trust=trust, what="batch")
+        return read_torch_file(path, trust=False, what="batch")
     except GradcheckError as exc:
         raise BatchError(
             f"{exc}; save the batch with torch.save(tensor | tuple | dict of tensors), np.save or np.savez"
@@ -117,7 +117,7 @@ def _load_numpy(path: Path) -> Any:
     except Exception as exc:  # numpy raises ValueError for object arrays, OSError/EOFError for damage
         raise BatchError(f"could not read {path} as NumPy data without pickle: {first_line(exc)}") from None
     if all(re.fullmatch(r"arr_\d+", name) for name in arrays):
-        return tuple(arrays[f"arr_{i}"] for i in range(len(arrays)))
+        return tuple(arrays[name] for name in sorted(arrays, key=lambda name: int(name[4:])))
     return arrays
 
 

@@ -115,7 +115,9 @@ def inspect(
     input_dtype: Annotated[
         str | None, typer.Option("--input-dtype", help="dtype for --input-shape: float32 (default), int64, ...")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for dropout and the random-projection loss.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**32 - 1, help="Seed for dropout and the random-projection loss.")
+    ] = 0,
     eval_mode: Annotated[bool, typer.Option("--eval", help="Probe in eval mode (default: train mode).")] = False,
     unfreeze: Annotated[
         bool, typer.Option("--unfreeze", help="Measure a model whose parameters are all frozen (requires_grad=False).")
@@ -140,6 +142,13 @@ def inspect(
         raise GradcheckError(
             "give either a CHECKPOINT or --example NAME (try: gradcheck inspect --example deep-sigmoid)"
         )
+    if example is not None:
+        given = [
+            flag for flag, value in (("--input", batch), ("--model", model), ("--input-shape", input_shape)) if value
+        ]
+        if given:
+            raise GradcheckError(f"--example brings its own model and batch; drop {', '.join(given)}")
+    _refuse_overwriting(output, checkpoint, batch)
     if not (0 < vanishing_below < 1 < exploding_above):
         raise GradcheckError("thresholds must satisfy 0 < --vanishing-below < 1 < --exploding-above")
 
@@ -192,7 +201,7 @@ def simulate(
     residual: Annotated[bool, typer.Option("--residual", help="Shortcut x + f(x) around every layer.")] = False,
     norm: Annotated[str | None, typer.Option(help="Normalise before every layer: batch or layer.")] = None,
     seeds: Annotated[int, typer.Option(help="Monte Carlo: random networks per configuration.")] = 3,
-    seed: Annotated[int, typer.Option(help="First random seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="First random seed.")] = 0,
     compare: Annotated[
         bool, typer.Option("--compare", help="Each remedy side by side, ranked by gain closeness to 1.")
     ] = False,
@@ -205,10 +214,15 @@ def simulate(
     steps: Annotated[int, typer.Option(help="RNN mode: time steps.")] = 100,
     radius: Annotated[float, typer.Option(help="RNN mode: spectral radius of the recurrent matrix.")] = 1.0,
     cell: Annotated[str, typer.Option(help="RNN mode: rnn (tanh), lstm, gru, or linear (exactly ρ per step).")] = "rnn",
+    hidden: Annotated[int, typer.Option(help="RNN mode: hidden units.")] = 128,
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Report format.")] = OutputFormat.text,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file.")] = None,
 ) -> None:
     """Show how gradients shrink or grow with depth: the chain product, mean-field theory and real random nets."""
+    modes = [flag for flag, on in (("--factor", factor is not None), ("--map", map_name is not None), ("--rnn", rnn),
+                                   ("--compare", compare)) if on]  # fmt: skip
+    if len(modes) > 1:
+        raise GradcheckError(f"choose one mode: {' and '.join(modes)} cannot be combined")
     if factor is not None:
         from gradcheck_cli.simulate.chain import simulate_chain
 
@@ -224,7 +238,7 @@ def simulate(
             if rnn:
                 from gradcheck_cli.simulate.rnn import simulate_rnn
 
-                report = simulate_rnn(steps, radius, cell=cell, seeds=seeds, seed=seed)
+                report = simulate_rnn(steps, radius, cell=cell, hidden=hidden, seeds=seeds, seed=seed)
             else:
                 from gradcheck_cli.simulate.network import NetworkSpec, simulate_compare, simulate_network
 
@@ -237,10 +251,11 @@ def simulate(
 
 
 def _emit_simulation(report: Any, output_format: OutputFormat, output: Path | None) -> None:
-    from gradcheck_cli.render.simulate_text import render_simulation_json, render_simulation_text, simulation_view
+    from gradcheck_cli.render.json import render_json
+    from gradcheck_cli.render.simulate_text import render_simulation_text, simulation_view
 
     if output_format is OutputFormat.json:
-        _write(render_simulation_json(report), output)
+        _write(render_json(report), output)
     elif output is None:
         Console(highlight=False, soft_wrap=False).print(simulation_view(report))
     else:
@@ -255,6 +270,15 @@ def _write(rendered: str, output: Path | None) -> None:
         output.write_text(rendered, encoding="utf-8")
     except OSError as exc:
         raise GradcheckError(f"cannot write --output {output}: {exc.strerror or exc}") from None
+
+
+def _refuse_overwriting(output: Path | None, *inputs: Path | None) -> None:
+    """``--output`` must never replace the user's checkpoint or batch."""
+    if output is None or not output.exists():
+        return
+    for given in inputs:
+        if given is not None and given.exists() and output.resolve() == given.resolve():
+            raise GradcheckError(f"--output {output} is one of the input files; write the report somewhere else")
 
 
 def _emit(report: Any, output_format: OutputFormat, output: Path | None) -> None:
@@ -301,7 +325,8 @@ def main() -> None:
         code = app(standalone_mode=False)
     except GradcheckError as exc:
         if "--debug" in sys.argv[1:]:
-            traceback.print_exc()
+            cause = exc.__cause__ or exc.__context__  # `raise ... from None` keeps the original as context
+            traceback.print_exception(cause if cause is not None else exc)
         err.print(f"error: {_one_line(str(exc))}", markup=False)
         sys.exit(ExitCode.UNUSABLE_INPUT)
     except typer.Abort:

@@ -23,7 +23,7 @@ def build_model(spec: str) -> nn.Module:
         raise ModelFactoryError(f"--model {spec}: {type(target).__name__} is neither an nn.Module nor callable")
     try:
         model = target()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a factory that calls sys.exit() must not pass the gate
         raise ModelFactoryError(f"--model {spec}: calling it raised {type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise ModelFactoryError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
@@ -40,21 +40,26 @@ def _resolve(spec: str) -> Any:
         module = _import_file(Path(module_part), spec)
         try:
             return pkgutil.resolve_name(f"{module.__name__}:{attr}")
-        except AttributeError:
+        except (AttributeError, ValueError):
             raise ModelFactoryError(f"--model {spec}: {module_part} has no attribute {attr!r}") from None
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    importable_from_cwd()
     try:
         return pkgutil.resolve_name(spec)
     except (ImportError, AttributeError, ValueError) as exc:
         raise ModelFactoryError(
             f"--model {spec}: {first_line(exc)}; run from the directory that holds the package or set PYTHONPATH"
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a factory that calls sys.exit() must not pass the gate
         raise ModelFactoryError(
             f"--model {spec}: importing it raised {type(exc).__name__}: {first_line(exc)}"
         ) from None
+
+
+def importable_from_cwd() -> None:
+    """Let ``package.module`` names resolve from the working directory, as ``python -m`` would."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _import_file(path: Path, spec: str) -> Any:
@@ -68,7 +73,7 @@ def _import_file(path: Path, spec: str) -> Any:
     sys.modules[name] = module
     try:
         loader_spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a factory that calls sys.exit() must not pass the gate
         del sys.modules[name]
         raise ModelFactoryError(
             f"--model {spec}: importing {path} raised {type(exc).__name__}: {first_line(exc)}"

@@ -11,7 +11,11 @@ from gradcheck_cli.report import Problem, Report, Severity
 
 @dataclass(frozen=True)
 class FailOn:
-    """Fail on findings at or above a severity, or on findings of the named problems."""
+    """Fail on findings at or above a severity, or on error findings of the named problems.
+
+    Problem names match errors only (what the report lists under ``problems``); warnings, such as
+    a gated RNN vanishing through time, fail the gate with ``--fail-on warning``.
+    """
 
     severity: Severity | None = Severity.ERROR
     problems: frozenset[Problem] = frozenset()
@@ -21,7 +25,7 @@ class FailOn:
         for finding in report.findings:
             if self.severity is not None and finding.severity.rank >= self.severity.rank:
                 return True
-            if finding.problem in self.problems:
+            if finding.severity is Severity.ERROR and finding.problem in self.problems:
                 return True
         return False
 

@@ -55,6 +55,7 @@ def _target_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
     target = target.to(pred.device)
     is_index = not target.is_floating_point() and not target.is_complex()
     if is_index and pred.dim() >= 2 and target.shape == pred.shape[:1] + pred.shape[2:]:
+        _check_class_indices(target, pred.shape[1])
         loss = F.cross_entropy(pred.float(), target.long())
         return loss, LossChoice(
             "cross_entropy",
@@ -68,6 +69,23 @@ def _target_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
         f"{describe_value(pred)}; save class indices of shape {list(pred.shape[:1] + pred.shape[2:])} "
         f"or a target of shape {list(pred.shape)}"
     )
+
+
+IGNORE_INDEX = -100
+"""``F.cross_entropy``'s default ``ignore_index``: targets with this value do not count."""
+
+
+def _check_class_indices(target: torch.Tensor, classes: int) -> None:
+    """Every class index in [0, classes) or the ignore index, and at least one that counts."""
+    counted = target[target != IGNORE_INDEX]
+    if counted.numel() == 0:
+        raise BatchError(f"every target is the ignore index {IGNORE_INDEX}, so the loss is undefined")
+    low, high = int(counted.min()), int(counted.max())
+    if low < 0 or high >= classes:
+        raise BatchError(
+            f"class indices in the target run from {low} to {high}, but the output has {classes} classes "
+            f"(valid: 0…{classes - 1}, or {IGNORE_INDEX} to ignore)"
+        )
 
 
 def _projection_loss(output: Any, seed: int) -> tuple[torch.Tensor, LossChoice]:

@@ -9,7 +9,7 @@ import torch
 
 from gradcheck_cli.api import check
 from gradcheck_cli.batch import Batch, load_batch_file, make_batch
-from gradcheck_cli.errors import GradcheckError
+from gradcheck_cli.errors import GradcheckError, first_line
 from gradcheck_cli.examples import get_example
 from gradcheck_cli.loaders import LoadedModel, load_checkpoint
 from gradcheck_cli.report import Report
@@ -49,10 +49,13 @@ def run_inspect(request: InspectRequest) -> Report:
         model, kind, notes = loaded.module, loaded.kind, loaded.notes
         batch, batch_source = _choose_batch(request, loaded)
         source = str(request.checkpoint)
-    model = model.to(device)
+    try:
+        model, batch = model.to(device), batch.to(device)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        raise GradcheckError(f"cannot move the model and batch to --device {device}: {first_line(exc)}") from None
     return check(
         model,
-        batch.to(device),
+        batch,
         seed=request.seed,
         train=request.train,
         unfreeze=request.unfreeze,
@@ -68,7 +71,8 @@ def _choose_batch(request: InspectRequest, loaded: LoadedModel) -> tuple[Batch, 
     """The batch to probe with, and where it came from: --input, --input-shape, the file's own, or inferred."""
     model = loaded.module
     if request.batch is not None:
-        return make_batch(load_batch_file(request.batch, trust=request.trust), model), f"--input {request.batch}"
+        # batches are tensors only (DESIGN §1), also with --trust, which is about the checkpoint
+        return make_batch(load_batch_file(request.batch), model), f"--input {request.batch}"
     if request.input_shape is not None:
         return shaped_batch(model, request.input_shape, request.input_dtype, request.seed)
     if loaded.example_batch is not None:
@@ -81,6 +85,8 @@ def _device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise GradcheckError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise GradcheckError(f"--device {name}: {device.type} devices hold no data to measure; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GradcheckError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device

@@ -134,7 +134,7 @@ def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True, 
                 p.requires_grad_(True)
         output = _forward(model, batch, seed)
         loss, choice = choose_loss(output, batch.target, seed)
-        output_max = [torch.linalg.vector_norm(t.detach(), ord=math.inf) for t in float_leaves(output)]
+        output_max = [torch.linalg.vector_norm(t.detach(), ord=math.inf) for t in float_leaves(output) if t.numel()]
         del output
         _backward(loss)
         return _collect(named, params, frozen, recorder, choice, loss.detach(), output_max, hooks, mode)
@@ -146,11 +146,14 @@ OUT_OF_MEMORY_HINT = "ran out of memory; try a smaller batch (fewer samples or s
 
 def _forward(model: nn.Module, batch: Batch, seed: int) -> Any:
     """``model(*args, **kwargs)``; a forward that raises becomes one line naming the module where it did."""
+    tensors = [v for v in (*batch.args, *batch.kwargs.values()) if isinstance(v, torch.Tensor)]
+    if tensors and any(t.numel() == 0 for t in tensors):
+        raise BatchError(f"the batch is empty ({batch.describe()}); save at least one sample")
     try:
         return model(*batch.args, **batch.kwargs)
     except OUT_OF_MEMORY:
         raise BatchError(f"the forward pass {OUT_OF_MEMORY_HINT}") from None
-    except Exception as exc:  # the user's forward can raise anything; it is their input that failed
+    except (Exception, SystemExit) as exc:  # the user's forward can raise anything; it is their input that failed
         from gradcheck_cli.synthetic import expected_input  # imports this module
         from gradcheck_cli.tracker import where_forward_raises
 

@@ -113,7 +113,8 @@ def diagnose(result: ProbeResult, thresholds: Thresholds | None = None) -> Diagn
                 "‖∂L/∂W‖/‖W‖ per layer; deep ReLU or linear stacks can hide vanishing there",
             )
         )
-    unused = [layer.name for layer in result.layers if not layer.calls and result.activation_hooks]
+    # never called and no gradient: nn.MultiheadAttention's out_proj is used without being called
+    unused = [m.name for m in result.layers if not m.calls and m.grad is None and result.activation_hooks]
     if unused:
         findings.append(
             Finding(

@@ -15,6 +15,8 @@ from gradcheck_cli.probe import module_type
 BATCH = 8
 SEQUENCE = 16
 IMAGE = 32
+INPUT_ATTRIBUTES = ("in_features", "in_channels", "num_embeddings", "input_size", "embed_dim")
+"""Attributes through which a layer says what input it takes (Linear, Conv, Embedding, RNN, attention)."""
 DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -84,7 +86,7 @@ def expected_input(model: nn.Module) -> str | None:
         return None
     name, module = first
     kind = module_type(module)
-    for attribute in ("in_features", "in_channels", "num_embeddings", "input_size", "embed_dim", "in1_features"):
+    for attribute in INPUT_ATTRIBUTES:
         value = getattr(module, attribute, None)
         if isinstance(value, int):
             return f"the first layer {name} ({kind}) expects {attribute}={value}"
@@ -100,7 +102,7 @@ def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def _input_size(module: nn.Module) -> int | None:
-    for attribute in ("in_features", "in_channels", "num_embeddings", "input_size", "embed_dim", "in1_features"):
+    for attribute in INPUT_ATTRIBUTES:
         value = getattr(module, attribute, None)
         if isinstance(value, int) and next(module.parameters(recurse=False), None) is not None:
             return value
@@ -111,7 +113,7 @@ def _input_for(module: nn.Module, kind: str, generator: torch.Generator) -> torc
     batch_first = bool(getattr(module, "batch_first", False))
     if kind in ("Embedding", "EmbeddingBag"):
         return torch.randint(0, _int_attr(module, "num_embeddings"), (BATCH, SEQUENCE), generator=generator)
-    if kind in ("Linear", "Bilinear", "LazyLinear") and isinstance(getattr(module, "in_features", None), int):
+    if kind == "Linear":
         return torch.randn(BATCH, _int_attr(module, "in_features"), generator=generator)
     if kind.startswith("Conv") and kind[-2:] in ("1d", "2d", "3d"):
         spatial = (IMAGE,) * int(kind[-2])

@@ -37,13 +37,6 @@ class InitScale:
     xavier: float
     kaiming: float
 
-    @property
-    def closest(self) -> str:
-        """``xavier`` or ``kaiming``: which scale the weight's std is nearer to (in log space)."""
-        to_x = abs(math.log(self.std / self.xavier)) if self.std > 0 else math.inf
-        to_k = abs(math.log(self.std / self.kaiming)) if self.std > 0 else math.inf
-        return "xavier" if to_x <= to_k else "kaiming"
-
 
 @dataclass(frozen=True)
 class ModelTraits:

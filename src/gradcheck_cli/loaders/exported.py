@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,6 +16,7 @@ from torch import nn
 
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import CheckpointError, UntrustedCheckpointError, first_line
+from gradcheck_cli.factory import importable_from_cwd
 from gradcheck_cli.loaders.exported_scan import scan_archive
 from gradcheck_cli.loaders.loaded import LoadedModel
 
@@ -98,9 +97,7 @@ def _quiet_torch() -> Iterator[_CapturedErrors]:
 
 def _load_program(path: Path, *, trusted: bool) -> torch.export.ExportedProgram:
     if trusted:  # custom classes the pickles name live in the user's project, like `torch.load` of a module
-        cwd = os.getcwd()
-        if cwd not in sys.path:
-            sys.path.insert(0, cwd)
+        importable_from_cwd()
     with _quiet_torch() as captured:
         try:
             return torch.export.load(str(path))

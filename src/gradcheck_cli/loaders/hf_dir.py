@@ -219,6 +219,8 @@ def _read_config(path: Path, transformers: Any) -> Any:
 def _model_class(path: Path, config: Any, transformers: Any) -> type[nn.Module] | None:
     """The class ``config.architectures[0]`` names; None for 'the base model' (``AutoModel``)."""
     architectures = getattr(config, "architectures", None) or []
+    if isinstance(architectures, str):  # a hand-edited config.json: "architectures": "BertModel"
+        architectures = [architectures]
     if not architectures:
         return None
     name = str(architectures[0])

@@ -6,9 +6,7 @@ torch to unsafe loading); anything more (a pickled module, custom classes) needs
 
 from __future__ import annotations
 
-import os
 import pickle
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from gradcheck_cli.errors import CheckpointError, UntrustedCheckpointError, first_line
+from gradcheck_cli.factory import importable_from_cwd
 from gradcheck_cli.loaders.loaded import LoadedModel
 from gradcheck_cli.loaders.safety import unsafe_globals
 from gradcheck_cli.loaders.weights import is_state_dict, with_architecture
@@ -38,7 +37,7 @@ def read_torch_file(path: Path, *, trust: bool, what: str) -> Any:
     except pickle.UnpicklingError as exc:
         unsafe = unsafe_globals(path, exc)
         if not unsafe:
-            raise CheckpointError(f"{path} is not a readable PyTorch {what}: {first_line(exc)}") from None
+            raise CheckpointError(f"{path} is not a readable PyTorch {what}: {_reason(exc)}") from None
         if not trust:
             raise UntrustedCheckpointError(
                 f"{path} would import and run code when unpickled ({', '.join(unsafe)}); "
@@ -47,9 +46,7 @@ def read_torch_file(path: Path, *, trust: bool, what: str) -> Any:
             ) from None
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path} is not a readable PyTorch {what}: {first_line(exc)}") from None
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    importable_from_cwd()  # a pickled module's classes live in the user's project
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
@@ -59,6 +56,17 @@ def read_torch_file(path: Path, *, trust: bool, what: str) -> Any:
         ) from None
     except Exception as exc:
         raise CheckpointError(f"{path} could not be unpickled: {first_line(exc)}") from None
+
+
+def _reason(error: pickle.UnpicklingError) -> str:
+    """The weights-only unpickler's own reason, not torch's advice to retry with weights_only=False."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        after = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        detail = after[0].strip() if after and after[0].strip() else "unreadable pickle"
+        return f"{detail} (the file is damaged or not a torch file)"
+    reason = first_line(error)
+    return "the file is damaged or not a torch file" if reason.startswith("Weights only load failed") else reason
 
 
 def _interpret(content: Any, path: Path, model_spec: str | None) -> LoadedModel:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 from typing import Any
 
@@ -16,11 +15,6 @@ from gradcheck_cli.simulate.report import SimulationReport
 
 MAX_ROWS = 24
 """Deeper simulations show every k-th layer in the table (the chart and JSON show all)."""
-
-
-def render_simulation_json(report: SimulationReport) -> str:
-    """The JSON object of DESIGN.md §3 for ``simulate``."""
-    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"
 
 
 def render_simulation_text(report: SimulationReport, *, width: int = 110) -> str:

@@ -19,6 +19,11 @@ from gradcheck_cli.simulate.report import Estimate, SimLayer, SimulationReport, 
 INITS = ("normal", "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal")
 NORMS = ("batch", "layer")
 BATCH = 64
+MAX_WIDTH = 16_384
+MAX_DEPTH = 10_000
+MAX_SEEDS = 1_000
+MAX_SCALE = 1e6
+"""Bounds that keep σ_w² finite and a simulation within memory; beyond them the question is moot."""
 KAIMING_GAIN = {"linear": 1.0, "relu": math.sqrt(2.0), "leaky_relu": math.sqrt(2.0 / (1 + 0.01**2)),
                 "tanh": 5.0 / 3.0, "sigmoid": 1.0, "gelu": math.sqrt(2.0), "silu": math.sqrt(2.0),
                 "elu": math.sqrt(2.0)}  # fmt: skip
@@ -51,12 +56,15 @@ class NetworkSpec:
             raise GradcheckError(f"--init {self.init!r} is not one of: {', '.join(INITS)}")
         if self.norm is not None and self.norm not in NORMS:
             raise GradcheckError(f"--norm {self.norm!r} is not one of: {', '.join(NORMS)}")
-        if self.width < 1 or self.seeds < 1:
-            raise GradcheckError("--width and --seeds must be at least 1")
-        if not math.isfinite(self.weight_scale) or self.weight_scale <= 0:
-            raise GradcheckError(f"--weight-scale must be positive, got {self.weight_scale}")
-        if self.bias_std is not None and (not math.isfinite(self.bias_std) or self.bias_std < 0):
-            raise GradcheckError(f"--bias-std must be zero or positive, got {self.bias_std}")
+        if not (1 <= self.width <= MAX_WIDTH and 1 <= self.seeds <= MAX_SEEDS and self.depth <= MAX_DEPTH):
+            raise GradcheckError(
+                f"--width must be 1…{MAX_WIDTH}, --seeds 1…{MAX_SEEDS} and --depth at most {MAX_DEPTH} "
+                f"(got {self.width}, {self.seeds}, {self.depth})"
+            )
+        if not 0 < self.weight_scale <= MAX_SCALE:
+            raise GradcheckError(f"--weight-scale must be in (0, {MAX_SCALE:g}], got {self.weight_scale}")
+        if self.bias_std is not None and not 0 <= self.bias_std <= MAX_SCALE:
+            raise GradcheckError(f"--bias-std must be in [0, {MAX_SCALE:g}], got {self.bias_std}")
 
     @property
     def plain(self) -> bool:
@@ -323,7 +331,9 @@ def simulate_compare(spec: NetworkSpec) -> SimulationReport:
         ratio=baseline.monte_carlo.ratio,
         gain=baseline.monte_carlo.gain,
         verdict=verdict_of(baseline.monte_carlo.ratio),
-        layers=(),
+        layers=baseline.layers,
+        theory=baseline.theory,
+        monte_carlo=baseline.monte_carlo,
         spec=_spec_dict(spec),
         rows=tuple(ranked),
         notes=(
