@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gradcheck_cli.gain import stretch_gain
 from gradcheck_cli.probe import LayerMeasure, Norm, ProbeResult
 from gradcheck_cli.report import Finding, LayerStats, PathSummary, Problem, Severity
 from gradcheck_cli.traits import GATED_RECURRENT, PLAIN_RECURRENT
@@ -184,14 +185,7 @@ def _gain(points: list[_Point]) -> float | None:
     last = points[-1].value
     if not math.isfinite(last) or last == 0:
         return None
-    for k, point in enumerate(points[:-1]):
-        if point.value == math.inf:
-            return math.inf
-        if point.value > 0 and math.isfinite(point.value):
-            steps = len(points) - 1 - k
-            ratio = _ratio(point.value, last)
-            return None if ratio is None else ratio ** (1.0 / steps)
-    return 0.0
+    return stretch_gain([p.value / last for p in reversed(points[:-1])])
 
 
 def _attenuation(

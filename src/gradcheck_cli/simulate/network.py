@@ -12,6 +12,7 @@ from torch import nn
 
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import GradcheckError
+from gradcheck_cli.gain import stretch_gain
 from gradcheck_cli.probe import probe
 from gradcheck_cli.simulate.meanfield import ACTIVATIONS, mean_field
 from gradcheck_cli.simulate.report import Estimate, SimLayer, SimulationReport, depth_scale, verdict_of
@@ -205,7 +206,7 @@ def simulate_network(spec: NetworkSpec) -> SimulationReport:
     runs, mc_notes = monte_carlo(spec)
     notes += mc_notes
     medians = [statistics.median(run[k] for run in runs) for k in range(spec.depth)]
-    gains = [_gain(run) for run in runs]
+    gains = [stretch_gain(run) for run in runs]
     ratios = [run[-1] for run in runs]
     mc = Estimate(
         gain=statistics.median(gains),
@@ -254,17 +255,6 @@ def simulate_network(spec: NetworkSpec) -> SimulationReport:
         monte_carlo=mc,
         notes=tuple(notes),
     )
-
-
-def _gain(values: list[float]) -> float:
-    """Geometric mean per layer over the stretch where the gradient is non-zero (k counted from the output)."""
-    for k in range(len(values) - 1, -1, -1):
-        value = values[k]
-        if value > 0 and math.isfinite(value):
-            return float(value ** (1.0 / (k + 1)))
-        if value == math.inf:
-            return math.inf
-    return 0.0
 
 
 def _relative(measured: float, predicted: float) -> float:

@@ -46,6 +46,7 @@ from torch import nn
 
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import GradcheckError
+from gradcheck_cli.gain import stretch_gain
 from gradcheck_cli.probe import Norm, probe
 from gradcheck_cli.simulate.report import (
     EXPLODING_ABOVE,
@@ -260,19 +261,6 @@ def _trusted(norm: Norm | None, floor: float) -> float:
     if norm.max_abs < floor:
         return 0.0  # the sum of squares underflowed: the L2 norm is not reliable here
     return norm.l2
-
-
-def stretch_gain(values: list[float]) -> float:
-    """Geometric-mean factor per step, over the steps k = 1… whose value is finite and non-zero.
-
-    ``values[k − 1]`` is the gradient after k steps relative to the start (1 at k = 0). The last
-    usable k gives gain = value_k**(1/k); 0 when even k = 1 underflowed, inf when it overflowed.
-    """
-    for k in range(len(values), 0, -1):
-        value = values[k - 1]
-        if 0 < value < math.inf:
-            return float(value ** (1.0 / k))
-    return 0.0 if values and values[0] == 0 else math.inf
 
 
 def _median(column: list[float]) -> float:
