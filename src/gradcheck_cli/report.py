@@ -147,6 +147,45 @@ class RunInfo:
 
 
 @dataclass(frozen=True)
+class LayerMove:
+    """A layer whose gradient moved against the baseline by more than the tolerance."""
+
+    layer: str
+    before: float
+    after: float
+
+    @property
+    def orders(self) -> float:
+        """log10(after / before): negative when the gradient shrank."""
+        if self.before <= 0 or self.after <= 0:
+            return -math.inf if self.after < self.before else math.inf
+        return math.log10(self.after / self.before)
+
+
+@dataclass(frozen=True)
+class BaselineDiff:
+    """What changed against a stored baseline report (``--baseline``)."""
+
+    baseline: str
+    """Path of the baseline file."""
+    tolerance: float
+    """Allowed change of a layer's gradient, in orders of magnitude."""
+    new_findings: tuple[Finding, ...] = ()
+    """Findings not in the baseline (matched by code and layer): these fail the gate."""
+    fixed_findings: tuple[Finding, ...] = ()
+    """Baseline findings that are gone: improvements."""
+    worse_layers: tuple[LayerMove, ...] = ()
+    """Layers whose activation gradient moved away from the output's by more than the tolerance."""
+    better_layers: tuple[LayerMove, ...] = ()
+    """Layers whose gradient moved towards the output's by more than the tolerance."""
+
+    @property
+    def regressed(self) -> bool:
+        """Whether anything got worse: new findings or layers beyond the tolerance."""
+        return bool(self.new_findings or self.worse_layers)
+
+
+@dataclass(frozen=True)
 class Report:
     """Everything one ``inspect`` run found. Frozen: renderers only read it."""
 
@@ -158,6 +197,8 @@ class Report:
     notes: tuple[str, ...] = ()
     """Caveats about what could not be measured, in plain words."""
     thresholds: dict[str, float] = field(default_factory=dict)
+    baseline: BaselineDiff | None = None
+    """Set with ``--baseline``: the gate then fails only on regressions."""
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -186,18 +227,7 @@ class Report:
                 "status": "healthy" if self.healthy else "unhealthy",
                 "problems": [p.value for p in self.problems],
                 "layers": layers,
-                "findings": [
-                    {
-                        "code": f.code,
-                        "name": f.name,
-                        "severity": f.severity.value,
-                        "problem": f.problem.value if f.problem else None,
-                        "layer": f.layer,
-                        "message": f.message,
-                        "evidence": f.evidence,
-                    }
-                    for f in self.findings
-                ],
+                "findings": [_finding_dict(f) for f in self.findings],
                 "recommendations": [
                     {
                         "id": r.id,
@@ -213,9 +243,37 @@ class Report:
                 "run": asdict(self.run),
                 "notes": list(self.notes),
                 "thresholds": dict(self.thresholds),
+                "baseline": None if self.baseline is None else _baseline_dict(self.baseline),
             }
         )
         return safe
+
+
+def _finding_dict(f: Finding) -> dict[str, Any]:
+    return {
+        "code": f.code,
+        "name": f.name,
+        "severity": f.severity.value,
+        "problem": f.problem.value if f.problem else None,
+        "layer": f.layer,
+        "message": f.message,
+        "evidence": f.evidence,
+    }
+
+
+def _baseline_dict(diff: BaselineDiff) -> dict[str, Any]:
+    def moves(items: tuple[LayerMove, ...]) -> list[dict[str, Any]]:
+        return [{"layer": m.layer, "before": m.before, "after": m.after, "orders": m.orders} for m in items]
+
+    return {
+        "file": diff.baseline,
+        "tolerance_orders": diff.tolerance,
+        "regressed": diff.regressed,
+        "new_findings": [_finding_dict(f) for f in diff.new_findings],
+        "fixed_findings": [_finding_dict(f) for f in diff.fixed_findings],
+        "worse_layers": moves(diff.worse_layers),
+        "better_layers": moves(diff.better_layers),
+    }
 
 
 def json_safe(value: Any) -> Any:
