@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gradcheck_cli.errors import GradcheckError
-from gradcheck_cli.report import Problem, Report, Severity
+from gradcheck_cli.report import Finding, Problem, Report, Severity
 
 
 @dataclass(frozen=True)
@@ -21,13 +21,21 @@ class FailOn:
     problems: frozenset[Problem] = frozenset()
 
     def fails(self, report: Report) -> bool:
-        """Whether ``report`` holds a finding that fails the gate."""
-        for finding in report.findings:
-            if self.severity is not None and finding.severity.rank >= self.severity.rank:
-                return True
-            if finding.severity is Severity.ERROR and finding.problem in self.problems:
-                return True
-        return False
+        """Whether ``report`` holds a finding that fails the gate.
+
+        With a baseline, only what got worse counts: new findings, and layers whose gradient moved
+        beyond the tolerance (unless the gate is ``never``).
+        """
+        if report.baseline is None:
+            return any(self._fails_on(f) for f in report.findings)
+        if self.severity is None and not self.problems:
+            return False
+        return bool(report.baseline.worse_layers) or any(self._fails_on(f) for f in report.baseline.new_findings)
+
+    def _fails_on(self, finding: Finding) -> bool:
+        if self.severity is not None and finding.severity.rank >= self.severity.rank:
+            return True
+        return finding.severity is Severity.ERROR and finding.problem in self.problems
 
 
 FAIL_ON_CHOICES = ("error", "warning", "info", "never", *(p.value for p in Problem))

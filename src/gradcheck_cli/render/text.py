@@ -32,6 +32,8 @@ def text_report(report: Report) -> RenderableType:
         parts.append(_findings(report))
     if report.recommendations:
         parts.append(_recommendations(report))
+    if report.baseline is not None:
+        parts.append(_baseline(report))
     for note in report.notes:
         parts.append(Text(f"note: {note}", style="dim"))
     parts.append(_verdict(report))
@@ -174,6 +176,25 @@ def _recommendations(report: Report) -> Group:
         parts.append(Padding(Text(f"why: {rec.why}"), (0, 0, 0, 3)))
         parts.append(Padding(Text(rec.snippet, style="green"), (0, 0, 0, 3)))
     return Group(*parts)
+
+
+def _baseline(report: Report) -> Text:
+    diff = report.baseline
+    assert diff is not None
+    text = Text(f"against baseline {diff.baseline} (tolerance {diff.tolerance:g} orders of magnitude): ", style="bold")
+    text.append(
+        f"{len(diff.new_findings)} new finding(s), {len(diff.fixed_findings)} fixed, "
+        f"{len(diff.worse_layers)} layer(s) worse, {len(diff.better_layers)} better",
+        style="bold red" if diff.regressed else "bold green",
+    )
+    for finding in diff.new_findings:
+        text.append(f"\n  new    {finding.code} {finding.name}: {finding.layer or '(model)'}")
+    for finding in diff.fixed_findings:
+        text.append(f"\n  fixed  {finding.code} {finding.name}: {finding.layer or '(model)'}")
+    for label, moves in (("worse ", diff.worse_layers), ("better", diff.better_layers)):
+        for move in moves:
+            text.append(f"\n  {label} {move.layer}: {move.before:.2e} → {move.after:.2e} ({move.orders:+.1f} orders)")
+    return text
 
 
 def _verdict(report: Report) -> Text:

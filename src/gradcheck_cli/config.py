@@ -1,0 +1,106 @@
+"""``[tool.gradcheck]`` in ``pyproject.toml``: team defaults that command-line flags override."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradcheck_cli.errors import GradcheckError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+KEYS: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "input": (str,),
+    "format": (str, list),
+    "fail_on": (str, list),
+    "select": (str, list),
+    "ignore": (str, list),
+    "ignore_layers": (str, list),
+    "vanishing_below": (float, int),
+    "exploding_above": (float, int),
+    "tolerance": (float, int),
+    "baseline": (str,),
+    "seed": (int,),
+    "device": (str,),
+    "eval": (bool,),
+}
+"""Allowed keys and their TOML types. ``trust`` is deliberately absent: unpickling code is a per-run decision."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Values from ``[tool.gradcheck]`` (keys normalised to snake_case) and the file they came from."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The configured value, or ``default``."""
+        return self.values.get(key, default)
+
+    def strings(self, key: str) -> list[str]:
+        """A string-or-list key as a list of strings."""
+        value = self.values.get(key)
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else [str(v) for v in value]
+
+    def path(self, key: str) -> Path | None:
+        """A path key, relative to the config file's directory."""
+        value = self.values.get(key)
+        if value is None:
+            return None
+        path = Path(value)
+        return path if path.is_absolute() or self.source is None else self.source.parent / path
+
+
+def load_config(explicit: Path | None = None, start: Path | None = None) -> Config:
+    """``--config FILE``, else the first ``pyproject.toml`` with ``[tool.gradcheck]`` walking up from ``start``."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise GradcheckError(f"--config {explicit} not found")
+        return _read(explicit, required=True)
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            config = _read(candidate, required=False)
+            if config.values or config.source is not None:
+                return config
+    return Config()
+
+
+def _read(path: Path, *, required: bool) -> Config:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GradcheckError(f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise GradcheckError(f"{path} is not valid TOML: {exc}") from None
+    table = (
+        data.get("tool", {}).get("gradcheck")
+        if path.name == "pyproject.toml"
+        else data.get("tool", {}).get("gradcheck", data)
+    )
+    if table is None:
+        if required:
+            raise GradcheckError(f"{path} has no [tool.gradcheck] table")
+        return Config()
+    if not isinstance(table, dict):
+        raise GradcheckError(f"[tool.gradcheck] in {path} must be a table")
+    values: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        key = raw_key.replace("-", "_")
+        if key not in KEYS:
+            allowed = ", ".join(k.replace("_", "-") for k in KEYS)
+            raise GradcheckError(f"unknown key {raw_key!r} in [tool.gradcheck] of {path}; allowed: {allowed}")
+        if not isinstance(value, KEYS[key]) or (isinstance(value, bool) and bool not in KEYS[key]):
+            raise GradcheckError(f"[tool.gradcheck] {raw_key} in {path} has the wrong type ({type(value).__name__})")
+        values[key] = value
+    return Config(values=values, source=path)
