@@ -1,0 +1,121 @@
+"""The CI gate teams wire in: rule selection, baselines, pyproject configuration, several formats, --exit-zero.
+
+Real CLI runs in subprocesses (parallel per fixture), in a directory of their own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli_support import assert_one_line_error, run_many, show
+from gradcheck_cli.policy import RULE_CODES
+from gradcheck_cli.rules import RULES
+
+XAVIER = ["inspect", "--example", "relu-xavier"]
+KAIMING = ["inspect", "--example", "relu-kaiming"]
+
+
+def test_policy_knows_every_rule_code():
+    assert {rule.code for rule in RULES} == RULE_CODES
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("gate")
+    first = run_many({"baseline": [*KAIMING, "--write-baseline", "base.json"]}, cwd=work)
+    assert first["baseline"].returncode == 0, show(first["baseline"])
+    configured = work / "configured"
+    configured.mkdir()
+    (configured / "pyproject.toml").write_text('[tool.gradcheck]\nvanishing-below = 1e-9\nfail-on = ["error"]\n')
+    (configured / "sub").mkdir()
+    broken = work / "broken"
+    broken.mkdir()
+    (broken / "pyproject.toml").write_text("[tool.gradcheck]\nvanishing_blow = 1e-9\n")
+    (work / "strict.toml").write_text("[tool.gradcheck]\nignore = ['GC001']\n")
+    runs = run_many(
+        {
+            "plain": [*XAVIER, "-f", "json"],
+            "ignored": [*XAVIER, "--ignore", "GC001", "-f", "json"],
+            "selected": [*XAVIER, "--select", "GC002,GC003", "-f", "json"],
+            "ignored_layer": [*XAVIER, "--ignore-layer", "[0-9]*", "-f", "json"],
+            "bad_code": [*XAVIER, "--ignore", "GC999"],
+            "unchanged": [*KAIMING, "--baseline", "base.json", "-f", "json"],
+            "degraded": [*XAVIER, "--baseline", "base.json", "-f", "json"],
+            "degraded_loose": [*XAVIER, "--baseline", "base.json", "--tolerance", "20", "--fail-on", "never"],
+            "exit_zero": [*XAVIER, "--exit-zero"],
+            "several": [*XAVIER, "-f", "json", "-o", "r.json", "-f", "text", "-o", "r.txt", "-f", "markdown"],
+            "two_to_stdout": [*XAVIER, "-f", "json", "-f", "text"],
+            "bad_baseline": [*XAVIER, "--baseline", "strict.toml"],
+            "explicit_config": [*XAVIER, "--config", "strict.toml", "-f", "json"],
+        },
+        cwd=work,
+    )
+    runs.update(run_many({"configured": [*XAVIER, "-f", "json"], "override": [*XAVIER, "--vanishing-below", "1e-3"]},
+                         cwd=configured / "sub"))  # fmt: skip
+    runs.update(run_many({"broken": [*XAVIER]}, cwd=broken))
+    return {"dir": work, **runs}
+
+
+def report_of(proc: Any, code: int) -> dict[str, Any]:
+    assert proc.returncode == code, show(proc)
+    return json.loads(proc.stdout)
+
+
+def test_ignore_by_code_drops_the_finding_its_advice_and_passes_the_gate(runs):
+    assert report_of(runs["plain"], 1)["problems"] == ["vanishing"]
+    ignored = report_of(runs["ignored"], 0)
+    assert ignored["findings"] == [] and ignored["recommendations"] == []
+    assert any("left out" in note for note in ignored["notes"])
+    assert report_of(runs["selected"], 0)["problems"] == []
+
+
+def test_ignore_layer_pattern_drops_findings_about_matching_layers(runs):
+    report = report_of(runs["ignored_layer"], 0)
+    assert all(not layer["flags"] for layer in report["layers"])
+
+
+def test_unknown_rule_code_is_exit_2(runs):
+    assert_one_line_error(runs["bad_code"], "GC999", "no such rule code")
+
+
+def test_baseline_passes_unchanged_and_fails_degraded_with_the_diff_in_the_report(runs):
+    same = report_of(runs["unchanged"], 0)
+    assert same["baseline"]["regressed"] is False and same["baseline"]["new_findings"] == []
+    worse = report_of(runs["degraded"], 1)
+    diff = worse["baseline"]
+    assert diff["regressed"] is True
+    assert [f["code"] for f in diff["new_findings"]] == ["GC001"]
+    assert diff["worse_layers"] and all(move["orders"] < -1 for move in diff["worse_layers"])
+    assert runs["degraded_loose"].returncode == 0, show(runs["degraded_loose"])
+
+
+def test_baseline_that_is_not_a_report_is_exit_2(runs):
+    assert_one_line_error(runs["bad_baseline"], "strict.toml", "not a gradcheck JSON report")
+
+
+def test_exit_zero_is_advisory(runs):
+    assert runs["exit_zero"].returncode == 0
+    assert "unhealthy: vanishing" in runs["exit_zero"].stdout
+
+
+def test_several_formats_in_one_run(runs):
+    proc = runs["several"]
+    assert proc.returncode == 1, show(proc)
+    work: Path = runs["dir"]
+    assert json.loads((work / "r.json").read_text())["problems"] == ["vanishing"]
+    assert "GC001" in (work / "r.txt").read_text()
+    assert "GC001" in proc.stdout and "kaiming_init" in proc.stdout  # markdown on stdout
+    assert_one_line_error(runs["two_to_stdout"], "only one --format can go to stdout")
+
+
+def test_pyproject_configuration_changes_the_verdict_and_flags_override_it(runs):
+    configured = report_of(runs["configured"], 0)
+    assert configured["problems"] == [] and configured["thresholds"]["vanishing_attenuation"] == 1e-9
+    assert runs["override"].returncode == 1, show(runs["override"])
+    assert_one_line_error(runs["broken"], "unknown key 'vanishing_blow'", "vanishing-below")
+    explicit = report_of(runs["explicit_config"], 0)
+    assert explicit["findings"] == []
