@@ -11,9 +11,10 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from gradcheck_cli.api import check
+    from gradcheck_cli.pytest_plugin import assert_gradients_healthy
     from gradcheck_cli.report import Report
 
-__all__ = ["Report", "__version__", "check"]
+__all__ = ["Report", "__version__", "assert_gradients_healthy", "check"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,6 +22,10 @@ def __getattr__(name: str) -> Any:
         from gradcheck_cli.api import check
 
         return check
+    if name == "assert_gradients_healthy":
+        from gradcheck_cli.pytest_plugin import assert_gradients_healthy
+
+        return assert_gradients_healthy
     if name == "Report":
         from gradcheck_cli.report import Report
 

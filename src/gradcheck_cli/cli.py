@@ -6,6 +6,7 @@ so ``gradcheck --help`` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from contextlib import AbstractContextManager, nullcontext
@@ -41,10 +42,21 @@ app = typer.Typer(
 
 
 class OutputFormat(str, Enum):
-    """Report formats of ``inspect``."""
+    """Report formats of ``simulate``."""
 
     text = "text"
     json = "json"
+
+
+class ReportFormat(str, Enum):
+    """Report formats of ``inspect``: the terminal, JSON, and what CI systems read."""
+
+    text = "text"
+    json = "json"
+    junit = "junit"
+    sarif = "sarif"
+    github = "github"
+    markdown = "markdown"
 
 
 def _version(value: bool) -> None:
@@ -96,9 +108,14 @@ def inspect(
     trust: Annotated[
         bool, typer.Option("--trust", help="Allow unpickling code from the checkpoint (only for files you trust).")
     ] = False,
-    output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Report format.")] = OutputFormat.text,
+    output_format: Annotated[
+        list[ReportFormat] | None,
+        typer.Option(
+            "--format", "-f", help="Report format (repeatable: each --format takes the --output at its position)."
+        ),
+    ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")
+        list[Path] | None, typer.Option("--output", "-o", help="Write the report to this file (repeatable).")
     ] = None,
     fail_on: Annotated[
         list[str] | None,
@@ -108,6 +125,26 @@ def inspect(
             "non_finite (repeatable, comma-separated).",
         ),
     ] = None,
+    exit_zero: Annotated[
+        bool, typer.Option("--exit-zero", help="Advisory run: exit 0 even when problems are found.")
+    ] = False,
+    select: Annotated[list[str] | None, typer.Option("--select", help="Only these rule codes (GC001,...).")] = None,
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Leave out these rule codes.")] = None,
+    ignore_layer: Annotated[
+        list[str] | None, typer.Option("--ignore-layer", help="Leave out findings about layers matching PATTERN.")
+    ] = None,
+    baseline: Annotated[
+        Path | None, typer.Option("--baseline", help="Fail only on what got worse than this stored report.")
+    ] = None,
+    write_baseline: Annotated[
+        Path | None, typer.Option("--write-baseline", help="Store this run's report as a baseline.")
+    ] = None,
+    tolerance: Annotated[
+        float | None, typer.Option(help="With --baseline: allowed change per layer, in orders of magnitude (1).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Read settings from this file instead of pyproject.toml.")
+    ] = None,
     input_shape: Annotated[
         str | None,
         typer.Option("--input-shape", help="No batch file: a random batch of this shape, e.g. 8,3,32,32."),
@@ -116,28 +153,46 @@ def inspect(
         str | None, typer.Option("--input-dtype", help="dtype for --input-shape: float32 (default), int64, ...")
     ] = None,
     seed: Annotated[
-        int, typer.Option(min=0, max=2**32 - 1, help="Seed for dropout and the random-projection loss.")
-    ] = 0,
+        int | None, typer.Option(min=0, max=2**32 - 1, help="Seed for dropout and the random-projection loss (0).")
+    ] = None,
     eval_mode: Annotated[bool, typer.Option("--eval", help="Probe in eval mode (default: train mode).")] = False,
     unfreeze: Annotated[
         bool, typer.Option("--unfreeze", help="Measure a model whose parameters are all frozen (requires_grad=False).")
     ] = False,
-    device: Annotated[str, typer.Option(help="Device to run on: cpu, cuda, cuda:N.")] = "cpu",
+    device: Annotated[str | None, typer.Option(help="Device to run on: cpu (default), cuda, cuda:N.")] = None,
     vanishing_below: Annotated[
-        float, typer.Option(help="Flag vanishing when the input-end gradient is below this fraction of the output's.")
-    ] = 1e-3,
+        float | None,
+        typer.Option(help="Flag vanishing when the input-end gradient is below this fraction of the output's (1e-3)."),
+    ] = None,
     exploding_above: Annotated[
-        float, typer.Option(help="Flag exploding when the input-end gradient is above this multiple of the output's.")
-    ] = 1e3,
+        float | None,
+        typer.Option(help="Flag exploding when the input-end gradient is above this multiple of the output's (1e3)."),
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an input error (exit 2).")] = False,
 ) -> None:
     """Probe a model with one forward and backward pass and report per-layer gradient health."""
+    from gradcheck_cli.config import load_config
     from gradcheck_cli.gate import parse_fail_on
+    from gradcheck_cli.policy import Policy
 
-    gate = parse_fail_on(fail_on or [])
     if example == "list":
         _print_examples()
         raise typer.Exit(ExitCode.OK)
+    settings = load_config(config)
+    model = model if model is not None else settings.get("model")
+    if batch is None and input_shape is None and example is None:
+        batch = settings.path("input")
+    baseline = baseline if baseline is not None else settings.path("baseline")
+    formats = (
+        output_format or [ReportFormat(f) for f in _valid_formats(settings.strings("format"))] or [ReportFormat.text]
+    )
+    gate = parse_fail_on(fail_on or settings.strings("fail_on"))
+    policy = Policy.build(
+        select or settings.strings("select"), ignore or settings.strings("ignore"),
+        ignore_layer or settings.strings("ignore_layers"),
+    )  # fmt: skip
+    vanishing = vanishing_below if vanishing_below is not None else float(settings.get("vanishing_below", 1e-3))
+    exploding = exploding_above if exploding_above is not None else float(settings.get("exploding_above", 1e3))
     if (checkpoint is None) == (example is None):
         raise GradcheckError(
             "give either a CHECKPOINT or --example NAME (try: gradcheck inspect --example deep-sigmoid)"
@@ -148,12 +203,14 @@ def inspect(
         ]
         if given:
             raise GradcheckError(f"--example brings its own model and batch; drop {', '.join(given)}")
-    _refuse_overwriting(output, checkpoint, batch)
-    if not (0 < vanishing_below < 1 < exploding_above):
+    destinations = _destinations(formats, output or [])
+    for path in (*[d for d in destinations if d is not None], write_baseline):
+        _refuse_overwriting(path, checkpoint, batch, baseline)
+    if not (0 < vanishing < 1 < exploding):
         raise GradcheckError("thresholds must satisfy 0 < --vanishing-below < 1 < --exploding-above")
-
     if input_shape is not None and batch is not None:
         raise GradcheckError("give either --input or --input-shape, not both")
+
     with _status("probing gradients…"):
         from gradcheck_cli.pipeline import InspectRequest, run_inspect
         from gradcheck_cli.rules import Thresholds
@@ -166,17 +223,47 @@ def inspect(
                 batch=batch,
                 model_spec=model,
                 trust=trust,
-                seed=seed,
-                train=not eval_mode,
+                seed=seed if seed is not None else int(settings.get("seed", 0)),
+                train=not (eval_mode or bool(settings.get("eval", False))),
                 unfreeze=unfreeze,
-                device=device,
+                device=device or str(settings.get("device", "cpu")),
                 input_shape=None if input_shape is None else parse_shape(input_shape),
                 input_dtype=input_dtype,
-                thresholds=Thresholds(vanishing=vanishing_below, exploding=exploding_above),
+                thresholds=Thresholds(vanishing=vanishing, exploding=exploding),
             )
         )
-    _emit(report, output_format, output)
-    raise typer.Exit(ExitCode.PROBLEMS if gate.fails(report) else ExitCode.OK)
+    report = policy.apply(report)
+    if baseline is not None:
+        from gradcheck_cli.baseline import DEFAULT_TOLERANCE, compare
+
+        allowed = tolerance if tolerance is not None else float(settings.get("tolerance", DEFAULT_TOLERANCE))
+        report = compare(report, baseline, allowed)
+    if write_baseline is not None:
+        from gradcheck_cli.baseline import write_baseline as store
+
+        store(report, write_baseline)
+    for kind, destination in zip(formats, destinations, strict=True):
+        _emit(report, kind, destination)
+    failed = gate.fails(report) and not exit_zero
+    raise typer.Exit(ExitCode.PROBLEMS if failed else ExitCode.OK)
+
+
+def _valid_formats(names: list[str]) -> list[str]:
+    choices = {f.value for f in ReportFormat}
+    for name in names:
+        if name not in choices:
+            raise GradcheckError(f"format {name!r} in [tool.gradcheck] is not one of: {', '.join(sorted(choices))}")
+    return names
+
+
+def _destinations(formats: list[ReportFormat], outputs: list[Path]) -> list[Path | None]:
+    """Each format's --output (by position), None for stdout; at most one format may go to stdout."""
+    if len(outputs) > len(formats):
+        raise GradcheckError(f"{len(outputs)} --output for {len(formats)} --format; give one --format per --output")
+    destinations: list[Path | None] = [*outputs, *[None] * (len(formats) - len(outputs))]
+    if destinations.count(None) > 1:
+        raise GradcheckError("only one --format can go to stdout; give the others an --output FILE")
+    return destinations
 
 
 @app.command(epilog="Chain mode (--factor) imports no torch and answers instantly.")
@@ -281,22 +368,52 @@ def _refuse_overwriting(output: Path | None, *inputs: Path | None) -> None:
             raise GradcheckError(f"--output {output} is one of the input files; write the report somewhere else")
 
 
-def _emit(report: Any, output_format: OutputFormat, output: Path | None) -> None:
-    from gradcheck_cli.render.json import render_json
-    from gradcheck_cli.render.text import render_text, text_report
+def _emit(report: Any, kind: ReportFormat, output: Path | None) -> None:
+    """Render one format to its destination; GitHub output also appends the step summary when CI sets one."""
+    if kind is ReportFormat.text and output is None:
+        from gradcheck_cli.render.text import text_report
 
-    if output_format is OutputFormat.json:
-        rendered = render_json(report)
-    elif output is not None:
-        rendered = render_text(report)
-    else:
         Console(highlight=False, soft_wrap=False).print(text_report(report))
         return
-    _write(rendered, output)
-    if output is None:
-        return
-    verdict = "healthy" if report.healthy else "unhealthy: " + ", ".join(p.value for p in report.problems)
-    Console(stderr=True, highlight=False).print(f"gradcheck: {verdict}; report written to {output}")
+    _write(_render(report, kind), output)
+    if kind is ReportFormat.github and os.environ.get("GITHUB_STEP_SUMMARY"):
+        from gradcheck_cli.render.github import render_step_summary
+
+        summary = Path(os.environ["GITHUB_STEP_SUMMARY"])
+        try:
+            with summary.open("a", encoding="utf-8") as handle:
+                handle.write(render_step_summary(report))
+        except OSError as exc:
+            raise GradcheckError(f"cannot append to $GITHUB_STEP_SUMMARY {summary}: {exc.strerror or exc}") from None
+    if output is not None:
+        verdict = "healthy" if report.healthy else "unhealthy: " + ", ".join(p.value for p in report.problems)
+        Console(stderr=True, highlight=False).print(f"gradcheck: {verdict}; {kind.value} report written to {output}")
+
+
+def _render(report: Any, kind: ReportFormat) -> str:
+    if kind is ReportFormat.json:
+        from gradcheck_cli.render.json import render_json
+
+        return render_json(report)
+    if kind is ReportFormat.junit:
+        from gradcheck_cli.render.junit import render_junit
+
+        return render_junit(report)
+    if kind is ReportFormat.sarif:
+        from gradcheck_cli.render.sarif import render_sarif
+
+        return render_sarif(report)
+    if kind is ReportFormat.github:
+        from gradcheck_cli.render.github import render_github
+
+        return render_github(report)
+    if kind is ReportFormat.markdown:
+        from gradcheck_cli.render.markdown import render_markdown
+
+        return render_markdown(report)
+    from gradcheck_cli.render.text import render_text
+
+    return render_text(report)
 
 
 def _print_examples() -> None:

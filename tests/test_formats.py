@@ -1,0 +1,405 @@
+"""CI report formats: golden files for every renderer, schema validation, JUnit structure, GitHub escaping.
+
+Golden files live in tests/golden/; rewrite them with ``GRADCHECK_UPDATE_GOLDEN=1 pytest tests/test_formats.py``
+and review the diff. Versions are masked and decimal numbers are stored with four significant digits. The
+comparison wants the text between numbers to be identical and each number to agree within two units of its
+last printed digit, so float noise from another CPU or BLAS (a norm at 22.49999 rounding either way) passes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from gradcheck_cli.api import check
+from gradcheck_cli.examples import EXAMPLES
+from gradcheck_cli.render.github import command, escape_data, escape_property, render_github, render_step_summary
+from gradcheck_cli.render.json import render_json
+from gradcheck_cli.render.junit import render_junit
+from gradcheck_cli.render.markdown import MAX_FLAGGED_ROWS, WORST_ROWS, render_markdown
+from gradcheck_cli.render.sarif import RULE_TEXT, fingerprint, render_sarif
+from gradcheck_cli.report import BaselineDiff, Finding, LayerMove, Problem, Report, Severity
+from gradcheck_cli.rules import RULES
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden"
+REPORT_SCHEMA = HERE.parent / "docs" / "report.schema.json"
+SARIF_SCHEMA = HERE / "schemas" / "sarif-schema-2.1.0.json"
+UPDATE = os.environ.get("GRADCHECK_UPDATE_GOLDEN") == "1"
+
+EXAMPLE_CASES = ("relu-xavier", "relu-kaiming", "nan-weight")
+CASES = (*EXAMPLE_CASES, "baseline")
+RENDERERS: dict[str, tuple[Callable[[Report], str], str]] = {
+    "json": (render_json, "json"),
+    "junit": (render_junit, "junit.xml"),
+    "sarif": (render_sarif, "sarif"),
+    "github": (render_github, "github.txt"),
+    "markdown": (render_markdown, "md"),
+}
+BASELINE_FILE = "baselines/gradcheck.json"
+
+_DECIMAL = re.compile(r"((?<![\w.])(?<!version=\")-?\d+(?:\.\d+(?:[eE][-+]?\d+)?|[eE][-+]?\d+)(?![\w.]))")
+
+
+def _example(name: str) -> Report:
+    model, batch = EXAMPLES[name].build(0)
+    return check(model, batch, source=f"example:{name}", checkpoint_kind="example", batch_source=f"example:{name}")
+
+
+def _with_baseline(report: Report) -> Report:
+    """The relu-xavier report as a run against a baseline: one new error, a known warning, info, a fixed error."""
+    vanishing = report.findings[0]
+    gated = Finding(
+        "GC008",
+        "vanishing-through-time",
+        Severity.WARNING,
+        Problem.VANISHING,
+        "56",
+        "in 56 (LSTM) the gradient reaching the first time step is 3.2e-12 of that at the last, over 200 steps",
+        {"attenuation": 3.2e-12, "steps": 200, "recurrent": "LSTM"},
+    )
+    unused = Finding(
+        "GC007",
+        "unused-layer",
+        Severity.INFO,
+        None,
+        "head.extra",
+        "1 module(s) with parameters never ran in the forward pass (first: head.extra)",
+        {"layers": ["head.extra"]},
+    )
+    whole = Finding(
+        "GC006",
+        "parameter-gradients-only",
+        Severity.INFO,
+        None,
+        None,
+        "module hooks cannot fire here, so only parameter gradients were measured",
+        {},
+    )
+    fixed = Finding(
+        "GC002",
+        "exploding-gradient",
+        Severity.ERROR,
+        Problem.EXPLODING,
+        "0",
+        "the gradient grows 2.1e+04× from the output (98) to the input end (0) over 50 calls",
+        {"attenuation": 2.1e4},
+    )
+    diff = BaselineDiff(
+        baseline=BASELINE_FILE,
+        tolerance=1.0,
+        new_findings=(vanishing, gated),
+        fixed_findings=(fixed,),
+        worse_layers=(LayerMove("56", 1.2e-2, 9.8e-4),),
+        better_layers=(LayerMove("98", 0.5, 1.0),),
+    )
+    return replace(
+        report,
+        run=replace(report.run, source="checkpoints/model v2.pt", checkpoint_kind="state_dict"),
+        findings=(vanishing, gated, unused, whole),
+        notes=("the batch was inferred: 100% synthetic, shape (64, 256)",),
+        baseline=diff,
+    )
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict[str, Report]:
+    out = {name: _example(name) for name in EXAMPLE_CASES}
+    out["baseline"] = _with_baseline(out["relu-xavier"])
+    return out
+
+
+def _masked(report: Report) -> Report:
+    """The report without what depends on the machine it ran on (versions)."""
+    return replace(report, run=replace(report.run, gradcheck_version="<gradcheck>", torch_version="<torch>"))
+
+
+def _rounded(text: str) -> str:
+    """Every decimal number with four significant digits (integers and versions like 2.1.0 kept)."""
+    return _DECIMAL.sub(lambda m: _four_digits(float(m.group())), text)
+
+
+def _four_digits(value: float) -> str:
+    text = format(value, ".4g")
+    return text if "." in text or "e" in text else text + ".0"
+
+
+def _last_digit(number: str) -> float:
+    """The value of one unit in the last printed digit: 0.01 for ``22.49``, 1e-06 for ``1.2e-05``."""
+    mantissa, _, exponent = number.lower().partition("e")
+    return 10.0 ** (int(exponent or 0) - len(mantissa.partition(".")[2]))
+
+
+def _difference(expected: str, actual: str) -> str | None:
+    """Where ``actual`` differs from ``expected`` beyond float noise, or None."""
+    want, got = _DECIMAL.split(expected), _DECIMAL.split(actual)
+    if len(want) != len(got) or want[::2] != got[::2]:
+        diff = difflib.unified_diff(expected.splitlines(), actual.splitlines(), "golden", "now", lineterm="", n=1)
+        return "\n".join(list(diff)[:40])
+    for a, b in zip(want[1::2], got[1::2], strict=True):
+        x, y = float(a), float(b)
+        if not math.isclose(x, y, rel_tol=1e-9, abs_tol=2.001 * max(_last_digit(a), _last_digit(b))):
+            return f"number {a} is now {b}"
+    return None
+
+
+def _compare_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE:
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return
+    assert path.exists(), f"no golden file {path}; create it with GRADCHECK_UPDATE_GOLDEN=1"
+    difference = _difference(path.read_text(encoding="utf-8"), text)
+    assert difference is None, (
+        f"{name} differs from its golden file (GRADCHECK_UPDATE_GOLDEN=1 if intended):\n{difference}"
+    )
+
+
+@pytest.mark.parametrize("fmt", list(RENDERERS))
+@pytest.mark.parametrize("case", CASES)
+def test_output_matches_golden_file(reports: dict[str, Report], case: str, fmt: str) -> None:
+    render, suffix = RENDERERS[fmt]
+    _compare_golden(f"{case}.{suffix}", _rounded(render(_masked(reports[case]))))
+
+
+def test_reports_are_deterministic_run_to_run(reports: dict[str, Report]) -> None:
+    assert render_json(_example("relu-xavier")) == render_json(reports["relu-xavier"])
+
+
+def test_rounding_keeps_versions_and_integers() -> None:
+    text = '<?xml version="1.0"?> "2.1.0" GC001 layer 56 0.7123456 5.8808863e-08 1e-3'
+    assert _rounded(text) == '<?xml version="1.0"?> "2.1.0" GC001 layer 56 0.7123 5.881e-08 0.001'
+    assert _rounded("1000.0 999.99999") == "1000.0 1000.0"
+
+
+def test_golden_comparison_tolerates_float_noise_only() -> None:
+    assert _difference('"weight_norm": 22.5, 1.2e-05', '"weight_norm": 22.49, 1.3e-05') is None
+    assert _difference("gain 0.71 per layer", "gain 0.75 per layer") == "number 0.71 is now 0.75"
+    assert _difference("layer 56 flagged", "layer 57 flagged") is not None
+
+
+# JSON
+
+
+def _validator(schema_path: Path, draft: str):  # type: ignore[no-untyped-def]
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(schema_path.read_text(encoding="utf-8"))
+    cls = getattr(jsonschema, draft)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_json_matches_published_schema(reports: dict[str, Report], case: str) -> None:
+    validator = _validator(REPORT_SCHEMA, "Draft202012Validator")
+    errors = [e.message for e in validator.iter_errors(json.loads(render_json(reports[case])))]
+    assert not errors
+
+
+def test_json_schema_rejects_what_breaks_the_contract(reports: dict[str, Report]) -> None:
+    validator = _validator(REPORT_SCHEMA, "Draft202012Validator")
+    good = json.loads(render_json(reports["nan-weight"]))
+    assert validator.is_valid(good)
+    assert validator.is_valid({**good, "added_later": {"any": "thing"}})
+    broken = [
+        {k: v for k, v in good.items() if k != "findings"},
+        {**good, "status": "ok"},
+        {**good, "status": "healthy"},
+        {**good, "problems": ["vanished"]},
+        {**good, "layers": [{**good["layers"][0], "grad_norm": "NaN"}]},
+        {**good, "findings": [{**good["findings"][0], "severity": "fatal"}]},
+    ]
+    assert not any(validator.is_valid(doc) for doc in broken)
+
+
+# SARIF
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sarif_validates_against_the_official_schema(reports: dict[str, Report], case: str) -> None:
+    validator = _validator(SARIF_SCHEMA, "Draft4Validator")
+    log = json.loads(render_sarif(reports[case]))
+    assert not [e.message for e in validator.iter_errors(log)]
+    driver = log["runs"][0]["tool"]["driver"]
+    assert [rule["id"] for rule in driver["rules"]] == [rule.code for rule in RULES]
+    for uri in [driver["informationUri"], *(rule["helpUri"] for rule in driver["rules"])]:
+        assert urlparse(uri).scheme == "https" and urlparse(uri).netloc
+
+
+def test_every_rule_has_sarif_metadata() -> None:
+    assert set(RULE_TEXT) == {rule.code for rule in RULES}
+    assert {text.level for text in RULE_TEXT.values()} <= {"error", "warning", "note"}
+
+
+def test_sarif_results_carry_levels_locations_and_baseline_state(reports: dict[str, Report]) -> None:
+    run = json.loads(render_sarif(reports["baseline"]))["runs"][0]
+    results = {(r["ruleId"], r["level"]): r for r in run["results"]}
+    assert set(results) == {("GC001", "error"), ("GC008", "warning"), ("GC007", "note"), ("GC006", "note")}
+    assert run["artifacts"][0]["location"]["uri"] == "checkpoints/model%20v2.pt"
+    first = results[("GC001", "error")]
+    location = first["locations"][0]
+    assert location["physicalLocation"]["artifactLocation"] == {"uri": "checkpoints/model%20v2.pt", "index": 0}
+    assert location["logicalLocations"][0]["name"] == "56"
+    assert "logicalLocations" not in results[("GC006", "note")]["locations"][0]
+    assert first["ruleIndex"] == 0
+    states = {r["ruleId"]: r["baselineState"] for r in run["results"]}
+    assert states == {"GC001": "new", "GC008": "new", "GC007": "unchanged", "GC006": "unchanged"}
+    assert run["properties"]["baseline"]["fixed_findings"][0]["ruleId"] == "GC002"
+
+
+def test_sarif_fingerprint_depends_on_code_and_layer_not_numbers(reports: dict[str, Report]) -> None:
+    finding = reports["relu-xavier"].findings[0]
+    other_run = replace(finding, message=finding.message.replace("5.88e-08", "6.1e-08"), evidence={"gain": 0.7})
+    assert fingerprint(other_run) == fingerprint(finding)
+    assert fingerprint(replace(finding, layer="54")) != fingerprint(finding)
+    assert fingerprint(replace(finding, code="GC002")) != fingerprint(finding)
+    rerun = json.loads(render_sarif(_example("relu-xavier")))["runs"][0]["results"][0]
+    assert rerun["partialFingerprints"] == {"gradcheckFinding/v1": fingerprint(finding)}
+
+
+# JUnit
+
+
+def _suites(report: Report) -> dict[str, ET.Element]:
+    root = ET.fromstring(render_junit(report))
+    assert root.tag == "testsuites"
+    return {suite.get("name", ""): suite for suite in root.findall("testsuite")}
+
+
+def test_junit_has_one_testcase_per_rule_and_counts_failures(reports: dict[str, Report]) -> None:
+    suite = _suites(reports["nan-weight"])["gradcheck"]
+    cases = suite.findall("testcase")
+    assert [case.get("name") for case in cases] == [f"{rule.code} {rule.name}" for rule in RULES]
+    failed = {case.get("name", "").split()[0] for case in cases if case.find("failure") is not None}
+    assert failed == {"GC003", "GC004"}
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors"), suite.get("skipped")) == (
+        "9",
+        "2",
+        "0",
+        "0",
+    )
+
+
+def test_junit_healthy_report_passes_every_testcase(reports: dict[str, Report]) -> None:
+    root = ET.fromstring(render_junit(reports["relu-kaiming"]))
+    assert (root.get("tests"), root.get("failures")) == ("9", "0")
+    assert root.find(".//failure") is None
+    assert [s.get("name") for s in root.findall("testsuite")] == ["gradcheck"]
+
+
+def test_junit_info_findings_go_to_system_out_and_baseline_gets_its_suite(reports: dict[str, Report]) -> None:
+    root = ET.fromstring(render_junit(reports["baseline"]))
+    suites = {suite.get("name"): suite for suite in root.findall("testsuite")}
+    cases = {case.get("name", "").split()[0]: case for case in suites["gradcheck"].findall("testcase")}
+    assert cases["GC007"].find("failure") is None
+    assert "head.extra" in (cases["GC007"].findtext("system-out") or "")
+    assert cases["GC006"].find("failure") is None
+    failure = cases["GC008"].find("failure")
+    assert failure is not None and failure.get("type") == "warning"
+    assert "new since the baseline" in (failure.text or "")
+    assert suites["gradcheck"].get("failures") == "2"
+    baseline = suites["gradcheck.baseline"]
+    assert (baseline.get("tests"), baseline.get("failures")) == ("2", "2")
+    assert (root.get("tests"), root.get("failures")) == ("11", "4")
+    new, worse = (case.findtext("failure") or "" for case in baseline.findall("testcase"))
+    assert "GC001" in new and "GC008" in new
+    assert "layer 56" in worse
+
+
+def test_junit_one_failure_per_finding_of_a_rule(reports: dict[str, Report]) -> None:
+    report = reports["relu-xavier"]
+    first = report.findings[0]
+    twice = replace(report, findings=(first, replace(first, layer="54")))
+    case = _suites(twice)["gradcheck"].find("testcase")
+    assert case is not None and len(case.findall("failure")) == 2
+    assert _suites(twice)["gradcheck"].get("failures") == "1"
+
+
+# GitHub
+
+
+def test_github_escapes_data_and_properties() -> None:
+    assert escape_data("100% done\r\nnext: a, b") == "100%25 done%0D%0Anext: a, b"
+    assert escape_property("100% done\r\nnext: a, b") == "100%25 done%0D%0Anext%3A a%2C b"
+    assert command("error", "a\nb", title="x: y, z") == "::error title=x%3A y%2C z::a%0Ab"
+
+
+def test_github_commands_escape_finding_text(reports: dict[str, Report]) -> None:
+    odd = Finding(
+        "GC001",
+        "odd: name, really",
+        Severity.ERROR,
+        Problem.VANISHING,
+        "enc",
+        "50% of the gradient is lost\nper layer: 0.5, then 0.25",
+        {},
+    )
+    text = render_github(replace(reports["relu-kaiming"], findings=(odd,)))
+    assert text.splitlines()[0] == (
+        "::error title=GC001 odd%3A name%2C really::"
+        "50%25 of the gradient is lost%0Aper layer: 0.5, then 0.25 (layer enc)"
+    )
+
+
+def test_github_severities_become_error_warning_notice(reports: dict[str, Report]) -> None:
+    lines = render_github(reports["baseline"]).splitlines()
+    assert any(line.startswith("::error title=GC001 vanishing-gradient::new since the baseline: ") for line in lines)
+    assert any(line.startswith("::warning title=GC008 vanishing-through-time::") for line in lines)
+    assert any(line.startswith("::notice title=GC007 unused-layer::") for line in lines)
+    assert any(line.startswith("::error title=gradcheck baseline%3A worse layer::layer 56") for line in lines)
+    assert any(line.startswith("::notice title=GC002 exploding-gradient (fixed)::") for line in lines)
+    commands = [line for line in lines if line.lstrip().startswith("::")]
+    known = ("::error ", "::warning ", "::notice ", "::group::", "::endgroup::")
+    assert all(line.startswith(known) for line in commands)
+
+
+def test_step_summary_is_the_markdown_report(reports: dict[str, Report]) -> None:
+    assert render_step_summary(reports["baseline"]) == render_markdown(reports["baseline"])
+
+
+# Markdown
+
+
+def test_markdown_shows_the_worst_layers_when_none_is_flagged(reports: dict[str, Report]) -> None:
+    text = render_markdown(reports["relu-kaiming"])
+    assert "✅ healthy" in text
+    section = text.split("### Layers furthest from the output's gradient")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) == WORST_ROWS
+
+
+def test_markdown_caps_the_flagged_table(reports: dict[str, Report]) -> None:
+    report = reports["relu-xavier"]
+    flagged = replace(report, layers=tuple(replace(layer, flags=("vanishing",)) for layer in report.layers))
+    text = render_markdown(flagged)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) == MAX_FLAGGED_ROWS
+    assert f"… and {len(report.layers) - MAX_FLAGGED_ROWS} more flagged layers" in text
+
+
+def test_markdown_fences_snippets_that_contain_backticks(reports: dict[str, Report]) -> None:
+    report = reports["nan-weight"]
+    rec = replace(report.recommendations[0], snippet='doc = """\n```\n"""')
+    text = render_markdown(replace(report, recommendations=(rec,)))
+    assert "   ````python\n" in text
+
+
+@pytest.mark.parametrize("fmt", list(RENDERERS))
+def test_baseline_diff_is_shown_in_every_format(reports: dict[str, Report], fmt: str) -> None:
+    render, _ = RENDERERS[fmt]
+    text = render(reports["baseline"])
+    assert BASELINE_FILE in text
+    assert "56" in text and "98" in text
+    plain = render(reports["relu-xavier"])
+    assert BASELINE_FILE not in plain
