@@ -119,3 +119,21 @@ def test_pyproject_configuration_changes_the_verdict_and_flags_override_it(runs)
     assert_one_line_error(runs["broken"], "unknown key 'vanishing_blow'", "vanishing-below")
     explicit = report_of(runs["explicit_config"], 0)
     assert explicit["findings"] == []
+
+
+def test_github_format_prints_workflow_commands_and_appends_the_step_summary(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradcheck_cli", *XAVIER, "--format", "github"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, show(proc)
+    assert proc.stdout.startswith("::error title=GC001 vanishing-gradient")
+    text = summary.read_text()
+    assert text.startswith("earlier step\n") and "GC001" in text and "kaiming_init" in text
