@@ -154,6 +154,10 @@ class LayerMove:
     before: float
     after: float
 
+    def as_dict(self) -> dict[str, Any]:
+        """The move as a JSON object (``layer``, ``before``, ``after``, ``orders``)."""
+        return {"layer": self.layer, "before": self.before, "after": self.after, "orders": self.orders}
+
     @property
     def orders(self) -> float:
         """log10(after / before): negative when the gradient shrank."""
@@ -262,17 +266,14 @@ def _finding_dict(f: Finding) -> dict[str, Any]:
 
 
 def _baseline_dict(diff: BaselineDiff) -> dict[str, Any]:
-    def moves(items: tuple[LayerMove, ...]) -> list[dict[str, Any]]:
-        return [{"layer": m.layer, "before": m.before, "after": m.after, "orders": m.orders} for m in items]
-
     return {
         "file": diff.baseline,
         "tolerance_orders": diff.tolerance,
         "regressed": diff.regressed,
         "new_findings": [_finding_dict(f) for f in diff.new_findings],
         "fixed_findings": [_finding_dict(f) for f in diff.fixed_findings],
-        "worse_layers": moves(diff.worse_layers),
-        "better_layers": moves(diff.better_layers),
+        "worse_layers": [m.as_dict() for m in diff.worse_layers],
+        "better_layers": [m.as_dict() for m in diff.better_layers],
     }
 
 

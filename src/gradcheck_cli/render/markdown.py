@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+from gradcheck_cli.render.numbers import count
 from gradcheck_cli.report import BaselineDiff, Finding, LayerMove, LayerStats, Report, Severity
 
 MAX_FLAGGED_ROWS = 30
@@ -86,19 +87,12 @@ def _verdict(report: Report) -> str:
 def _run(report: Report) -> str:
     run = report.run
     return (
-        f"**{_escape(run.model_type)}** ({_count(run.parameters)} parameters) from {_code(run.source)} "
+        f"**{_escape(run.model_type)}** ({count(run.parameters)} parameters) from {_code(run.source)} "
         f"[{_escape(run.checkpoint_kind)}] · mode {_escape(run.mode)} · seed {run.seed} "
         f"· device {_escape(run.device)}  \n"
         f"batch {_escape(run.batch)} ({_escape(run.batch_source)})  \n"
         f"loss {_fmt(run.loss_value, '.4g')}: {_escape(run.loss)}"
     )
-
-
-def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)
 
 
 def _path(report: Report) -> str:

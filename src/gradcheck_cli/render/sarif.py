@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 from gradcheck_cli import __version__
-from gradcheck_cli.report import BaselineDiff, Finding, LayerMove, Report, Severity, json_safe
+from gradcheck_cli.report import BaselineDiff, Finding, Report, Severity, json_safe
 from gradcheck_cli.rules import RULES
 
 SARIF_VERSION = "2.1.0"
@@ -207,9 +207,6 @@ def _properties(report: Report) -> dict[str, Any]:
 def _baseline(diff: BaselineDiff) -> dict[str, Any]:
     """Fixed findings and moved layers have no place among results (they are not problems): they go here."""
 
-    def moves(items: tuple[LayerMove, ...]) -> list[dict[str, Any]]:
-        return [{"layer": m.layer, "before": m.before, "after": m.after, "orders": m.orders} for m in items]
-
     return {
         "file": diff.baseline,
         "tolerance_orders": diff.tolerance,
@@ -218,6 +215,6 @@ def _baseline(diff: BaselineDiff) -> dict[str, Any]:
             {"ruleId": f.code, "layer": f.layer, "message": f.message, "fingerprint": fingerprint(f)}
             for f in diff.fixed_findings
         ],
-        "worse_layers": moves(diff.worse_layers),
-        "better_layers": moves(diff.better_layers),
+        "worse_layers": [m.as_dict() for m in diff.worse_layers],
+        "better_layers": [m.as_dict() for m in diff.better_layers],
     }

@@ -10,6 +10,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from gradcheck_cli.render.numbers import count
 from gradcheck_cli.report import LayerStats, Report, Severity
 
 BAR_DECADES = 8
@@ -44,17 +45,10 @@ def _header(report: Report) -> Text:
     run = report.run
     text = Text()
     text.append("gradcheck ", style="bold")
-    text.append(f"{run.model_type} ({_count(run.parameters)} parameters) from {run.source} [{run.checkpoint_kind}]\n")
+    text.append(f"{run.model_type} ({count(run.parameters)} parameters) from {run.source} [{run.checkpoint_kind}]\n")
     text.append(f"mode {run.mode}, seed {run.seed}, device {run.device}; batch {run.batch} ({run.batch_source})\n")
     text.append(f"loss {run.loss_value:.4g}: {run.loss}")
     return text
-
-
-def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)
 
 
 def _table(report: Report) -> Table:
