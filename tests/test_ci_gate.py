@@ -137,3 +137,78 @@ def test_github_format_prints_workflow_commands_and_appends_the_step_summary(tmp
     assert proc.stdout.startswith("::error title=GC001 vanishing-gradient")
     text = summary.read_text()
     assert text.startswith("earlier step\n") and "GC001" in text and "kaiming_init" in text
+
+
+def test_baseline_matches_path_findings_by_code_so_an_improvement_passes(tmp_path: Path) -> None:
+    """A deeper-reaching but still vanishing gradient moves GC001's crossing layer: not a new finding."""
+    from dataclasses import replace as replaced
+
+    from gradcheck_cli.api import check
+    from gradcheck_cli.baseline import compare, write_baseline
+    from gradcheck_cli.examples import EXAMPLES
+
+    model, batch = EXAMPLES["relu-xavier"].build(0)
+    report = check(model, batch)
+    write_baseline(report, tmp_path / "b.json")
+    moved = replaced(report, findings=tuple(replaced(f, layer="2") for f in report.findings))
+    diff = compare(moved, tmp_path / "b.json").baseline
+    assert diff is not None and diff.new_findings == () and not diff.regressed
+
+
+def test_baseline_counts_a_collapse_to_zero_and_a_severity_increase_as_worse(tmp_path: Path) -> None:
+    from dataclasses import replace as replaced
+
+    from gradcheck_cli.api import check
+    from gradcheck_cli.baseline import compare, write_baseline
+    from gradcheck_cli.examples import EXAMPLES
+    from gradcheck_cli.report import Severity
+
+    model, batch = EXAMPLES["relu-xavier"].build(0)
+    report = check(model, batch)
+    write_baseline(replaced(report, findings=tuple(replaced(f, severity=Severity.WARNING) for f in report.findings)),
+                   tmp_path / "b.json")  # fmt: skip
+    escalated = compare(report, tmp_path / "b.json").baseline
+    assert escalated is not None and [f.code for f in escalated.new_findings] == ["GC001"]
+    write_baseline(report, tmp_path / "same.json")
+    collapsed = replaced(report, layers=(replaced(report.layers[0], act_grad_rel=0.0), *report.layers[1:]))
+    diff = compare(collapsed, tmp_path / "same.json").baseline
+    assert diff is not None and [m.layer for m in diff.worse_layers] == [report.layers[0].name]
+
+
+def test_ignoring_one_layer_does_not_hide_a_vanishing_path():
+    from gradcheck_cli.api import check
+    from gradcheck_cli.examples import EXAMPLES
+    from gradcheck_cli.policy import Policy
+
+    model, batch = EXAMPLES["relu-xavier"].build(0)
+    report = check(model, batch)
+    crossing = report.findings[0].layer
+    assert crossing is not None
+    assert Policy.build(ignore_layers=[crossing]).apply(report).problems == report.problems
+    assert Policy.build(ignore_layers=["*"]).apply(report).problems == ()
+
+
+def test_outputs_pair_with_the_format_written_before_them(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradcheck_cli", *KAIMING, "-f", "github", "-f", "sarif", "-o", "g.sarif"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, show(proc)
+    assert json.loads((tmp_path / "g.sarif").read_text())["version"] == "2.1.0"
+    assert proc.stdout.startswith("::notice")
+
+
+def test_configured_model_does_not_block_examples_and_write_baseline_skips_the_configured_one(tmp_path: Path):
+    import subprocess
+    import sys
+
+    (tmp_path / "pyproject.toml").write_text('[tool.gradcheck]\nmodel = "nets.py:build"\nbaseline = "base.json"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradcheck_cli", *KAIMING, "--write-baseline", "base.json"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, show(proc)
+    assert json.loads((tmp_path / "base.json").read_text())["status"] == "healthy"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,30 +41,61 @@ def read_baseline(path: Path) -> dict[str, Any]:
     return data
 
 
-def compare(report: Report, path: Path, tolerance: float = DEFAULT_TOLERANCE) -> Report:
-    """The report with its :class:`BaselineDiff` against the baseline stored at ``path``."""
+PATH_RULES = frozenset({"GC001", "GC002"})
+"""Rules about the whole path: their ``layer`` is where the gradient crosses the threshold, which moves
+as a model changes, so they are matched by code alone."""
+
+
+def finding_key(code: str, layer: str | None) -> tuple[str, str | None]:
+    """How a finding is recognised across runs: code and layer, or code alone for path-level rules."""
+    return (code, None) if code in PATH_RULES else (code, layer)
+
+
+def compare(
+    report: Report,
+    path: Path,
+    tolerance: float = DEFAULT_TOLERANCE,
+    keeps: Callable[[str, str | None], bool] = lambda code, layer: True,
+    layer_ignored: Callable[[str], bool] = lambda name: False,
+) -> Report:
+    """The report with its :class:`BaselineDiff` against the baseline stored at ``path``.
+
+    ``keeps`` and ``layer_ignored`` are the run's ``--select``/``--ignore``/``--ignore-layer`` policy,
+    applied to the stored report too, so what the policy hides is neither new nor fixed nor worse.
+    A finding is new when the baseline has none with its key, or only a less severe one.
+    """
     if not math.isfinite(tolerance) or tolerance < 0:
         raise GradcheckError(f"--tolerance must be zero or positive (orders of magnitude), got {tolerance}")
     data = read_baseline(path)
-    before = {(f.get("code"), f.get("layer")) for f in data["findings"] if isinstance(f, dict)}
-    now = {(f.code, f.layer) for f in report.findings}
-    new = tuple(f for f in report.findings if (f.code, f.layer) not in before and f.severity is not Severity.INFO)
-    fixed = tuple(
-        _finding(f) for f in data["findings"] if isinstance(f, dict) and (f.get("code"), f.get("layer")) not in now
-    )
+    stored = [f for f in (_finding(entry) for entry in data["findings"] if isinstance(entry, dict)) if f is not None]
+    stored = [f for f in stored if keeps(f.code, f.layer)]
+    before: dict[tuple[str, str | None], int] = {}
+    for f in stored:
+        key = finding_key(f.code, f.layer)
+        before[key] = max(before.get(key, -1), f.severity.rank)
+    now = {finding_key(f.code, f.layer) for f in report.findings}
+    new = tuple(f for f in report.findings if f.severity.rank > before.get(finding_key(f.code, f.layer), -1))
+    fixed = tuple(f for f in stored if finding_key(f.code, f.layer) not in now)
     old_rel = {
-        entry.get("name"): entry.get("act_grad_rel")
+        entry["name"]: float(entry["act_grad_rel"])
         for entry in data["layers"]
-        if isinstance(entry, dict) and isinstance(entry.get("act_grad_rel"), (int, float))
+        if isinstance(entry, dict)
+        and isinstance(entry.get("name"), str)
+        and isinstance(entry.get("act_grad_rel"), (int, float))
+        and math.isfinite(entry["act_grad_rel"])
+        and entry["act_grad_rel"] > 0
     }
     worse: list[LayerMove] = []
     better: list[LayerMove] = []
     for layer in report.layers:
         previous = old_rel.get(layer.name)
         current = layer.act_grad_rel
-        if previous is None or current is None or not (previous > 0 and current > 0) or not math.isfinite(current):
+        if previous is None or current is None or layer_ignored(layer.name):
             continue
-        move = LayerMove(layer.name, float(previous), current)
+        move = LayerMove(layer.name, previous, current)
+        if not (current > 0 and math.isfinite(current)):  # collapsed to 0, or overflowed / NaN
+            worse.append(move)
+            continue
         if abs(move.orders) <= tolerance:
             continue
         (better if abs(math.log10(current)) < abs(math.log10(previous)) else worse).append(move)
@@ -78,14 +110,18 @@ def compare(report: Report, path: Path, tolerance: float = DEFAULT_TOLERANCE) ->
     return replace(report, baseline=diff)
 
 
-def _finding(entry: dict[str, Any]) -> Finding:
-    severity = entry.get("severity")
-    problem = entry.get("problem")
+def _finding(entry: dict[str, Any]) -> Finding | None:
+    """A stored finding, or None when the entry is not one (a hand-edited or foreign file)."""
+    code, layer, severity, problem = (entry.get(k) for k in ("code", "layer", "severity", "problem"))
+    if not isinstance(code, str) or not (layer is None or isinstance(layer, str)):
+        return None
+    severities = {s.value: s for s in Severity}
+    problems = {p.value: p for p in Problem}
     return Finding(
-        code=str(entry.get("code")),
+        code=code,
         name=str(entry.get("name", "")),
-        severity=Severity(severity) if severity in {s.value for s in Severity} else Severity.INFO,
-        problem=Problem(problem) if problem in {p.value for p in Problem} else None,
-        layer=entry.get("layer") if isinstance(entry.get("layer"), str) else None,
+        severity=severities.get(severity, Severity.INFO) if isinstance(severity, str) else Severity.INFO,
+        problem=problems.get(problem) if isinstance(problem, str) else None,
+        layer=layer,
         message=str(entry.get("message", "")),
     )

@@ -178,11 +178,19 @@ def inspect(
     if example == "list":
         _print_examples()
         raise typer.Exit(ExitCode.OK)
+    if example is not None:  # checked on the flags alone: a configured model or input is for checkpoints
+        given = [
+            flag for flag, value in (("--input", batch), ("--model", model), ("--input-shape", input_shape)) if value
+        ]
+        if given:
+            raise GradcheckError(f"--example brings its own model and batch; drop {', '.join(given)}")
     settings = load_config(config)
-    model = model if model is not None else settings.get("model")
-    if batch is None and input_shape is None and example is None:
-        batch = settings.path("input")
-    baseline = baseline if baseline is not None else settings.path("baseline")
+    if example is None:
+        model = model if model is not None else settings.model_spec()
+        if batch is None and input_shape is None:
+            batch = settings.path("input")
+    if baseline is None and write_baseline is None:  # writing a new baseline does not compare with the old one
+        baseline = settings.path("baseline")
     formats = (
         output_format or [ReportFormat(f) for f in _valid_formats(settings.strings("format"))] or [ReportFormat.text]
     )
@@ -197,15 +205,13 @@ def inspect(
         raise GradcheckError(
             "give either a CHECKPOINT or --example NAME (try: gradcheck inspect --example deep-sigmoid)"
         )
-    if example is not None:
-        given = [
-            flag for flag, value in (("--input", batch), ("--model", model), ("--input-shape", input_shape)) if value
-        ]
-        if given:
-            raise GradcheckError(f"--example brings its own model and batch; drop {', '.join(given)}")
     destinations = _destinations(formats, output or [])
-    for path in (*[d for d in destinations if d is not None], write_baseline):
-        _refuse_overwriting(path, checkpoint, batch, baseline)
+    written = [d for d in destinations if d is not None] + ([write_baseline] if write_baseline else [])
+    if len({p.resolve() for p in written}) < len(written):
+        raise GradcheckError("two reports would be written to the same file; give each --output its own file")
+    model_file = Path(model.rpartition(":")[0]) if model and model.rpartition(":")[0].endswith(".py") else None
+    for path in written:
+        _refuse_overwriting(path, checkpoint, batch, baseline, model_file, settings.source)
     if not (0 < vanishing < 1 < exploding):
         raise GradcheckError("thresholds must satisfy 0 < --vanishing-below < 1 < --exploding-above")
     if input_shape is not None and batch is not None:
@@ -223,7 +229,7 @@ def inspect(
                 batch=batch,
                 model_spec=model,
                 trust=trust,
-                seed=seed if seed is not None else int(settings.get("seed", 0)),
+                seed=seed if seed is not None else settings.seed(),
                 train=not (eval_mode or bool(settings.get("eval", False))),
                 unfreeze=unfreeze,
                 device=device or str(settings.get("device", "cpu")),
@@ -237,7 +243,7 @@ def inspect(
         from gradcheck_cli.baseline import DEFAULT_TOLERANCE, compare
 
         allowed = tolerance if tolerance is not None else float(settings.get("tolerance", DEFAULT_TOLERANCE))
-        report = compare(report, baseline, allowed)
+        report = compare(report, baseline, allowed, policy.keeps, policy.layer_ignored)
     if write_baseline is not None:
         from gradcheck_cli.baseline import write_baseline as store
 
@@ -257,13 +263,40 @@ def _valid_formats(names: list[str]) -> list[str]:
 
 
 def _destinations(formats: list[ReportFormat], outputs: list[Path]) -> list[Path | None]:
-    """Each format's --output (by position), None for stdout; at most one format may go to stdout."""
+    """Each format's --output, None for stdout; at most one format may go to stdout.
+
+    An ``--output`` belongs to the ``--format`` written before it on the command line, so
+    ``-f github -f sarif -o g.sarif`` sends SARIF to the file and the workflow commands to stdout.
+    """
     if len(outputs) > len(formats):
         raise GradcheckError(f"{len(outputs)} --output for {len(formats)} --format; give one --format per --output")
-    destinations: list[Path | None] = [*outputs, *[None] * (len(formats) - len(outputs))]
+    order = _format_output_order(sys.argv[1:])
+    if order is not None and order.count("f") == len(formats) and order.count("o") == len(outputs):
+        destinations: list[Path | None] = []
+        remaining = list(outputs)
+        for index, token in enumerate(order):
+            if token == "f":
+                follows = index + 1 < len(order) and order[index + 1] == "o"
+                destinations.append(remaining.pop(0) if follows else None)
+            elif index == 0 or order[index - 1] != "f":
+                raise GradcheckError("each --output must follow the --format it is for")
+    else:
+        destinations = [*outputs, *[None] * (len(formats) - len(outputs))]
     if destinations.count(None) > 1:
         raise GradcheckError("only one --format can go to stdout; give the others an --output FILE")
     return destinations
+
+
+def _format_output_order(argv: list[str]) -> list[str] | None:
+    """The sequence of -f/--format ('f') and -o/--output ('o') flags as typed, or None when not parseable."""
+    order = []
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if name in ("-f", "--format") or (token.startswith("-f") and not token.startswith("--") and len(token) > 2):
+            order.append("f")
+        elif name in ("-o", "--output") or (token.startswith("-o") and not token.startswith("--") and len(token) > 2):
+            order.append("o")
+    return order
 
 
 @app.command(epilog="Chain mode (--factor) imports no torch and answers instantly.")

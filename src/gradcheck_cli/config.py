@@ -51,6 +51,23 @@ class Config:
             return []
         return [value] if isinstance(value, str) else [str(v) for v in value]
 
+    def model_spec(self) -> str | None:
+        """``model``, with a ``file.py:factory`` path taken relative to the config file's directory."""
+        spec = self.values.get("model")
+        if spec is None or self.source is None:
+            return spec
+        module_part, sep, attr = spec.rpartition(":")
+        if sep and module_part.endswith(".py") and not Path(module_part).is_absolute():
+            return f"{self.source.parent / module_part}:{attr}"
+        return spec
+
+    def seed(self) -> int:
+        """``seed`` (0 by default), in the range the command line accepts."""
+        value = int(self.values.get("seed", 0))
+        if not 0 <= value <= 2**32 - 1:
+            raise GradcheckError(f"[tool.gradcheck] seed in {self.source} must be 0…{2**32 - 1}, got {value}")
+        return value
+
     def path(self, key: str) -> Path | None:
         """A path key, relative to the config file's directory."""
         value = self.values.get(key)
@@ -83,11 +100,11 @@ def _read(path: Path, *, required: bool) -> Config:
         raise GradcheckError(f"cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise GradcheckError(f"{path} is not valid TOML: {exc}") from None
-    table = (
-        data.get("tool", {}).get("gradcheck")
-        if path.name == "pyproject.toml"
-        else data.get("tool", {}).get("gradcheck", data)
-    )
+    tools = data.get("tool", {})
+    if not isinstance(tools, dict):
+        raise GradcheckError(f"{path}: 'tool' must be a table ([tool.gradcheck])")
+    # pyproject.toml keeps the keys under [tool.gradcheck]; a dedicated --config file may hold them at the top
+    table = tools.get("gradcheck") if path.name == "pyproject.toml" else tools.get("gradcheck", data)
     if table is None:
         if required:
             raise GradcheckError(f"{path} has no [tool.gradcheck] table")

@@ -6,8 +6,9 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from gradcheck_cli.baseline import PATH_RULES
 from gradcheck_cli.errors import GradcheckError
-from gradcheck_cli.report import Report
+from gradcheck_cli.report import Finding, Report
 
 RULE_CODES = frozenset(f"GC{n:03d}" for n in range(1, 10))
 """The codes of docs/rules.md (kept in step with rules.RULES by a test; no torch import here)."""
@@ -28,12 +29,20 @@ class Policy:
         return cls(select=chosen or None, ignore=_codes(ignore, "--ignore"), ignore_layers=tuple(ignore_layers))
 
     def keeps(self, code: str, layer: str | None) -> bool:
-        """Whether a finding with this code about this layer stays in the report."""
+        """Whether a finding with this code about this layer stays in the report.
+
+        Path-level findings (GC001, GC002) name only where the gradient crosses the threshold;
+        ``apply`` drops them when every layer flagged with their problem is ignored.
+        """
         if self.select is not None and code not in self.select:
             return False
         if code in self.ignore:
             return False
-        return not (layer is not None and self.layer_ignored(layer))
+        return code in PATH_RULES or not (layer is not None and self.layer_ignored(layer))
+
+    def _all_flagged_ignored(self, report: Report, finding: Finding) -> bool:
+        flagged = _flagged_layers(report, finding) or ([finding.layer] if finding.layer else [])
+        return bool(self.ignore_layers) and bool(flagged) and all(self.layer_ignored(name) for name in flagged)
 
     def layer_ignored(self, name: str) -> bool:
         """Whether a layer name matches one of the ignored patterns."""
@@ -43,7 +52,11 @@ class Policy:
         """The report without the findings this policy drops, their layers' flags, and advice left without a finding."""
         if self.select is None and not self.ignore and not self.ignore_layers:
             return report
-        findings = tuple(f for f in report.findings if self.keeps(f.code, f.layer))
+        findings = tuple(
+            f
+            for f in report.findings
+            if self.keeps(f.code, f.layer) and not (f.code in PATH_RULES and self._all_flagged_ignored(report, f))
+        )
         problems = {f.problem for f in findings if f.problem is not None}
         advice = tuple(r for r in report.recommendations if not r.addresses or set(r.addresses) & problems)
         layers = tuple(
@@ -55,6 +68,11 @@ class Policy:
             (f"{dropped} finding(s) left out by --select/--ignore/--ignore-layer",) if dropped else ()
         )
         return replace(report, findings=findings, recommendations=advice, layers=layers, notes=notes)
+
+
+def _flagged_layers(report: Report, finding: Finding) -> list[str]:
+    problem = finding.problem.value if finding.problem is not None else None
+    return [layer.name for layer in report.layers if problem in layer.flags]
 
 
 def _codes(values: Iterable[str], flag: str) -> frozenset[str]:

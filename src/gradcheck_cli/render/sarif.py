@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 from gradcheck_cli import __version__
+from gradcheck_cli.baseline import finding_key
 from gradcheck_cli.report import BaselineDiff, Finding, Report, Severity, json_safe
 from gradcheck_cli.rules import RULES
 
@@ -101,8 +102,8 @@ def help_uri(code: str) -> str:
 
 def fingerprint(finding: Finding) -> str:
     """A hash of the rule code and the layer: the same problem keeps it across runs whatever the numbers."""
-    layer = "" if finding.layer is None else finding.layer
-    return hashlib.sha256(f"{finding.code}\0{layer}".encode()).hexdigest()[:32]
+    code, layer = finding_key(finding.code, finding.layer)  # path-level rules: the code alone
+    return hashlib.sha256(f"{code}\0{layer or ''}".encode()).hexdigest()[:32]
 
 
 def artifact_uri(source: str) -> str:
