@@ -121,7 +121,10 @@ def _baseline_suite(diff: BaselineDiff) -> ET.Element:
     worse = ET.Element("testcase", name="no layer worse beyond the tolerance", classname=BASELINE_SUITE)
     if diff.worse_layers:
         failure = ET.SubElement(
-            worse, "failure", message=_clean(f"{len(diff.worse_layers)} layer(s) worse than the {head}"), type="regression"
+            worse,
+            "failure",
+            message=_clean(f"{len(diff.worse_layers)} layer(s) worse than the {head}"),
+            type="regression",
         )
         failure.text = _clean("\n".join(_move(m) for m in diff.worse_layers))
     if diff.better_layers:
