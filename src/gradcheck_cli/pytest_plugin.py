@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.gate import FailOn, parse_fail_on
+from gradcheck_cli.render.numbers import number
 from gradcheck_cli.report import LayerStats, Report
 
 if TYPE_CHECKING:
@@ -253,11 +254,7 @@ def _fmt_rel(value: float | None) -> str:
         return "not measured"
     if value == 0:
         return "0 (underflow)"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.2e}"
+    return number(value, ".2e")
 
 
 try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from gradcheck_cli.render.numbers import count
+from gradcheck_cli.render.numbers import count, number
 from gradcheck_cli.report import BaselineDiff, Finding, LayerMove, LayerStats, Report, Severity
 
 MAX_FLAGGED_ROWS = 30
@@ -55,13 +55,7 @@ def _cell(name: str) -> str:
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:
     """A number for prose and tables; ``–`` for a missing one."""
-    if value is None:
-        return "–"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return format(value, spec)
+    return number(value, spec)
 
 
 def _verdict(report: Report) -> str:

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gradcheck_cli.render.chart import log_chart
+from gradcheck_cli.render.numbers import number
 from gradcheck_cli.simulate.report import SimulationReport
 
 MAX_ROWS = 24
@@ -128,9 +129,5 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return f"{value:.4g}"
+        return number(value, ".4g")
     return str(value)

@@ -10,7 +10,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from gradcheck_cli.render.numbers import count
+from gradcheck_cli.render.numbers import count, number
 from gradcheck_cli.report import LayerStats, Report, Severity
 
 BAR_DECADES = 8
@@ -104,13 +104,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _num(value: float | None) -> str:
-    if value is None:
-        return "–"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.1e}"
+    return number(value, ".1e")
 
 
 def _bar(value: float | None, style: str) -> Text:
