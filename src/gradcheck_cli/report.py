@@ -7,6 +7,15 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from gradcheck_cli.report_sections import (
+    ActivationLayer,
+    InitAudit,
+    NonFiniteOrigin,
+    OptimisationTrace,
+    Precision,
+    Verification,
+)
+
 SCHEMA_VERSION = 1
 
 
@@ -203,6 +212,18 @@ class Report:
     thresholds: dict[str, float] = field(default_factory=dict)
     baseline: BaselineDiff | None = None
     """Set with ``--baseline``: the gate then fails only on regressions."""
+    init_audit: InitAudit | None = None
+    """Each weight's scale against Xavier/Kaiming for the activation after it."""
+    activations: tuple[ActivationLayer, ...] = ()
+    """Saturated and dead units per activation module, measured on the same pass."""
+    precision: Precision | None = None
+    """What fp16/bf16 would lose of the gradients."""
+    non_finite_origin: NonFiniteOrigin | None = None
+    """Where NaN/Inf first appeared, when it did."""
+    verifications: tuple[Verification, ...] = ()
+    """Recommendations applied to a copy of the model and re-probed, in the order of ``recommendations``."""
+    optimisation: OptimisationTrace | None = None
+    """``--steps N``: gradients across N optimiser steps on the sample batch."""
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -248,6 +269,12 @@ class Report:
                 "notes": list(self.notes),
                 "thresholds": dict(self.thresholds),
                 "baseline": None if self.baseline is None else _baseline_dict(self.baseline),
+                "init_audit": None if self.init_audit is None else asdict(self.init_audit),
+                "activations": [asdict(a) for a in self.activations],
+                "precision": None if self.precision is None else asdict(self.precision),
+                "non_finite_origin": None if self.non_finite_origin is None else asdict(self.non_finite_origin),
+                "verifications": [asdict(v) for v in self.verifications],
+                "optimisation": None if self.optimisation is None else asdict(self.optimisation),
             }
         )
         return safe

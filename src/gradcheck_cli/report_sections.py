@@ -1,0 +1,192 @@
+"""The frozen sections that explain a diagnosis: init audit, activation health, precision, first
+non-finite, verified fixes and the optimisation probe. No torch here: renderers import it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class InitLayer:
+    """One Linear/Conv/RNN weight's standard deviation against the standard initialisations."""
+
+    layer: str
+    type: str
+    fan_in: int
+    fan_out: int
+    std: float
+    activation: str
+    """The activation that follows it in the forward pass (``linear`` when none is seen)."""
+    gain: float
+    """``nn.init.calculate_gain`` of that activation."""
+    xavier_std: float
+    """What Xavier (Glorot) would give: gain·√(2/(fan_in+fan_out))."""
+    kaiming_std: float
+    """What Kaiming (He, fan_in) would give: gain/√fan_in — the scale that keeps the signal's variance."""
+    ratio: float
+    """std / kaiming_std: the factor this layer multiplies the gradient by, beyond what its activation needs."""
+    looks_like: str
+    """The scheme whose scale is closest (``kaiming``, ``xavier``, ``pytorch_default``, ``orthogonal``,
+    ``lecun``, ``unknown``...)."""
+    normalised: bool = False
+    """A normalisation layer follows before the next weight: its scale does not compound."""
+    flag: str | None = None
+    """``too_small`` or ``too_large`` when the scale is far from what the activation needs."""
+
+
+@dataclass(frozen=True)
+class InitAudit:
+    """The initialisation audit of a whole model."""
+
+    layers: tuple[InitLayer, ...]
+    skipped: str | None = None
+    """Why the audit does not apply (a trained checkpoint), or None when it ran."""
+    trained_layers: tuple[str, ...] = ()
+    """Layers whose weights no longer look like an initialisation (statistics in docs/diagnostics.md)."""
+
+
+@dataclass(frozen=True)
+class ActivationLayer:
+    """How one activation module's units behaved on the batch."""
+
+    layer: str
+    type: str
+    calls: int
+    elements: int
+    """Pre-activation elements measured over all calls."""
+    derivative_rms: float
+    """√mean φ'(z)²: the activation's share of the per-layer gradient factor σ'(z)·w."""
+    saturated: float | None = None
+    """Sigmoid/tanh family: share of pre-activations where φ'(z) < 1 % of its maximum."""
+    dead: float | None = None
+    """ReLU family: share of units that were ≤ 0 for every sample of the batch."""
+    samples_per_unit: int = 0
+    """How many values each unit saw: dead shares are only meaningful from about 8."""
+    flag: str | None = None
+    """``saturated`` or ``dead`` when beyond the calibrated threshold."""
+
+
+@dataclass(frozen=True)
+class PrecisionLayer:
+    """The share of one layer's gradient elements that half precision would lose."""
+
+    layer: str
+    elements: int
+    """Elements examined (a strided sample of at most 65 536 per tensor)."""
+    zero: float
+    """Share already exactly zero in float32 (not lost, not counted below)."""
+    fp16_flush: float
+    """Share of non-zero elements below fp16's smallest subnormal (5.96e-8): they become 0."""
+    fp16_subnormal: float
+    """Share of non-zero elements below fp16's smallest normal (6.10e-5): they lose precision."""
+    fp16_overflow: float
+    """Share above fp16's largest value (65504): they become Inf."""
+    bf16_flush: float
+    """Share of non-zero elements below bf16's smallest subnormal (9.2e-41)."""
+    max_abs: float
+    fp16_flush_scaled: float = 0.0
+    """``fp16_flush`` after multiplying by the recommended loss scale."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What fp16 and bf16 would do to this model's gradients."""
+
+    layers: tuple[PrecisionLayer, ...]
+    recommended_scale: float
+    """The largest power of two that keeps every gradient below fp16's maximum (GradScaler-style)."""
+    autocast: str | None = None
+    """``fp16`` or ``bf16`` when the probe itself ran under autocast."""
+    scale_used: float = 1.0
+    """The loss scale the autocast probe multiplied by (its norms are reported unscaled)."""
+    lost: tuple[tuple[str, float], ...] = ()
+    """Autocast runs: (layer, share of its activation-gradient elements that were zero in half precision but
+    not in float32)."""
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    """What a tensor looked like where something went non-finite."""
+
+    shape: tuple[int, ...]
+    nan: int
+    inf: int
+    finite_min: float | None
+    finite_max: float | None
+    finite_abs_mean: float | None
+
+
+@dataclass(frozen=True)
+class NonFiniteOrigin:
+    """Where NaN/Inf first appeared, in forward and in backward order."""
+
+    forward_module: str | None
+    """The first module (forward order) whose output held NaN/Inf while its inputs were finite."""
+    forward_type: str | None = None
+    forward_inputs: tuple[TensorSummary, ...] = ()
+    forward_output: TensorSummary | None = None
+    non_finite_parameters: tuple[str, ...] = ()
+    """Parameters of that module that are NaN/Inf themselves."""
+    backward_module: str | None = None
+    """The first module (backward order) whose output gradient held NaN/Inf."""
+    backward_type: str | None = None
+    backward_grad: TensorSummary | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The headline numbers of one probe, before or after a fix."""
+
+    status: str
+    problems: tuple[str, ...]
+    attenuation: float | None
+    gain: float | None
+    finite: bool = True
+
+
+@dataclass(frozen=True)
+class Verification:
+    """A recommendation applied to a copy of the model and re-probed on the same batch."""
+
+    id: str
+    """The recommendation's id."""
+    verified: bool
+    """False when it could not be applied in memory (``reason`` says why)."""
+    applied: str = ""
+    """What was done to the copy, in plain words."""
+    before: Outcome | None = None
+    after: Outcome | None = None
+    effect: float | None = None
+    """Orders of magnitude the attenuation moved towards 1 (positive: better)."""
+    fixed: bool = False
+    """Whether the copy's verdict became healthy."""
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimiser step of the optimisation probe."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    """Total gradient norm over all parameters."""
+    attenuation: float | None
+    gain: float | None
+    layer_grad_norms: tuple[float, ...]
+    """‖∂L/∂W‖ per layer, in the order of ``OptimisationTrace.layers``."""
+
+
+@dataclass(frozen=True)
+class OptimisationTrace:
+    """N optimiser steps on the sample batch, on a copy of the model."""
+
+    optimizer: str
+    lr: float
+    layers: tuple[str, ...]
+    steps: tuple[StepRecord, ...]
+    verdict: str
+    """``stable``, ``exploding``, ``collapsing`` or ``non_finite``."""
+    onset_step: int | None = None
+    """The first step where the trend left the healthy band."""
