@@ -92,13 +92,22 @@ def module_type(module: nn.Module) -> str:
     return str(getattr(module, "original_name", None) or type(module).__name__)
 
 
-def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True, unfreeze: bool = False) -> ProbeResult:
+def probe(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    seed: int = 0,
+    train: bool = True,
+    unfreeze: bool = False,
+    keep_grads: bool = False,
+) -> ProbeResult:
     """Run one forward and backward pass of ``model`` on ``batch`` and measure every layer.
 
     Frozen parameters get gradients for this pass only, so the flow through them is measured;
     a model with no trainable parameter at all is refused unless ``unfreeze``. The model's
     modes, ``requires_grad`` flags and existing ``.grad`` values are restored, and no hook
-    outlives the call, whether it succeeds or raises.
+    outlives the call, whether it succeeds or raises. ``keep_grads`` leaves this pass's
+    gradients in ``.grad`` (for an optimiser step on a copy) instead of restoring the old ones.
     """
     named = parametrised_modules(model)
     if not any(p.is_floating_point() for _, m in named for p in m.parameters(recurse=False)):
@@ -121,7 +130,7 @@ def probe(model: nn.Module, batch: Batch, *, seed: int = 0, train: bool = True, 
             "train, or pass --unfreeze to measure the gradient flow anyway"
         )
     with (
-        _restored_state(model, params),
+        _restored_state(model, params, keep_grads),
         torch.random.fork_rng(devices=_cuda_devices(params)),
         torch.enable_grad(),
         ActivationGradientRecorder(modules if hooks else []) as recorder,
@@ -187,8 +196,8 @@ def _cuda_devices(params: list[nn.Parameter]) -> list[int]:
 
 
 @contextlib.contextmanager
-def _restored_state(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
-    """Give back every module's ``training`` flag and every parameter's flags and gradient."""
+def _restored_state(model: nn.Module, params: list[nn.Parameter], keep_grads: bool = False) -> Iterator[None]:
+    """Give back every module's ``training`` flag and every parameter's flags and gradient (unless ``keep_grads``)."""
     training = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad, p.grad) for p in params]
     try:
@@ -197,7 +206,8 @@ def _restored_state(model: nn.Module, params: list[nn.Parameter]) -> Iterator[No
         for module, mode in training:
             module.training = mode
         for p, requires_grad, grad in flags:
-            p.grad = grad
+            if not keep_grads:
+                p.grad = grad
             if p.is_floating_point():
                 p.requires_grad_(requires_grad)
 
