@@ -27,8 +27,9 @@ ALLOWED_IDS = {
 
 
 def _report(name: str):
+    """The advisor's own order: these tests are about its priors, before verification reorders them."""
     model, batch = EXAMPLES[name].build(0)
-    return check(model, batch)
+    return check(model, batch, verify=False)
 
 
 def test_relu_xavier_gets_kaiming_init_first_with_the_measured_scale():

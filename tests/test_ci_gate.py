@@ -35,11 +35,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     broken = work / "broken"
     broken.mkdir()
     (broken / "pyproject.toml").write_text("[tool.gradcheck]\nvanishing_blow = 1e-9\n")
-    (work / "strict.toml").write_text("[tool.gradcheck]\nignore = ['GC001']\n")
+    (work / "strict.toml").write_text("[tool.gradcheck]\nignore = ['GC001', 'GC010']\n")
     runs = run_many(
         {
             "plain": [*XAVIER, "-f", "json"],
-            "ignored": [*XAVIER, "--ignore", "GC001", "-f", "json"],
+            "ignored": [*XAVIER, "--ignore", "GC001,GC010", "-f", "json"],
             "selected": [*XAVIER, "--select", "GC002,GC003", "-f", "json"],
             "ignored_layer": [*XAVIER, "--ignore-layer", "[0-9]*", "-f", "json"],
             "bad_code": [*XAVIER, "--ignore", "GC999"],
@@ -68,7 +68,7 @@ def report_of(proc: Any, code: int) -> dict[str, Any]:
 def test_ignore_by_code_drops_the_finding_its_advice_and_passes_the_gate(runs):
     assert report_of(runs["plain"], 1)["problems"] == ["vanishing"]
     ignored = report_of(runs["ignored"], 0)
-    assert ignored["findings"] == [] and ignored["recommendations"] == []
+    assert ignored["findings"] == [] and ignored["recommendations"] == [] and ignored["verifications"] == []
     assert any("left out" in note for note in ignored["notes"])
     assert report_of(runs["selected"], 0)["problems"] == []
 
@@ -88,7 +88,7 @@ def test_baseline_passes_unchanged_and_fails_degraded_with_the_diff_in_the_repor
     worse = report_of(runs["degraded"], 1)
     diff = worse["baseline"]
     assert diff["regressed"] is True
-    assert [f["code"] for f in diff["new_findings"]] == ["GC001"]
+    assert [f["code"] for f in diff["new_findings"]] == ["GC001", "GC010"]  # the vanishing and its cause
     assert diff["worse_layers"] and all(move["orders"] < -1 for move in diff["worse_layers"])
     assert runs["degraded_loose"].returncode == 0, show(runs["degraded_loose"])
 

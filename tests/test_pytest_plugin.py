@@ -120,10 +120,12 @@ def test_user_suite_passes_healthy_and_fails_sick_with_gradchecks_message(pytest
             "E  *… and * more flagged layer(s), 10 to * in forward order",
             "E  *findings:",
             "E  *GC001 error vanishing-gradient *",
-            "E  *recommendations (most likely fix first):",
-            "E  *1. [[]activation_change[]] Use a non-saturating activation*",
+            "E  *recommendations (ordered by the effect verified on a copy):",
+            "E  *1. [[]batch_norm[]] Add batch normalisation * (verified: healthy on a copy)",
+            "E  *nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU())",
+            "E  *[[]activation_change[]] Use a non-saturating activation* (verified: healthy on a copy)",
             "E  *nn.ReLU()*",
-            "E  *[[]xavier_init[]]*",
+            "E  *[[]xavier_init[]]* (tried on a copy: not enough alone)",
         ]
     )
     # the traceback stops at the user's line: gradcheck's own frames are hidden

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+from copy import deepcopy
 from typing import Any
 
 import torch
 from torch import nn
 
 from gradcheck_cli import __version__
+from gradcheck_cli.activation_health import activation_findings, activation_section
 from gradcheck_cli.advice import advise
 from gradcheck_cli.batch import Batch, make_batch
-from gradcheck_cli.probe import module_type, probe
-from gradcheck_cli.report import Report, RunInfo
-from gradcheck_cli.rules import Thresholds, diagnose
+from gradcheck_cli.errors import GradcheckError
+from gradcheck_cli.init_audit import audit_init, init_findings
+from gradcheck_cli.nonfinite import locate_non_finite
+from gradcheck_cli.optimise import optimisation_findings, trace_optimisation
+from gradcheck_cli.precision import ZERO_BIN, precision_findings, precision_section, recommended_scale
+from gradcheck_cli.probe import AUTOCAST_DTYPES, LayerMeasure, ProbeResult, module_type, probe
+from gradcheck_cli.report import Finding, Problem, Recommendation, Report, RunInfo
+from gradcheck_cli.report_sections import Verification
+from gradcheck_cli.rules import Diagnosis, Thresholds, diagnose
 from gradcheck_cli.traits import model_traits
+from gradcheck_cli.verify import order_by_effect, verify_recommendations
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -35,6 +45,12 @@ def check(
     train: bool = True,
     unfreeze: bool = False,
     thresholds: Thresholds | None = None,
+    verify: bool = True,
+    autocast: str | None = None,
+    steps: int = 0,
+    lr: float = 1e-3,
+    optimizer: str = "sgd",
+    trained: str | None = None,
     source: str = "python object",
     checkpoint_kind: str = "module",
     notes: tuple[str, ...] = (),
@@ -47,15 +63,70 @@ def check(
     refused (:class:`~gradcheck_cli.errors.BatchError`) unless ``unfreeze``. ``notes`` (what the loader had to do) are
     carried into the report. The model is left as it was found: its modes,
     ``requires_grad`` flags and ``.grad`` values are restored and no hook remains.
+
+    Beyond the one probe: ``verify`` applies each recommendation to a copy of the model and
+    probes the copy on the same batch (the list is then ordered by the verified effect);
+    ``autocast`` (``"fp16"``/``"bf16"``) probes under ``torch.autocast`` (fp16 with a
+    GradScaler-style loss scale) beside a float32 reference; ``steps`` > 0 runs that many
+    ``optimizer`` steps at ``lr`` on a copy (the optimisation probe); ``trained`` (a reason,
+    e.g. the checkpoint held optimizer state) skips the initialisation audit.
     """
     model = unwrap(model)
     ready = batch if isinstance(batch, Batch) else make_batch(batch, model)
     limits = thresholds or Thresholds()
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise GradcheckError(f"autocast {autocast!r} is not a half precision; use fp16 or bf16")
     result = probe(model, ready, seed=seed, train=train, unfreeze=unfreeze)
+    traits = model_traits(model)
+    reference = None
+    if autocast is not None:
+        reference = result
+        scale = recommended_scale(reference.precision) if autocast == "fp16" else 1.0
+        result = probe(model, ready, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast, loss_scale=scale)
+    elif traits.half_precision:
+        reference = _float32_reference(model, ready, seed=seed, train=train, unfreeze=unfreeze)
     diagnosis = diagnose(result, limits)
-    has_problem = any(f.problem is not None for f in diagnosis.findings)
+
+    activations = activation_section(result.activations)
+    precision = precision_section(
+        [m.name for m in result.layers],
+        (reference or result).precision,
+        [_peak(m) for m in (reference or result).layers],
+        autocast=autocast,
+        scale_used=result.loss_scale,
+        lost=_lost(reference, result) if reference is not None else (),
+    )
+    audit = audit_init(model, result.leaf_calls, trained=trained) if result.activation_hooks else None
+    half = autocast == "fp16" or traits.half_precision
+    findings = list(diagnosis.findings)
+    findings += activation_findings(activations)
+    if not any(f.problem is Problem.NON_FINITE for f in findings):  # NaN/Inf already: fp16 is not the story
+        findings += precision_findings(precision, half=half)
+    if audit is not None:
+        findings += init_findings(audit)
+    origin = None
+    if any(f.problem is Problem.NON_FINITE for f in findings):
+        origin = locate_non_finite(model, ready, seed=seed, train=train, unfreeze=unfreeze)
+    trace = None
+    if steps:
+        trace = trace_optimisation(
+            model,
+            ready,
+            steps=steps,
+            lr=lr,
+            optimizer=optimizer,
+            seed=seed,
+            train=train,
+            unfreeze=unfreeze,
+            thresholds=limits,
+        )
+        findings += optimisation_findings(trace)
+
+    advised = any(f.problem is not None or f.code in CAUSE_CODES for f in findings)
     recommendations = (
-        advise(diagnosis.findings, diagnosis.layers, diagnosis.path, model_traits(model)) if has_problem else ()
+        advise(findings, diagnosis.layers, diagnosis.path, traits, activations=activations, precision=precision)
+        if advised
+        else ()
     )
     all_notes = list(notes)
     frozen = [layer.name for layer in diagnosis.layers if layer.frozen]
@@ -70,6 +141,75 @@ def check(
             "module hooks do not fire on TorchScript modules or torch.export programs: "
             "only parameter gradients were measured"
         )
+    if autocast is not None:
+        all_notes.append(
+            f"probed under torch.autocast({AUTOCAST_DTYPES[autocast]})"
+            + (f" with the loss scaled by {result.loss_scale:g}; gradients are reported unscaled" if half else "")
+            + "; a float32 pass is the reference for what half precision loses"
+        )
+    verifications: tuple[Verification, ...] = ()
+    if verify and recommendations:
+        interim = _report(
+            model,
+            ready,
+            result,
+            diagnosis,
+            findings,
+            recommendations,
+            all_notes,
+            limits,
+            seed,
+            source,
+            checkpoint_kind,
+            batch_source,
+        )
+        verifications = verify_recommendations(
+            model, ready, interim, seed=seed, train=train, unfreeze=unfreeze, thresholds=limits
+        )
+        recommendations, verifications = order_by_effect(recommendations, verifications)
+    report = _report(
+        model,
+        ready,
+        result,
+        diagnosis,
+        findings,
+        recommendations,
+        all_notes,
+        limits,
+        seed,
+        source,
+        checkpoint_kind,
+        batch_source,
+    )
+    return dataclasses.replace(
+        report,
+        init_audit=audit,
+        activations=activations,
+        precision=precision,
+        non_finite_origin=origin,
+        verifications=verifications,
+        optimisation=trace,
+    )
+
+
+CAUSE_CODES = frozenset({"GC013", "GC014"})
+"""Findings without a problem of their own whose cause still has a fix to recommend."""
+
+
+def _report(
+    model: nn.Module,
+    batch: Batch,
+    result: ProbeResult,
+    diagnosis: Diagnosis,
+    findings: list[Finding],
+    recommendations: tuple[Recommendation, ...],
+    notes: list[str],
+    limits: Thresholds,
+    seed: int,
+    source: str,
+    checkpoint_kind: str,
+    batch_source: str,
+) -> Report:
     device = next((str(p.device) for p in model.parameters()), "cpu")
     run = RunInfo(
         source=source,
@@ -78,7 +218,7 @@ def check(
         parameters=sum(p.numel() for p in model.parameters()),
         mode=result.mode,
         seed=seed,
-        batch=ready.describe(),
+        batch=batch.describe(),
         batch_source=batch_source,
         loss=result.loss.description,
         loss_kind=result.loss.kind,
@@ -91,8 +231,50 @@ def check(
         run=run,
         layers=diagnosis.layers,
         path=diagnosis.path,
-        findings=diagnosis.findings,
+        findings=tuple(findings),
         recommendations=recommendations,
-        notes=tuple(all_notes),
+        notes=tuple(notes),
         thresholds=limits.as_dict(),
     )
+
+
+def _float32_reference(model: nn.Module, batch: Batch, *, seed: int, train: bool, unfreeze: bool) -> ProbeResult | None:
+    """The same probe on a float32 copy of a half-precision model: what its gradients would be unrounded."""
+    try:
+        copy = deepcopy(model).float()
+    except Exception:  # a model that cannot be copied simply gets no reference
+        return None
+    floats = Batch(
+        args=tuple(_to_float32(a) for a in batch.args),
+        kwargs={k: _to_float32(v) for k, v in batch.kwargs.items()},
+        target=batch.target,
+    )
+    try:
+        return probe(copy, floats, seed=seed, train=train, unfreeze=unfreeze)
+    except GradcheckError:
+        return None
+
+
+def _to_float32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+        return value.float()
+    return value
+
+
+def _peak(measure: LayerMeasure) -> float:
+    """The largest |gradient element| of a layer, over its parameters and its output calls."""
+    peaks = [n.max_abs for n in (measure.grad, *measure.calls) if n is not None]
+    return max(peaks, default=0.0)
+
+
+def _lost(reference: ProbeResult, half: ProbeResult) -> tuple[tuple[str, float], ...]:
+    """Per layer: the share of gradient elements that are 0 in half precision but not in float32."""
+    lost = []
+    for measure, ref_hist, half_hist in zip(half.layers, reference.precision, half.precision, strict=True):
+        ref_total, half_total = sum(ref_hist), sum(half_hist)
+        if not ref_total or not half_total:
+            continue
+        share = half_hist[ZERO_BIN] / half_total - ref_hist[ZERO_BIN] / ref_total
+        if share > 0:
+            lost.append((measure.name, share))
+    return tuple(lost)

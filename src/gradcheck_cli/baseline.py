@@ -46,9 +46,13 @@ PATH_RULES = frozenset({"GC001", "GC002"})
 as a model changes, so they are matched by code alone."""
 
 
+RUN_RULES = frozenset({"GC010", "GC011", "GC012", "GC013", "GC014", "GC015"})
+"""Rules with one finding per kind for the whole model, whose ``layer`` is only the first one flagged."""
+
+
 def finding_key(code: str, layer: str | None) -> tuple[str, str | None]:
-    """How a finding is recognised across runs: code and layer, or code alone for path-level rules."""
-    return (code, None) if code in PATH_RULES else (code, layer)
+    """How a finding is recognised across runs: code and layer, or code alone for path- and model-level rules."""
+    return (code, None) if code in PATH_RULES | RUN_RULES else (code, layer)
 
 
 def compare(

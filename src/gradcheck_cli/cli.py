@@ -48,6 +48,21 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
+class Precision(str, Enum):
+    """Half precisions ``--autocast`` can probe under."""
+
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class OptimizerName(str, Enum):
+    """Optimisers of the optimisation probe."""
+
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
 class ReportFormat(str, Enum):
     """Report formats of ``inspect``: the terminal, JSON, and what CI systems read."""
 
@@ -168,6 +183,17 @@ def inspect(
         float | None,
         typer.Option(help="Flag exploding when the input-end gradient is above this multiple of the output's (1e3)."),
     ] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Do not try the recommendations on a copy of the model.")
+    ] = False,
+    autocast: Annotated[
+        Precision | None, typer.Option(help="Probe under torch.autocast in fp16 (with loss scaling) or bf16.")
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(min=0, max=10_000, help="Optimisation probe: optimiser steps on the batch, on a copy (0).")
+    ] = 0,
+    lr: Annotated[float, typer.Option(help="Optimisation probe: learning rate (1e-3).")] = 1e-3,
+    optimizer: Annotated[OptimizerName, typer.Option(help="Optimisation probe: the optimiser.")] = OptimizerName.sgd,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an input error (exit 2).")] = False,
 ) -> None:
     """Probe a model with one forward and backward pass and report per-layer gradient health."""
@@ -236,6 +262,11 @@ def inspect(
                 input_shape=None if input_shape is None else parse_shape(input_shape),
                 input_dtype=input_dtype,
                 thresholds=Thresholds(vanishing=vanishing, exploding=exploding),
+                verify=not no_verify,
+                autocast=None if autocast is None else autocast.value,
+                steps=steps,
+                lr=lr,
+                optimizer=optimizer.value,
             )
         )
     report = policy.apply(report)

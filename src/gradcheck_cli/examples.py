@@ -166,6 +166,44 @@ def build_nan_weight(seed: int) -> tuple[nn.Module, Batch]:
     return _classification(model, 64, seed)
 
 
+def build_dead_relu(seed: int) -> tuple[nn.Module, Batch]:
+    """An 8-layer Kaiming ReLU MLP whose fourth layer has bias −10: its units never fire."""
+    _seeded(seed)
+    init = lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu")  # noqa: E731
+    model = mlp(8, 128, nn.ReLU, init)
+    dead = model[6]
+    assert isinstance(dead, nn.Linear)
+    with torch.no_grad():
+        dead.bias.fill_(-10.0)
+    return _classification(model, 128, seed)
+
+
+def build_saturated_sigmoid(seed: int) -> tuple[nn.Module, Batch]:
+    """A 50-layer sigmoid MLP of width 256 with N(0, 1) weights: pre-activations far in the flat tails."""
+    _seeded(seed)
+    return _classification(mlp(DEPTH, 256, nn.Sigmoid, nn.init.normal_), 256, seed)
+
+
+class Scaled(nn.Module):
+    """Multiplies by a constant: a temperature, or a loss weight folded into the model."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def build_fp16_underflow(seed: int) -> tuple[nn.Module, Batch]:
+    """A healthy 6-layer Kaiming ReLU MLP held in fp16 whose logits are scaled by 1e-5: tiny gradients."""
+    _seeded(seed)
+    init = lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu")  # noqa: E731
+    model = nn.Sequential(mlp(6, 128, nn.ReLU, init), Scaled(1e-5)).half()
+    built, batch = _classification(model, 128, seed)
+    return built, Batch(args=tuple(a.half() for a in batch.args), target=batch.target)
+
+
 EXAMPLES: dict[str, Example] = {
     e.name: e
     for e in (
@@ -184,6 +222,19 @@ EXAMPLES: dict[str, Example] = {
         Example("rnn-vanishing", "tanh RNN cell over 200 steps, spectral radius 0.5", "vanishing", build_rnn_vanishing),
         Example("rnn-exploding", "tanh RNN cell over 200 steps, spectral radius 2.0", "exploding", build_rnn_exploding),
         Example("nan-weight", "ReLU MLP with one NaN weight", "non_finite", build_nan_weight),
+        Example("dead-relu", "ReLU MLP whose 4th layer has bias −10 (dead units)", "vanishing", build_dead_relu),
+        Example(
+            "saturated-sigmoid",
+            "50-layer sigmoid MLP with N(0, 1) weights (saturated units)",
+            "exploding",
+            build_saturated_sigmoid,
+        ),
+        Example(
+            "fp16-underflow",
+            "fp16 ReLU MLP with logits scaled by 1e-5 (gradients below fp16's range)",
+            "healthy",
+            build_fp16_underflow,
+        ),
     )
 }
 

@@ -33,6 +33,11 @@ class InspectRequest:
     input_shape: tuple[int, ...] | None = None
     input_dtype: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
+    verify: bool = True
+    autocast: str | None = None
+    steps: int = 0
+    lr: float = 1e-3
+    optimizer: str = "sgd"
 
 
 def run_inspect(request: InspectRequest) -> Report:
@@ -43,10 +48,11 @@ def run_inspect(request: InspectRequest) -> Report:
         source, kind = f"example:{request.example}", "example"
         notes: tuple[str, ...] = ()
         batch_source = f"example:{request.example}"
+        trained = None
     else:
         assert request.checkpoint is not None
         loaded = load_checkpoint(request.checkpoint, model_spec=request.model_spec, trust=request.trust)
-        model, kind, notes = loaded.module, loaded.kind, loaded.notes
+        model, kind, notes, trained = loaded.module, loaded.kind, loaded.notes, loaded.trained
         batch, batch_source = _choose_batch(request, loaded)
         source = str(request.checkpoint)
     try:
@@ -60,6 +66,12 @@ def run_inspect(request: InspectRequest) -> Report:
         train=request.train,
         unfreeze=request.unfreeze,
         thresholds=request.thresholds,
+        verify=request.verify,
+        autocast=request.autocast,
+        steps=request.steps,
+        lr=request.lr,
+        optimizer=request.optimizer,
+        trained=trained,
         source=source,
         checkpoint_kind=kind,
         notes=notes,

@@ -10,7 +10,7 @@ from gradcheck_cli.baseline import PATH_RULES
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.report import Finding, Report
 
-RULE_CODES = frozenset(f"GC{n:03d}" for n in range(1, 10))
+RULE_CODES = frozenset(f"GC{n:03d}" for n in range(1, 16))
 """The codes of docs/rules.md (kept in step with rules.RULES by a test; no torch import here)."""
 
 
@@ -67,7 +67,11 @@ class Policy:
         notes = report.notes + (
             (f"{dropped} finding(s) left out by --select/--ignore/--ignore-layer",) if dropped else ()
         )
-        return replace(report, findings=findings, recommendations=advice, layers=layers, notes=notes)
+        kept = {r.id for r in advice}
+        verifications = tuple(v for v in report.verifications if v.id in kept)
+        return replace(
+            report, findings=findings, recommendations=advice, verifications=verifications, layers=layers, notes=notes
+        )
 
 
 def _flagged_layers(report: Report, finding: Finding) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,9 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradcheck_cli.activations import ActivationRecorder, ActivationTotals
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import BatchError, first_line
 from gradcheck_cli.loss import LossChoice, choose_loss, float_leaves
+from gradcheck_cli.precision import BINS, NON_FINITE_BIN, grouped_histograms
 from gradcheck_cli.recorder import ActivationGradientRecorder, norm_and_max_abs
 
 
@@ -61,6 +64,16 @@ class ProbeResult:
     mode: str
     output_finite: bool
     """Whether every floating-point element of the model's output was finite."""
+    precision: tuple[tuple[float, ...], ...] = ()
+    """Per layer: exponent histogram of its parameter and activation gradients (unscaled)."""
+    activations: tuple[ActivationTotals, ...] = ()
+    """Per activation module: saturation, dead units and φ'(z) sums over its calls."""
+    leaf_calls: tuple[tuple[str, str], ...] = ()
+    """(name, class name) of every leaf-module call in forward order."""
+    autocast: str | None = None
+    """``fp16``/``bf16`` when the pass ran under autocast."""
+    loss_scale: float = 1.0
+    """What the loss was multiplied by before backward; every gradient number is divided back."""
 
 
 def parametrised_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -100,6 +113,8 @@ def probe(
     train: bool = True,
     unfreeze: bool = False,
     keep_grads: bool = False,
+    autocast: str | None = None,
+    loss_scale: float = 1.0,
 ) -> ProbeResult:
     """Run one forward and backward pass of ``model`` on ``batch`` and measure every layer.
 
@@ -108,6 +123,9 @@ def probe(
     modes, ``requires_grad`` flags and existing ``.grad`` values are restored, and no hook
     outlives the call, whether it succeeds or raises. ``keep_grads`` leaves this pass's
     gradients in ``.grad`` (for an optimiser step on a copy) instead of restoring the old ones.
+    ``autocast`` (``fp16``/``bf16``) runs forward and loss under ``torch.autocast``; the loss is
+    multiplied by ``loss_scale`` before backward (GradScaler-style) and every gradient number
+    divided back, so the report reads in unscaled units while half precision saw scaled values.
     """
     named = parametrised_modules(model)
     if not any(p.is_floating_point() for _, m in named for p in m.parameters(recurse=False)):
@@ -134,6 +152,7 @@ def probe(
         torch.random.fork_rng(devices=_cuda_devices(params)),
         torch.enable_grad(),
         ActivationGradientRecorder(modules if hooks else []) as recorder,
+        ActivationRecorder(model if hooks else nn.Module()) as activations,
     ):
         torch.manual_seed(seed)
         mode = set_mode(model, train)
@@ -141,12 +160,58 @@ def probe(
             p.grad = None
             if p.is_floating_point():
                 p.requires_grad_(True)
-        output = _forward(model, batch, seed)
-        loss, choice = choose_loss(output, batch.target, seed)
+        with _autocast(autocast, params):
+            output = _forward(model, batch, seed)
+            loss, choice = choose_loss(output, batch.target, seed)
         output_max = [torch.linalg.vector_norm(t.detach(), ord=math.inf) for t in float_leaves(output) if t.numel()]
         del output
-        _backward(loss)
-        return _collect(named, params, frozen, recorder, choice, loss.detach(), output_max, hooks, mode)
+        _backward(loss * loss_scale if loss_scale != 1.0 else loss)
+        result = _collect(named, params, frozen, recorder, activations, choice, loss.detach(), output_max, hooks, mode)
+        if autocast is None and loss_scale == 1.0:
+            return result
+        return _unscaled(result, autocast, loss_scale)
+
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _autocast(kind: str | None, params: list[nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
+    if kind is None:
+        return contextlib.nullcontext()
+    device = next((p.device.type for p in params), "cpu")
+    return torch.autocast(device_type=device, dtype=AUTOCAST_DTYPES[kind])
+
+
+def _unscaled(result: ProbeResult, autocast: str | None, scale: float) -> ProbeResult:
+    """Divide every gradient number by the loss scale (norms, maxima, through-time profiles, histograms)."""
+
+    def norm(n: Norm | None) -> Norm | None:
+        return None if n is None else Norm(n.l2 / scale, n.max_abs / scale)
+
+    shift = round(math.log2(scale))
+    layers = tuple(
+        dataclasses.replace(
+            m,
+            grad=norm(m.grad),
+            calls=tuple(norm(c) for c in m.calls),
+            time_profile=tuple(v / scale for v in m.time_profile),
+        )
+        for m in result.layers
+    )
+    precision = tuple(_shift_histogram(h, shift) for h in result.precision)
+    return dataclasses.replace(result, layers=layers, precision=precision, autocast=autocast, loss_scale=scale)
+
+
+def _shift_histogram(hist: tuple[float, ...], shift: int) -> tuple[float, ...]:
+    """The histogram of g / 2^shift: every finite non-zero exponent moves down by ``shift``."""
+    if shift == 0 or not hist:
+        return hist
+    head = list(hist[: NON_FINITE_BIN + 1])
+    body = [0.0] * (BINS - NON_FINITE_BIN - 1)
+    for index in range(NON_FINITE_BIN + 1, BINS):
+        target = min(max(index - shift, NON_FINITE_BIN + 1), BINS - 1)
+        body[target - NON_FINITE_BIN - 1] += hist[index]
+    return (*head, *body)
 
 
 OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
@@ -217,6 +282,7 @@ def _collect(
     params: list[nn.Parameter],
     frozen: set[int],
     recorder: ActivationGradientRecorder,
+    activations: ActivationRecorder,
     choice: LossChoice,
     loss: torch.Tensor,
     output_max: list[torch.Tensor],
@@ -238,6 +304,10 @@ def _collect(
     pieces.append(loss.reshape(()))
     timed = sorted(recorder.time_norms)
     pieces += [recorder.time_norms[call_id] for call_id in timed]
+    hist = _layer_histograms(named, with_grad, recorder)
+    pieces.append(hist)
+    activation_values = activations.device_tensors()
+    pieces += activation_values
     values = to_host(pieces)
 
     cursor = 0
@@ -255,6 +325,9 @@ def _collect(
     out_values = take(len(output_max))
     loss_value = take(1)[0]
     time_of = {call_id: tuple(take(recorder.time_norms[call_id].numel())) for call_id in timed}
+    hist_values = take(hist.numel())
+    precision = tuple(tuple(hist_values[i * BINS : (i + 1) * BINS]) for i in range(len(named)))
+    activation_totals = activations.summarise(take(len(activation_values)))
 
     per_call: list[Norm | None] = []
     offset = 0
@@ -294,7 +367,36 @@ def _collect(
         loss_value=loss_value,
         mode=mode,
         output_finite=all(math.isfinite(v) for v in out_values),
+        precision=precision,
+        activations=activation_totals,
+        leaf_calls=tuple(activations.leaf_calls),
     )
+
+
+def _layer_histograms(
+    named: list[tuple[str, nn.Module]], with_grad: list[nn.Parameter], recorder: ActivationGradientRecorder
+) -> torch.Tensor:
+    """Exponent histograms per layer (layers × BINS) of its parameter gradients and activation gradients."""
+    owner: dict[int, int] = {}
+    for index, (_, module) in enumerate(named):
+        for p in module.parameters(recurse=False):
+            owner.setdefault(id(p), index)
+    grads = [p.grad for p in with_grad if p.grad is not None and not p.grad.is_sparse]
+    groups = [owner[id(p)] for p in with_grad if p.grad is not None and not p.grad.is_sparse]
+    device = grads[0].device if grads else torch.device("cpu")
+    by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
+    for g, group in zip(grads, groups, strict=True):
+        tensors, owners = by_device.setdefault(g.device, ([], []))
+        tensors.append(g)
+        owners.append(group)
+    total = torch.zeros((len(named), BINS), dtype=torch.int64, device=device)
+    for tensors, owners in by_device.values():
+        total += grouped_histograms(tensors, owners, len(named)).to(device)
+    rows = [(layer, h) for (layer, _), hists in zip(recorder.calls, recorder.hists, strict=True) for h in hists]
+    if rows:
+        owners_of_rows = torch.tensor([layer for layer, _ in rows], device=device)
+        total.index_add_(0, owners_of_rows, torch.stack([h.to(device) for _, h in rows]))
+    return total
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[float]:

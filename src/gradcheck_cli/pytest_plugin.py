@@ -156,9 +156,15 @@ def failure_message(report: Report, *, fail_on: str = "error", worst: int = WORS
             where = f" [{f.layer}]" if f.layer else ""
             lines.append(f"  {f.code} {f.severity.value} {f.name}{where}: {f.message}")
     if report.recommendations:
-        lines.append("recommendations (most likely fix first):")
+        verified = {v.id: v for v in report.verifications}
+        order = "ordered by the effect verified on a copy" if verified else "most likely fix first"
+        lines.append(f"recommendations ({order}):")
         for rank, rec in enumerate(report.recommendations, start=1):
-            lines.append(f"  {rank}. [{rec.id}] {rec.title}")
+            check = verified.get(rec.id)
+            tried = ""
+            if check is not None and check.verified:
+                tried = " (verified: healthy on a copy)" if check.fixed else " (tried on a copy: not enough alone)"
+            lines.append(f"  {rank}. [{rec.id}] {rec.title}{tried}")
             first = next((line.strip() for line in rec.snippet.splitlines() if line.strip()), "")
             if first:
                 lines.append(f"       {first}")

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradcheck_cli.loss import float_leaves
+from gradcheck_cli.precision import exponent_histogram
 
 
 def norm_and_max_abs(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +49,8 @@ class ActivationGradientRecorder:
         """(module index, call index of that module) per forward call, in forward order."""
         self.norms: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         """Per call: (L2 norm, max |g|) of each output's gradient, as 0-dim device tensors."""
+        self.hists: list[list[torch.Tensor]] = []
+        """Per call: the exponent histogram of each output's gradient (see :mod:`gradcheck_cli.precision`)."""
         self.time_norms: dict[int, torch.Tensor] = {}
         """Per call of a fused recurrent module: ‖∂L/∂x_t‖ for every time step t (1-D device tensor)."""
         self._calls_per_module = [0] * len(modules)
@@ -77,6 +80,7 @@ class ActivationGradientRecorder:
             self.calls.append((index, self._calls_per_module[index]))
             self._calls_per_module[index] += 1
             self.norms.append([])
+            self.hists.append([])
             for tensor in float_leaves(output):
                 if tensor.requires_grad:
                     self._watch(tensor, self._grad_hook(call_id))
@@ -84,9 +88,10 @@ class ActivationGradientRecorder:
         return hook
 
     def _grad_hook(self, call_id: int) -> Any:
-        def hook(grad: torch.Tensor) -> None:
-            if grad.numel():
+        def hook(grad: torch.Tensor | None) -> None:
+            if grad is not None and grad.numel():  # cuDNN's fused RNN can hand a None gradient to an output
                 self.norms[call_id].append(norm_and_max_abs(grad))
+                self.hists[call_id].append(exponent_histogram(grad))
 
         return hook
 

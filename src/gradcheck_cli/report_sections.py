@@ -15,8 +15,10 @@ class InitLayer:
     fan_in: int
     fan_out: int
     std: float
+    """√mean(w²): the standard deviation of the zero-mean distribution an init draws from."""
     activation: str
-    """The activation that follows it in the forward pass (``linear`` when none is seen)."""
+    """The activation that follows it in the forward pass (``linear`` when none is seen, ``unknown`` for a
+    layer that never runs as a module, such as ``nn.MultiheadAttention.out_proj``)."""
     gain: float
     """``nn.init.calculate_gain`` of that activation."""
     xavier_std: float
@@ -42,7 +44,7 @@ class InitAudit:
     skipped: str | None = None
     """Why the audit does not apply (a trained checkpoint), or None when it ran."""
     trained_layers: tuple[str, ...] = ()
-    """Layers whose weights no longer look like an initialisation (statistics in docs/diagnostics.md)."""
+    """Layers whose weights no longer look like an initialisation (statistics in docs/init_audit.md)."""
 
 
 @dataclass(frozen=True)
@@ -72,17 +74,17 @@ class PrecisionLayer:
 
     layer: str
     elements: int
-    """Elements examined (a strided sample of at most 65 536 per tensor)."""
+    """Elements examined (a strided sample of at most 4096 per tensor)."""
     zero: float
     """Share already exactly zero in float32 (not lost, not counted below)."""
     fp16_flush: float
-    """Share of non-zero elements below fp16's smallest subnormal (5.96e-8): they become 0."""
+    """Share of non-zero elements below half fp16's smallest subnormal (2⁻²⁵ ≈ 2.98e-8): they round to 0."""
     fp16_subnormal: float
     """Share of non-zero elements below fp16's smallest normal (6.10e-5): they lose precision."""
     fp16_overflow: float
     """Share above fp16's largest value (65504): they become Inf."""
     bf16_flush: float
-    """Share of non-zero elements below bf16's smallest subnormal (9.2e-41)."""
+    """Share of non-zero elements that round to 0 in bf16 (below 2⁻¹³⁴ ≈ 4.6e-41)."""
     max_abs: float
     fp16_flush_scaled: float = 0.0
     """``fp16_flush`` after multiplying by the recommended loss scale."""
@@ -142,6 +144,8 @@ class Outcome:
     attenuation: float | None
     gain: float | None
     finite: bool = True
+    through_time: float | None = None
+    """Fused RNN/LSTM/GRU: the first-step / last-step gradient farthest from 1, when there is one."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,49 @@ from dataclasses import dataclass
 from gradcheck_cli.gain import stretch_gain
 from gradcheck_cli.probe import LayerMeasure, Norm, ProbeResult
 from gradcheck_cli.report import Finding, LayerStats, PathSummary, Problem, Severity
+from gradcheck_cli.rule_codes import (
+    DEAD_UNITS,
+    EXPLODING,
+    EXPLODING_THROUGH_TIME,
+    FP16_OVERFLOW,
+    FP16_UNDERFLOW,
+    INIT_SCALE,
+    NO_GRADIENT,
+    NON_FINITE_FORWARD,
+    NON_FINITE_GRADIENT,
+    PARAMETER_GRADIENTS_ONLY,
+    RULES,
+    SATURATED_ACTIVATION,
+    UNSTABLE_OPTIMISATION,
+    UNUSED_LAYER,
+    VANISHING,
+    VANISHING_THROUGH_TIME,
+    Rule,
+)
 from gradcheck_cli.traits import GATED_RECURRENT, PLAIN_RECURRENT
+
+__all__ = [  # the rule codes are re-exported: callers import them from here
+    "DEAD_UNITS",
+    "EXPLODING",
+    "EXPLODING_THROUGH_TIME",
+    "FP16_OVERFLOW",
+    "FP16_UNDERFLOW",
+    "INIT_SCALE",
+    "NON_FINITE_FORWARD",
+    "NON_FINITE_GRADIENT",
+    "NO_GRADIENT",
+    "PARAMETER_GRADIENTS_ONLY",
+    "RULES",
+    "SATURATED_ACTIVATION",
+    "UNSTABLE_OPTIMISATION",
+    "UNUSED_LAYER",
+    "VANISHING",
+    "VANISHING_THROUGH_TIME",
+    "Diagnosis",
+    "Rule",
+    "Thresholds",
+    "diagnose",
+]
 
 
 @dataclass(frozen=True)
@@ -31,36 +73,6 @@ class Thresholds:
         """The thresholds as the report's ``thresholds`` object."""
         return {"vanishing_attenuation": self.vanishing, "exploding_attenuation": self.exploding}
 
-
-@dataclass(frozen=True)
-class Rule:
-    """A rule's stable code and name (docs/rules.md)."""
-
-    code: str
-    name: str
-
-
-VANISHING = Rule("GC001", "vanishing-gradient")
-EXPLODING = Rule("GC002", "exploding-gradient")
-NON_FINITE_GRADIENT = Rule("GC003", "non-finite-gradient")
-NON_FINITE_FORWARD = Rule("GC004", "non-finite-forward")
-NO_GRADIENT = Rule("GC005", "no-gradient")
-PARAMETER_GRADIENTS_ONLY = Rule("GC006", "parameter-gradients-only")
-UNUSED_LAYER = Rule("GC007", "unused-layer")
-VANISHING_THROUGH_TIME = Rule("GC008", "vanishing-through-time")
-EXPLODING_THROUGH_TIME = Rule("GC009", "exploding-through-time")
-
-RULES = (
-    VANISHING,
-    EXPLODING,
-    NON_FINITE_GRADIENT,
-    NON_FINITE_FORWARD,
-    NO_GRADIENT,
-    PARAMETER_GRADIENTS_ONLY,
-    UNUSED_LAYER,
-    VANISHING_THROUGH_TIME,
-    EXPLODING_THROUGH_TIME,
-)
 
 RECURRENT_CELLS = GATED_RECURRENT | PLAIN_RECURRENT
 GATED_NOTE = (

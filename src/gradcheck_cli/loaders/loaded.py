@@ -21,3 +21,5 @@ class LoadedModel:
     """What the loader had to do or could not do, in plain words (carried into the report)."""
     example_batch: Batch | None = None
     """A batch stored with the checkpoint (a ``.pt2`` file's example inputs), used when there is no --input."""
+    trained: str | None = None
+    """Why the checkpoint is known to come from training (optimizer state, a step count), else None."""

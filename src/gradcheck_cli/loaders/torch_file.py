@@ -6,6 +6,7 @@ torch to unsafe loading); anything more (a pickled module, custom classes) needs
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,6 +70,20 @@ def _reason(error: pickle.UnpicklingError) -> str:
     return "the file is damaged or not a torch file" if reason.startswith("Weights only load failed") else reason
 
 
+OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optimizer_states", "optim", "opt_state")
+STEP_KEYS = ("epoch", "global_step", "step", "iteration", "iter")
+
+
+def training_evidence(content: Mapping[Any, Any]) -> str | None:
+    """Why a training-checkpoint dict comes from training (optimizer state, a positive step count), or None."""
+    reasons = [f"optimizer state ({key!r})" for key in OPTIMIZER_KEYS if content.get(key)]
+    for key in STEP_KEYS:
+        value = content.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            reasons.append(f"{key} {value:g}")
+    return f"the checkpoint holds {' and '.join(reasons)}" if reasons else None
+
+
 def _interpret(content: Any, path: Path, model_spec: str | None) -> LoadedModel:
     if isinstance(content, nn.Module):
         notes = (f"--model {model_spec} ignored: the checkpoint holds a whole module",) if model_spec else ()
@@ -77,15 +92,18 @@ def _interpret(content: Any, path: Path, model_spec: str | None) -> LoadedModel:
         raise CheckpointError(f"{path} holds a {type(content).__name__}, not a model or a state_dict")
     if is_state_dict(content):
         return with_architecture(content, path, model_spec, "state_dict")
+    trained = training_evidence(content)
     for key in STATE_DICT_KEYS:
         value = content.get(key)
         if isinstance(value, nn.Module):
-            return LoadedModel(value, "training_checkpoint", (f"model taken from the checkpoint's {key!r} entry",))
+            notes = (f"model taken from the checkpoint's {key!r} entry",)
+            return LoadedModel(value, "training_checkpoint", notes, trained=trained)
         if isinstance(value, Mapping) and is_state_dict(value):
             found = [f"weights from {key!r}"]
             if "hyper_parameters" in content:
                 found.append("a Lightning checkpoint (hyper_parameters present)")
-            return with_architecture(value, path, model_spec, "training_checkpoint", tuple(found))
+            loaded = with_architecture(value, path, model_spec, "training_checkpoint", tuple(found))
+            return dataclasses.replace(loaded, trained=trained)
     keys = ", ".join(repr(k) for k in list(content)[:8])
     raise CheckpointError(
         f"{path} is a dict without model weights (keys: {keys}); expected a state_dict or one under "

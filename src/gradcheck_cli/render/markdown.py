@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+from gradcheck_cli.render.causes_text import cause_lines, verification_line
 from gradcheck_cli.render.numbers import count, number
 from gradcheck_cli.report import BaselineDiff, Finding, LayerMove, LayerStats, Report, Severity
 
@@ -19,7 +20,7 @@ _SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
 
 def render_markdown(report: Report) -> str:
     """The whole report as GitHub-flavoured Markdown, ending with a newline."""
-    parts = [_verdict(report), _run(report), _path(report), _layers(report)]
+    parts = [_verdict(report), _run(report), _path(report), _layers(report), _causes(report)]
     if report.findings:
         parts.append(_findings(report.findings))
     if report.baseline is not None:
@@ -206,14 +207,26 @@ def _moves(moves: tuple[LayerMove, ...]) -> list[str]:
     return rows
 
 
+def _causes(report: Report) -> str:
+    lines = cause_lines(report)
+    if not lines:
+        return ""
+    items = [f"- {_escape(line).replace(chr(10), '  ' + chr(10) + '  ')}" for line in lines]
+    return "\n".join(["### Causes", "", *items])
+
+
 def _recommendations(report: Report) -> str:
-    lines = ["### Recommendations (most likely fix first)"]
+    verified = {v.id: v for v in report.verifications}
+    order = "ordered by the effect verified on a copy" if verified else "most likely fix first"
+    lines = [f"### Recommendations ({order})"]
     for rank, rec in enumerate(report.recommendations, start=1):
         fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", rec.snippet)), default=0) + 1)
+        line = verification_line(rec, verified.get(rec.id))
         lines += [
             "",
             f"{rank}. **{_escape(rec.title)}** ({_code(rec.id)})  ",
-            f"   why: {_escape(rec.why)}",
+            f"   why: {_escape(rec.why)}" + ("  " if line is not None else ""),
+            *([f"   {_escape(line.plain)}"] if line is not None else []),
             "",
             f"   {fence}python",
             *(f"   {line}".rstrip() for line in rec.snippet.splitlines()),

@@ -86,6 +86,42 @@ RULE_TEXT: dict[str, RuleText] = {
         "times the last step's.",
         "error",
     ),
+    "GC010": RuleText(
+        "Weights are initialised far from the scale their activation needs.",
+        "Against Xavier/Kaiming with nn.init.calculate_gain of the following activation, the weights' standard "
+        "deviation is far off, alone or compounded over a stack without normalisation (skipped for trained "
+        "checkpoints).",
+        "warning",
+    ),
+    "GC011": RuleText(
+        "Sigmoid or tanh units are saturated.",
+        "A large share of the pre-activations sit where the activation's derivative is below 1 % of its maximum, "
+        "so almost no gradient passes those units.",
+        "warning",
+    ),
+    "GC012": RuleText(
+        "Most ReLU units are dead.",
+        "Most units of a ReLU layer were ≤ 0 for every sample of the batch, so no gradient passes them.",
+        "warning",
+    ),
+    "GC013": RuleText(
+        "Half precision would flush gradients to zero.",
+        "A large share of a layer's gradient elements lies below fp16's range (under 2.98e-8 they round to 0): for "
+        "a float32 model even at the loss scale a GradScaler would reach, for an fp16 one without scaling; bf16 keeps "
+        "float32's range.",
+        "note",
+    ),
+    "GC014": RuleText(
+        "Half precision would overflow gradients.",
+        "Some gradient elements exceed fp16's largest value (65504) and would become Inf.",
+        "note",
+    ),
+    "GC015": RuleText(
+        "Gradients grow without bound or collapse during optimisation.",
+        "Over the optimisation probe's steps on the sample batch (--steps), the gradient norm or the path "
+        "attenuation left the healthy band, or became NaN/Inf.",
+        "error",
+    ),
 }
 
 

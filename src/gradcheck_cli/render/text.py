@@ -10,6 +10,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from gradcheck_cli.render.causes_text import causes, verification_line
 from gradcheck_cli.render.numbers import count, number
 from gradcheck_cli.report import LayerStats, Report, Severity
 
@@ -29,6 +30,11 @@ def render_text(report: Report, *, width: int = 110) -> str:
 def text_report(report: Report) -> RenderableType:
     """The whole report as one rich renderable; the caller's console decides about colour."""
     parts: list[RenderableType] = [_header(report), _table(report), _path(report)]
+    parts += causes(report)
+    if report.optimisation is not None:
+        from gradcheck_cli.render.steps_chart import steps_chart
+
+        parts.append(steps_chart(report.optimisation))
     if report.findings:
         parts.append(_findings(report))
     if report.recommendations:
@@ -156,12 +162,17 @@ def _findings(report: Report) -> Table:
 
 
 def _recommendations(report: Report) -> Group:
-    parts: list[RenderableType] = [Text("recommendations (most likely fix first)", style="bold")]
+    verified = {v.id: v for v in report.verifications}
+    order = "ordered by the effect verified on a copy" if verified else "most likely fix first"
+    parts: list[RenderableType] = [Text(f"recommendations ({order})", style="bold")]
     for rank, rec in enumerate(report.recommendations, start=1):
         head = Text(f"{rank}. {rec.title} ", style="bold")
         head.append(f"[{rec.id}]", style="cyan")
         parts.append(head)
         parts.append(Padding(Text(f"why: {rec.why}"), (0, 0, 0, 3)))
+        line = verification_line(rec, verified.get(rec.id))
+        if line is not None:
+            parts.append(Padding(line, (0, 0, 0, 3)))
         parts.append(Padding(Text(rec.snippet, style="green"), (0, 0, 0, 3)))
     return Group(*parts)
 

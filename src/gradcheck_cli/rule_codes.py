@@ -1,0 +1,48 @@
+"""Every rule's stable code and name (docs/rules.md); codes are never renumbered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule's stable code and name (docs/rules.md)."""
+
+    code: str
+    name: str
+
+
+VANISHING = Rule("GC001", "vanishing-gradient")
+EXPLODING = Rule("GC002", "exploding-gradient")
+NON_FINITE_GRADIENT = Rule("GC003", "non-finite-gradient")
+NON_FINITE_FORWARD = Rule("GC004", "non-finite-forward")
+NO_GRADIENT = Rule("GC005", "no-gradient")
+PARAMETER_GRADIENTS_ONLY = Rule("GC006", "parameter-gradients-only")
+UNUSED_LAYER = Rule("GC007", "unused-layer")
+VANISHING_THROUGH_TIME = Rule("GC008", "vanishing-through-time")
+EXPLODING_THROUGH_TIME = Rule("GC009", "exploding-through-time")
+INIT_SCALE = Rule("GC010", "init-scale")
+SATURATED_ACTIVATION = Rule("GC011", "saturated-activation")
+DEAD_UNITS = Rule("GC012", "dead-units")
+FP16_UNDERFLOW = Rule("GC013", "fp16-underflow")
+FP16_OVERFLOW = Rule("GC014", "fp16-overflow")
+UNSTABLE_OPTIMISATION = Rule("GC015", "unstable-optimisation")
+
+RULES = (
+    VANISHING,
+    EXPLODING,
+    NON_FINITE_GRADIENT,
+    NON_FINITE_FORWARD,
+    NO_GRADIENT,
+    PARAMETER_GRADIENTS_ONLY,
+    UNUSED_LAYER,
+    VANISHING_THROUGH_TIME,
+    EXPLODING_THROUGH_TIME,
+    INIT_SCALE,
+    SATURATED_ACTIVATION,
+    DEAD_UNITS,
+    FP16_UNDERFLOW,
+    FP16_OVERFLOW,
+    UNSTABLE_OPTIMISATION,
+)
