@@ -98,12 +98,12 @@ def check(
     )
     audit = audit_init(model, result.leaf_calls, trained=trained) if result.activation_hooks else None
     half = autocast == "fp16" or traits.half_precision
-    findings = list(diagnosis.findings)
+    findings = list(diagnosis.findings)  # what is wrong, then why: init, activations, precision
+    if audit is not None:
+        findings += init_findings(audit)
     findings += activation_findings(activations)
     if not any(f.problem is Problem.NON_FINITE for f in findings):  # NaN/Inf already: fp16 is not the story
         findings += precision_findings(precision, half=half)
-    if audit is not None:
-        findings += init_findings(audit)
     origin = None
     if any(f.problem is Problem.NON_FINITE for f in findings):
         origin = locate_non_finite(model, ready, seed=seed, train=train, unfreeze=unfreeze)
