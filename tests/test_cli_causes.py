@@ -6,7 +6,10 @@ from typing import Any
 
 import pytest
 import torch
+
 from cli_support import assert_one_line_error, checkpoint_model, json_report, run_many, save_inputs, show
+
+STEPS = ["inspect", "--example", "relu-kaiming", "--steps", "3", "--lr", "0.01"]
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +29,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "no_verify": ["inspect", "--example", "dead-relu", "--no-verify", "-f", "json"],
             "nan": ["inspect", "--example", "nan-weight"],
             "bf16": ["inspect", "--example", "relu-kaiming", "--autocast", "bf16", "-f", "json"],
-            "steps": [
-                "inspect",
-                "--example",
-                "relu-kaiming",
-                "--steps",
-                "3",
-                "--lr",
-                "0.01",
-                "--optimizer",
-                "adam",
-                "-f",
-                "json",
-            ],  # fmt: skip
+            "steps": [*STEPS, "--optimizer", "adam", "-f", "json"],
             "steps_text": ["inspect", "--example", "deep-linear", "--steps", "4", "--lr", "0.5", "--no-verify"],
             "bad_autocast": ["inspect", "--example", "relu-kaiming", "--autocast", "fp8"],
             "bad_lr": ["inspect", "--example", "relu-kaiming", "--steps", "2", "--lr", "0"],
