@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from torch import nn
@@ -136,3 +138,5 @@ def test_json_report_carries_every_cause_section_as_strict_json():
     assert data["verifications"][0]["fixed"] is True
     assert len(data["optimisation"]["steps"]) == 3
     assert data["precision"]["recommended_scale"] >= 1
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "report.schema.json").read_text())
+    assert not list(jsonschema.Draft202012Validator(schema).iter_errors(data))
