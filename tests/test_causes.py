@@ -89,9 +89,13 @@ def test_fp16_model_with_tiny_gradients_gets_the_scaling_advice_with_a_measured_
     assert finding.severity.value == "warning"
     assert report.precision is not None and report.precision.lost  # zeros in fp16 that float32 has not
     assert max(share for _, share in report.precision.lost) > 0.2
-    rec = next(r for r in report.recommendations if r.id == "mixed_precision_scaling")
+    rec, verification = top_fix(report)
+    assert rec.id == "mixed_precision_scaling"
     exponent = int(math.log2(report.precision.recommended_scale))
     assert f"init_scale=2.0**{exponent}" in rec.snippet and exponent > 10
+    # verified: probed in fp16 with the loss scaled (backing off like GradScaler where it overflows)
+    assert verification.verified and verification.fixed
+    assert "lost to zero went from" in verification.applied and verification.applied.endswith("to 0.0%")
 
 
 def test_healthy_examples_get_no_recommendation_and_no_verification_cost():

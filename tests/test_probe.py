@@ -209,3 +209,13 @@ def test_out_of_memory_in_the_forward_is_an_input_error():
 
     with pytest.raises(BatchError, match="ran out of memory; try a smaller batch"):
         probe(Hungry(), Batch(args=(torch.randn(1, 2),)))
+
+
+def test_train_mode_probe_leaves_batchnorm_running_statistics_as_they_were():
+    from gradcheck_cli.api import check
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check(model, torch.randn(32, 8) * 5 + 3, steps=2, lr=0.1)  # train mode: BatchNorm updates its statistics
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

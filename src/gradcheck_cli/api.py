@@ -18,9 +18,8 @@ from gradcheck_cli.init_audit import audit_init, init_findings
 from gradcheck_cli.nonfinite import locate_non_finite
 from gradcheck_cli.optimise import optimisation_findings, trace_optimisation
 from gradcheck_cli.precision import ZERO_BIN, precision_findings, precision_section, recommended_scale
-from gradcheck_cli.probe import AUTOCAST_DTYPES, LayerMeasure, ProbeResult, module_type, probe
+from gradcheck_cli.probe import AUTOCAST_DTYPES, LayerMeasure, ProbeResult, module_type, probe, probe_scaled
 from gradcheck_cli.report import Finding, Problem, Recommendation, Report, RunInfo
-from gradcheck_cli.report_sections import Verification
 from gradcheck_cli.rules import Diagnosis, Thresholds, diagnose
 from gradcheck_cli.traits import model_traits
 from gradcheck_cli.verify import order_by_effect, verify_recommendations
@@ -82,7 +81,9 @@ def check(
     if autocast is not None:
         reference = result
         scale = recommended_scale(reference.precision) if autocast == "fp16" else 1.0
-        result = probe(model, ready, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast, loss_scale=scale)
+        result = probe_scaled(
+            model, ready, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast, loss_scale=scale
+        )
     elif traits.half_precision:
         reference = _float32_reference(model, ready, seed=seed, train=train, unfreeze=unfreeze)
     diagnosis = diagnose(result, limits)
@@ -147,49 +148,24 @@ def check(
             + (f" with the loss scaled by {result.loss_scale:g}; gradients are reported unscaled" if half else "")
             + "; a float32 pass is the reference for what half precision loses"
         )
-    verifications: tuple[Verification, ...] = ()
-    if verify and recommendations:
-        interim = _report(
-            model,
-            ready,
-            result,
-            diagnosis,
-            findings,
-            recommendations,
-            all_notes,
-            limits,
-            seed,
-            source,
-            checkpoint_kind,
-            batch_source,
-        )
-        verifications = verify_recommendations(
-            model, ready, interim, seed=seed, train=train, unfreeze=unfreeze, thresholds=limits
-        )
-        recommendations, verifications = order_by_effect(recommendations, verifications)
-    report = _report(
-        model,
-        ready,
-        result,
-        diagnosis,
-        findings,
-        recommendations,
-        all_notes,
-        limits,
-        seed,
-        source,
-        checkpoint_kind,
-        batch_source,
-    )
-    return dataclasses.replace(
-        report,
+    report = dataclasses.replace(
+        _report(
+            model, ready, result, diagnosis, findings, recommendations, all_notes, limits, seed, source,
+            checkpoint_kind, batch_source,
+        ),
         init_audit=audit,
         activations=activations,
         precision=precision,
         non_finite_origin=origin,
-        verifications=verifications,
         optimisation=trace,
+    )  # fmt: skip
+    if not (verify and recommendations):
+        return report
+    verifications = verify_recommendations(
+        model, ready, report, seed=seed, train=train, unfreeze=unfreeze, thresholds=limits
     )
+    ordered, verifications = order_by_effect(recommendations, verifications)
+    return dataclasses.replace(report, recommendations=ordered, verifications=verifications)
 
 
 CAUSE_CODES = frozenset({"GC013", "GC014"})

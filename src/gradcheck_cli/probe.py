@@ -173,6 +173,37 @@ def probe(
 
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+BACKOFF = 2.0**-4
+"""When a loss scale overflows, try this much smaller (GradScaler halves per step; one probe does 4 at once)."""
+
+
+def probe_scaled(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    seed: int,
+    train: bool,
+    unfreeze: bool,
+    autocast: str | None,
+    loss_scale: float,
+) -> ProbeResult:
+    """:func:`probe` with the loss scaled GradScaler-style: a scale whose gradients overflow backs off.
+
+    GradScaler skips a step whose gradients hold Inf/NaN and lowers its scale; this tries
+    ``loss_scale``, then 16× smaller, until the gradients are finite or the scale reaches 1
+    (where non-finite gradients are the model's own). The result carries the scale that worked.
+    """
+    scale = loss_scale
+    while True:
+        result = probe(model, batch, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast, loss_scale=scale)
+        if scale <= 1.0 or _gradients_finite(result):
+            return result
+        scale = max(1.0, scale * BACKOFF)
+
+
+def _gradients_finite(result: ProbeResult) -> bool:
+    norms = [n for m in result.layers for n in (m.grad, *m.calls) if n is not None]
+    return all(n.finite for n in norms)
 
 
 def _autocast(kind: str | None, params: list[nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
@@ -262,9 +293,16 @@ def _cuda_devices(params: list[nn.Parameter]) -> list[int]:
 
 @contextlib.contextmanager
 def _restored_state(model: nn.Module, params: list[nn.Parameter], keep_grads: bool = False) -> Iterator[None]:
-    """Give back every module's ``training`` flag and every parameter's flags and gradient (unless ``keep_grads``)."""
+    """Give back every module's ``training`` flag, every parameter's flags and gradient (unless
+    ``keep_grads``), and the running statistics a train-mode pass updates (BatchNorm/InstanceNorm)."""
     training = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad, p.grad) for p in params]
+    running = [
+        (buffer, buffer.detach().clone())
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+        for buffer in module.buffers(recurse=False)
+    ]
     try:
         yield
     finally:
@@ -275,6 +313,9 @@ def _restored_state(model: nn.Module, params: list[nn.Parameter], keep_grads: bo
                 p.grad = grad
             if p.is_floating_point():
                 p.requires_grad_(requires_grad)
+        with torch.no_grad():
+            for buffer, saved in running:
+                buffer.copy_(saved)
 
 
 def _collect(

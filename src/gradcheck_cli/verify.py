@@ -24,7 +24,7 @@ from torch import nn
 from gradcheck_cli.batch import Batch, make_batch
 from gradcheck_cli.errors import first_line
 from gradcheck_cli.fixes import FIXES, UNVERIFIABLE, NotApplicable, clip_gradients
-from gradcheck_cli.probe import probe
+from gradcheck_cli.probe import probe, probe_scaled
 from gradcheck_cli.report import LayerStats, Problem, Recommendation, Report, Severity
 from gradcheck_cli.report_sections import Outcome, Verification
 from gradcheck_cli.rules import Diagnosis, Thresholds, diagnose
@@ -69,8 +69,9 @@ def verify_recommendations(
 
     ``gradient_clipping`` is verified by clipping the copy's gradients: the total norm is
     bounded but every layer is scaled alike, so the flow is unchanged (``effect`` 0, not fixed).
-    Fixes that need training or new code (``lstm_gru``, ``lower_lr``, ``weight_decay``,
-    ``reconnect_graph``, ``mixed_precision_scaling``) and unknown ids come back unverified with
+    ``mixed_precision_scaling`` is verified by probing in fp16 without and with the recommended
+    loss scale (:func:`_verify_scaling`). Fixes that need training or new code (``lstm_gru``,
+    ``lower_lr``, ``weight_decay``, ``reconnect_graph``) and unknown ids come back unverified with
     the reason. When the model cannot be deep-copied, every recommendation comes back
     unverified with that reason.
     """
@@ -97,6 +98,9 @@ def verify_recommendations(
     results = []
     for rec in recommendations:
         start = time.perf_counter()
+        if rec.id == "mixed_precision_scaling" and report.precision is not None:
+            results.append(_verify_scaling(model, ready, report, before, seed, train, unfreeze, limits))
+            continue
         if rec.id not in FIXES and rec.id != "gradient_clipping":
             reason = UNVERIFIABLE.get(rec.id, f"gradcheck has no in-memory fix for {rec.id!r}")
             results.append(Verification(rec.id, False, before=before, reason=reason))
@@ -137,6 +141,73 @@ def verify_recommendations(
             )
         )
     return tuple(results)
+
+
+SCALING_FIXED = 0.01
+"""Loss scaling counts as a fix when no layer loses more than this share of its gradient to fp16 underflow."""
+
+
+def _verify_scaling(
+    model: nn.Module,
+    batch: Batch,
+    report: Report,
+    before: Outcome,
+    seed: int,
+    train: bool,
+    unfreeze: bool,
+    limits: Thresholds,
+) -> Verification:
+    """Probe in fp16 without and with the recommended loss scale; compare the gradient lost to zero.
+
+    A model held in fp16 is probed as it is; a float32 model under fp16 autocast. The loss is
+    multiplied by the scale before backward and every gradient divided back, as GradScaler does.
+    What is lost, per layer, is the share of gradient elements that are zero in fp16 but not in the
+    float32 reference (the report's own measurement); the verification compares the worst layer.
+    """
+    assert report.precision is not None
+    started = time.perf_counter()
+    scale = report.precision.recommended_scale
+    half = any(p.dtype == torch.float16 for p in model.parameters())
+    autocast = None if half else "fp16"
+    reference = {p.layer: p.zero for p in report.precision.layers}
+    try:
+        plain = probe(model, batch, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast)
+        scaled = probe_scaled(
+            model, batch, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast, loss_scale=scale
+        )
+    except Exception as exc:  # the user's forward under autocast can raise anything
+        reason = f"probing with a loss scale failed ({type(exc).__name__}: {first_line(exc)})"
+        return Verification("mixed_precision_scaling", False, before=before, reason=reason)
+    scale = scaled.loss_scale
+    lost_before, lost_after = _worst_lost(plain, reference), _worst_lost(scaled, reference)
+    diagnosis = diagnose(scaled, limits)
+    after = diagnosis_outcome(diagnosis)
+    where = "as it is (fp16)" if half else "under fp16 autocast"
+    applied = (
+        f"probed {where} with the loss scaled by 2^{round(math.log2(scale))} (GradScaler-style, gradients divided "
+        f"back): the largest share of a layer's gradient lost to zero went from {lost_before:.1%} to {lost_after:.1%}"
+    )
+    fixed = lost_after < SCALING_FIXED and not any(f.problem is not None for f in diagnosis.findings)
+    return Verification(
+        "mixed_precision_scaling",
+        True,
+        applied=applied,
+        before=before,
+        after=after,
+        effect=0.0,
+        fixed=fixed,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _worst_lost(result: Any, reference: dict[str, float]) -> float:
+    """The largest per-layer share of gradient elements that are zero here but not in the float32 reference."""
+    worst = 0.0
+    for measure, hist in zip(result.layers, result.precision, strict=True):
+        total = sum(hist)
+        if total and measure.name in reference:
+            worst = max(worst, hist[0] / total - reference[measure.name])
+    return worst
 
 
 def order_by_effect(
