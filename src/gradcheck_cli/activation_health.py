@@ -29,7 +29,7 @@ def activation_section(totals: Sequence[ActivationTotals]) -> tuple[ActivationLa
     for t in totals:
         if t.elements == 0:
             continue
-        saturated = None if t.saturated is None else t.saturated / t.elements
+        saturated = None if t.saturated is None else t.saturated / t.sampled
         measurable = t.dead is not None and t.units > 0 and t.samples_per_unit >= MIN_SAMPLES_PER_UNIT
         dead = t.dead / t.units if measurable and t.dead is not None else None
         flag = None
@@ -43,7 +43,7 @@ def activation_section(totals: Sequence[ActivationTotals]) -> tuple[ActivationLa
                 type=t.type,
                 calls=t.calls,
                 elements=t.elements,
-                derivative_rms=math.sqrt(t.derivative_sq / t.elements),
+                derivative_rms=math.sqrt(t.derivative_sq / t.sampled),
                 saturated=saturated,
                 dead=dead,
                 samples_per_unit=t.samples_per_unit,

@@ -2,8 +2,9 @@
 
 A forward *pre*-hook sees each activation module's pre-activation z before the module runs (so
 ``ReLU(inplace=True)`` cannot overwrite it first) and reduces it on the device: the sum of φ'(z)²
-(the activation's share of the seed's per-layer factor σ'(z)·w), the count of saturated elements
-(φ'(z) below 1 % of its maximum) and, for the ReLU family, the units that were ≤ 0 for every
+(the activation's share of the seed's per-layer factor σ'(z)·w) and the count of saturated elements
+(φ'(z) below 1 % of its maximum), both over a strided sample of at most 4096 elements per call
+(shares to about ±1.5 %), and, for the ReLU family, over all of z, the units that were ≤ 0 for every
 sample. The same hooks record the order of every leaf-module call, which the init audit uses to
 find the activation that follows each weight. Nothing is synchronised here; hooks live in an
 ExitStack and are gone when the block exits.
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from gradcheck_cli.precision import sample
 
 SATURATION_BOUND = 0.01
 """A unit is saturated where φ'(z) is below this fraction of φ's largest derivative."""
@@ -40,6 +43,8 @@ class ActivationCall:
 
     module: int
     elements: int
+    sampled: int
+    """Elements in the strided sample the derivative and saturation sums are over."""
     derivative_sq: torch.Tensor
     saturated: torch.Tensor | None
     dead_units: torch.Tensor | None
@@ -132,14 +137,14 @@ class ActivationRecorder:
         if key not in self._index:
             self._index[key] = len(self.modules)
             self.modules.append((name, kind))
-        z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
         with torch.no_grad():
-            slope = derivative(kind, z, module)
+            part = sample(z)  # shares and means need no more than a strided sample; dead units need all of z
+            slope = derivative(kind, part, module)
             derivative_sq = slope.square().sum()
             limit = saturation_limit(kind)
             saturated = None
             if limit is not None:
-                saturated = (z.abs() > limit).sum()
+                saturated = (part.abs() > limit).sum()
             elif kind in ("Hardtanh", "Hardsigmoid"):
                 saturated = (slope == 0).sum()
             dead, units = None, 0
@@ -148,7 +153,8 @@ class ActivationRecorder:
                 reduce = [d for d in range(z.dim()) if d != unit_dim % z.dim()]
                 peak = torch.amax(z, dim=reduce)
                 dead, units = (peak <= 0).sum(), peak.numel()
-        self.calls.append(ActivationCall(self._index[key], z.numel(), derivative_sq, saturated, dead, units))
+        call = ActivationCall(self._index[key], z.numel(), part.numel(), derivative_sq, saturated, dead, units)
+        self.calls.append(call)
 
     def device_tensors(self) -> list[torch.Tensor]:
         """Every statistic to copy to the host, in the order :meth:`summarise` reads them back."""
@@ -169,6 +175,7 @@ class ActivationRecorder:
             total = totals[call.module]
             total.calls += 1
             total.elements += call.elements
+            total.sampled += call.sampled
             total.derivative_sq += values[cursor]
             cursor += 1
             if call.saturated is not None:
@@ -190,6 +197,7 @@ class ActivationTotals:
     type: str
     calls: int = 0
     elements: int = 0
+    sampled: int = 0
     derivative_sq: float = 0.0
     saturated: float | None = None
     dead: float | None = None

@@ -417,26 +417,25 @@ def _collect(
 def _layer_histograms(
     named: list[tuple[str, nn.Module]], with_grad: list[nn.Parameter], recorder: ActivationGradientRecorder
 ) -> torch.Tensor:
-    """Exponent histograms per layer (layers × BINS) of its parameter gradients and activation gradients."""
+    """Exponent histograms per layer (layers × BINS) of its parameter gradients and activation-gradient samples."""
     owner: dict[int, int] = {}
     for index, (_, module) in enumerate(named):
         for p in module.parameters(recurse=False):
             owner.setdefault(id(p), index)
-    grads = [p.grad for p in with_grad if p.grad is not None and not p.grad.is_sparse]
+    tensors = [p.grad for p in with_grad if p.grad is not None and not p.grad.is_sparse]
     groups = [owner[id(p)] for p in with_grad if p.grad is not None and not p.grad.is_sparse]
-    device = grads[0].device if grads else torch.device("cpu")
+    for (layer, _), samples in zip(recorder.calls, recorder.samples, strict=True):
+        tensors += samples
+        groups += [layer] * len(samples)
+    device = tensors[0].device if tensors else torch.device("cpu")
     by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
-    for g, group in zip(grads, groups, strict=True):
-        tensors, owners = by_device.setdefault(g.device, ([], []))
-        tensors.append(g)
+    for t, group in zip(tensors, groups, strict=True):
+        members, owners = by_device.setdefault(t.device, ([], []))
+        members.append(t)
         owners.append(group)
     total = torch.zeros((len(named), BINS), dtype=torch.int64, device=device)
-    for tensors, owners in by_device.values():
-        total += grouped_histograms(tensors, owners, len(named)).to(device)
-    rows = [(layer, h) for (layer, _), hists in zip(recorder.calls, recorder.hists, strict=True) for h in hists]
-    if rows:
-        owners_of_rows = torch.tensor([layer for layer, _ in rows], device=device)
-        total.index_add_(0, owners_of_rows, torch.stack([h.to(device) for _, h in rows]))
+    for members, owners in by_device.values():
+        total += grouped_histograms(members, owners, len(named)).to(device)
     return total
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradcheck_cli.loss import float_leaves
-from gradcheck_cli.precision import exponent_histogram
+from gradcheck_cli.precision import sample
 
 
 def norm_and_max_abs(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +49,8 @@ class ActivationGradientRecorder:
         """(module index, call index of that module) per forward call, in forward order."""
         self.norms: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         """Per call: (L2 norm, max |g|) of each output's gradient, as 0-dim device tensors."""
-        self.hists: list[list[torch.Tensor]] = []
-        """Per call: the exponent histogram of each output's gradient (see :mod:`gradcheck_cli.precision`)."""
+        self.samples: list[list[torch.Tensor]] = []
+        """Per call: a strided sample (a small copy) of each output's gradient, for the precision histograms."""
         self.time_norms: dict[int, torch.Tensor] = {}
         """Per call of a fused recurrent module: ‖∂L/∂x_t‖ for every time step t (1-D device tensor)."""
         self._calls_per_module = [0] * len(modules)
@@ -80,7 +80,7 @@ class ActivationGradientRecorder:
             self.calls.append((index, self._calls_per_module[index]))
             self._calls_per_module[index] += 1
             self.norms.append([])
-            self.hists.append([])
+            self.samples.append([])
             for tensor in float_leaves(output):
                 if tensor.requires_grad:
                     self._watch(tensor, self._grad_hook(call_id))
@@ -91,7 +91,7 @@ class ActivationGradientRecorder:
         def hook(grad: torch.Tensor | None) -> None:
             if grad is not None and grad.numel():  # cuDNN's fused RNN can hand a None gradient to an output
                 self.norms[call_id].append(norm_and_max_abs(grad))
-                self.hists[call_id].append(exponent_histogram(grad))
+                self.samples[call_id].append(sample(grad).clone())  # a copy: the gradient itself is freed
 
         return hook
 

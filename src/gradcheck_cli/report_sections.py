@@ -55,7 +55,8 @@ class ActivationLayer:
     type: str
     calls: int
     elements: int
-    """Pre-activation elements measured over all calls."""
+    """Pre-activation elements seen over all calls (φ'(z) and saturation are estimated from a strided sample of
+    at most 4096 per call; dead units from all of them)."""
     derivative_rms: float
     """√mean φ'(z)²: the activation's share of the per-layer gradient factor σ'(z)·w."""
     saturated: float | None = None

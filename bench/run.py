@@ -1,0 +1,269 @@
+"""gradcheck's cost against a bare forward+backward of the same model, in one process, alternating.
+
+    python bench/run.py                      # every workload, 7 repetitions, CPU
+    python bench/run.py --only gpt2 --reps 9 --device cuda
+
+For each workload: after warm-up, each repetition times, in turn, (1) a bare forward+backward with the
+same loss gradcheck differentiates, (2) ``gradcheck_cli.check(model, batch, verify=False)`` (one probe and
+the diagnosis) and (3) the naive per-parameter approach (forward+backward, then ``p.grad.norm().item()``
+for every parameter, as ``wandb.watch`` and the forum ``plot_grad_flow`` snippet do). Ratios are taken per
+repetition against that repetition's bare pass; the table gives their median and min–max. Peak memory is
+measured in fresh subprocesses (one per workload and mode): the peak resident set above the resident set
+before the pass, so the model's weights cancel out. With ``--device cuda`` times are CUDA-synchronised
+and memory is ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from gradcheck_cli import check  # noqa: E402
+from gradcheck_cli.batch import Batch  # noqa: E402
+
+
+@dataclass
+class Workload:
+    """A model, its batch for gradcheck, and the bare forward+backward with the same loss."""
+
+    model: nn.Module
+    batch: Batch
+    bare: Callable[[], None]
+
+
+def _mlp(device: torch.device) -> Workload:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(49):
+        layers += [nn.Linear(512, 512), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(512, 10)).to(device)
+    x, y = torch.randn(128, 512, device=device), torch.randint(0, 10, (128,), device=device)
+
+    def bare() -> None:
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    return Workload(model, Batch(args=(x,), target=y), bare)
+
+
+class LSTMClassifier(nn.Module):
+    """A 2-layer nn.LSTM of width 256 and a linear head on the last step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(64, 256, num_layers=2)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[-1])
+
+
+def _lstm(device: torch.device) -> Workload:
+    torch.manual_seed(0)
+    model = LSTMClassifier().to(device)
+    x, y = torch.randn(200, 16, 64, device=device), torch.randint(0, 10, (16,), device=device)
+
+    def bare() -> None:
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    return Workload(model, Batch(args=(x,), target=y), bare)
+
+
+def _gpt2(device: torch.device) -> Workload:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).to(device)
+    ids = torch.randint(0, 50257, (2, 128), device=device)
+
+    def bare() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    return Workload(model, Batch(kwargs={"input_ids": ids, "labels": ids}), bare)
+
+
+def _resnet50(device: torch.device) -> Workload:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(ResNetConfig()).to(device)
+    pixels = torch.randn(4, 3, 224, 224, device=device)
+    labels = torch.randint(0, 1000, (4,), device=device)
+
+    def bare() -> None:
+        model(pixel_values=pixels, labels=labels).loss.backward()
+
+    return Workload(model, Batch(kwargs={"pixel_values": pixels, "labels": labels}), bare)
+
+
+WORKLOADS: dict[str, tuple[str, Callable[[torch.device], Workload]]] = {
+    "mlp": ("MLP 50×512 tanh, batch 128", _mlp),
+    "gpt2": ("HF GPT-2 small (124M, GPT2Config()), 2×128 tokens", _gpt2),
+    "resnet50": ("HF ResNet-50 (ResNetConfig()), 4×3×224×224", _resnet50),
+    "lstm": ("nn.LSTM 2×256, 200 steps, batch 16", _lstm),
+}
+MODES = ("bare", "gradcheck", "naive")
+
+
+def _runner(work: Workload, mode: str) -> Callable[[], None]:
+    params = [p for p in work.model.parameters() if p.requires_grad]
+
+    def bare() -> None:
+        work.bare()
+        work.model.zero_grad(set_to_none=True)
+
+    def gradcheck() -> None:
+        check(work.model, work.batch, verify=False)
+
+    def naive() -> None:
+        work.bare()
+        _ = [p.grad.norm().item() for p in params if p.grad is not None]
+        work.model.zero_grad(set_to_none=True)
+
+    return {"bare": bare, "gradcheck": gradcheck, "naive": naive}[mode]
+
+
+def _timed(run: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_workload(name: str, device: torch.device, reps: int, warmup: int) -> dict[str, Any]:
+    """Medians and ranges of gradcheck/bare and naive/bare over ``reps`` alternating repetitions."""
+    work = WORKLOADS[name][1](device)
+    work.model.train()
+    runs = {mode: _runner(work, mode) for mode in MODES}
+    for _ in range(warmup):
+        for mode in MODES:
+            runs[mode]()
+    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for rep in range(reps):
+        order = MODES if rep % 2 == 0 else tuple(reversed(MODES))  # alternate which mode runs first
+        for mode in order:
+            seconds[mode].append(_timed(runs[mode], device))
+    ratios = {
+        mode: [t / b for t, b in zip(seconds[mode], seconds["bare"], strict=True)] for mode in ("gradcheck", "naive")
+    }
+    return {
+        "workload": name,
+        "bare_s": statistics.median(seconds["bare"]),
+        "gradcheck_s": statistics.median(seconds["gradcheck"]),
+        "naive_s": statistics.median(seconds["naive"]),
+        "ratio": {mode: _summary(values) for mode, values in ratios.items()},
+        "parameters": sum(p.numel() for p in work.model.parameters()),
+    }
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _rss_bytes() -> int:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize()
+
+
+def peak_memory(name: str, mode: str, device: torch.device) -> int:
+    """Bytes the pass adds at its peak above what the process held before it (run in a fresh process)."""
+    work = WORKLOADS[name][1](device)
+    work.model.train()
+    run = _runner(work, mode)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    before = _rss_bytes()
+    run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return max(0, peak - before)
+
+
+def _memory_in_subprocess(name: str, mode: str, device: str) -> int:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-probe", name, mode, "--device", device],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| workload | params | bare fwd+bwd | gradcheck ÷ bare, median (min–max) | naive .item() ÷ bare, median "
+        "(min–max) | peak memory gradcheck ÷ bare |\n|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    for r in results:
+        g, n = r["ratio"]["gradcheck"], r["ratio"]["naive"]
+        memory = r.get("memory_ratio")
+        rows.append(
+            f"| {WORKLOADS[r['workload']][0]} | {r['parameters'] / 1e6:.1f}M | {r['bare_s'] * 1000:.0f} ms | "
+            f"{g['median']:.3f} ({g['min']:.3f}–{g['max']:.3f}) | {n['median']:.3f} ({n['min']:.3f}–{n['max']:.3f}) | "
+            + ("–" if memory is None else f"{memory:.3f} ({r['memory_gradcheck'] / 2**20:.0f} / "
+               f"{r['memory_bare'] / 2**20:.0f} MiB)")
+            + " |"
+        )  # fmt: skip
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.memory_probe:
+        print(peak_memory(args.memory_probe[0], args.memory_probe[1], device))
+        return
+    results = []
+    for name in args.only.split(","):
+        result = time_workload(name, device, args.reps, args.warmup)
+        if not args.no_memory:
+            bare = _memory_in_subprocess(name, "bare", args.device)
+            probed = _memory_in_subprocess(name, "gradcheck", args.device)
+            result.update(memory_bare=bare, memory_gradcheck=probed, memory_ratio=probed / bare if bare else None)
+        results.append(result)
+        print(json.dumps(result), file=sys.stderr, flush=True)
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    print(f"torch {torch.__version__}, {machine}, {args.reps} repetitions after {args.warmup} warm-up\n")
+    print(_table(results))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
