@@ -34,6 +34,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "bad_autocast": ["inspect", "--example", "relu-kaiming", "--autocast", "fp8"],
             "bad_lr": ["inspect", "--example", "relu-kaiming", "--steps", "2", "--lr", "0"],
             "bad_steps": ["inspect", "--example", "relu-kaiming", "--steps", "-1"],
+            "profile": ["inspect", "--example", "relu-xavier", "--profile", "-f", "json"],
             "trained": ["inspect", "trained.pt", *tiny],
             "untrained": ["inspect", "weights_only.pt", *tiny],
         },
@@ -94,3 +95,13 @@ def test_checkpoint_with_optimizer_state_skips_the_init_audit(runs: dict[str, An
     fresh = json_report(runs["untrained"], exit_code=0)
     assert fresh["init_audit"]["skipped"] is None
     assert [layer["layer"] for layer in fresh["init_audit"]["layers"]] == ["fc1", "fc2"]
+
+
+def test_profile_splits_the_time_into_phases(runs: dict[str, Any]) -> None:
+    proc = runs["profile"]
+    report = json_report(proc, exit_code=1)
+    assert {"startup", "import", "probe", "diagnose", "verify"} <= set(report["timing"])
+    assert all(seconds >= 0 for seconds in report["timing"].values())
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("profile:")]
+    assert "probe" in line and "render" in line and line.endswith("in all")
+    assert json_report(runs["dead"], exit_code=1)["timing"] is None  # only with --profile

@@ -219,3 +219,44 @@ def test_train_mode_probe_leaves_batchnorm_running_statistics_as_they_were():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     check(model, torch.randn(32, 8) * 5 + 3, steps=2, lr=0.1)  # train mode: BatchNorm updates its statistics
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy", "__index__")
+
+
+def _count_host_reads(monkeypatch, run):
+    """Every read of a tensor's value on the host during ``run()``, with the function that did it."""
+    import traceback
+
+    reads: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            frames = traceback.extract_stack(limit=8)[:-1]
+            reads.append(" < ".join(f"{f.name}" for f in reversed(frames)))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    run()
+    monkeypatch.undo()
+    return reads
+
+
+def test_a_probe_reads_device_values_once(monkeypatch):
+    """One synchronisation per probe: every norm, maximum, histogram and activation statistic comes back in a
+    single copy; the only other reads are of the target's class indices, which stay on the host."""
+    from gradcheck_cli.examples import get_example
+
+    model, batch = get_example("relu-kaiming").build(0)
+    reads = _count_host_reads(monkeypatch, lambda: probe(model, batch))
+    device_reads = [r for r in reads if "_check_class_indices" not in r]
+    assert len(device_reads) == 1 and device_reads[0].startswith("to_host")
+    no_target = Batch(args=batch.args)
+    assert len(_count_host_reads(monkeypatch, lambda: probe(model, no_target))) == 1
+
+
+def test_the_target_stays_on_the_host_when_the_batch_moves():
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    moved = Batch(args=(x,), target=y).to("meta")
+    assert moved.args[0].device.type == "meta" and moved.target is y

@@ -21,6 +21,7 @@ from gradcheck_cli.precision import ZERO_BIN, precision_findings, precision_sect
 from gradcheck_cli.probe import AUTOCAST_DTYPES, LayerMeasure, ProbeResult, module_type, probe, probe_scaled
 from gradcheck_cli.report import Finding, Problem, Recommendation, Report, RunInfo
 from gradcheck_cli.rules import Diagnosis, Thresholds, diagnose
+from gradcheck_cli.timing import phase
 from gradcheck_cli.traits import model_traits
 from gradcheck_cli.verify import order_by_effect, verify_recommendations
 
@@ -75,60 +76,48 @@ def check(
     limits = thresholds or Thresholds()
     if autocast is not None and autocast not in AUTOCAST_DTYPES:
         raise GradcheckError(f"autocast {autocast!r} is not a half precision; use fp16 or bf16")
-    result = probe(model, ready, seed=seed, train=train, unfreeze=unfreeze)
-    traits = model_traits(model)
-    reference = None
-    if autocast is not None:
-        reference = result
-        scale = recommended_scale(reference.precision) if autocast == "fp16" else 1.0
-        result = probe_scaled(
-            model, ready, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast, loss_scale=scale
+    with phase("probe"):
+        result, reference = _measure(model, ready, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast)
+    with phase("diagnose"):
+        traits = model_traits(model)
+        diagnosis = diagnose(result, limits)
+        activations = activation_section(result.activations)
+        precision = precision_section(
+            [m.name for m in result.layers],
+            (reference or result).precision,
+            [_peak(m) for m in (reference or result).layers],
+            autocast=autocast,
+            scale_used=result.loss_scale,
+            lost=_lost(reference, result) if reference is not None else (),
         )
-    elif traits.half_precision:
-        reference = _float32_reference(model, ready, seed=seed, train=train, unfreeze=unfreeze)
-    diagnosis = diagnose(result, limits)
-
-    activations = activation_section(result.activations)
-    precision = precision_section(
-        [m.name for m in result.layers],
-        (reference or result).precision,
-        [_peak(m) for m in (reference or result).layers],
-        autocast=autocast,
-        scale_used=result.loss_scale,
-        lost=_lost(reference, result) if reference is not None else (),
-    )
-    audit = audit_init(model, result.leaf_calls, trained=trained) if result.activation_hooks else None
-    half = autocast == "fp16" or traits.half_precision
-    findings = list(diagnosis.findings)  # what is wrong, then why: init, activations, precision
-    if audit is not None:
-        findings += init_findings(audit)
-    findings += activation_findings(activations)
-    if not any(f.problem is Problem.NON_FINITE for f in findings):  # NaN/Inf already: fp16 is not the story
-        findings += precision_findings(precision, half=half)
+        audit = audit_init(model, result.leaf_calls, trained=trained) if result.activation_hooks else None
+        half = autocast == "fp16" or traits.half_precision
+        findings = list(diagnosis.findings)  # what is wrong, then why: init, activations, precision
+        if audit is not None:
+            findings += init_findings(audit)
+        findings += activation_findings(activations)
+        if not any(f.problem is Problem.NON_FINITE for f in findings):  # NaN/Inf already: fp16 is not the story
+            findings += precision_findings(precision, half=half)
     origin = None
     if any(f.problem is Problem.NON_FINITE for f in findings):
-        origin = locate_non_finite(model, ready, seed=seed, train=train, unfreeze=unfreeze)
+        with phase("locate_non_finite"):
+            origin = locate_non_finite(model, ready, seed=seed, train=train, unfreeze=unfreeze)
     trace = None
     if steps:
-        trace = trace_optimisation(
-            model,
-            ready,
-            steps=steps,
-            lr=lr,
-            optimizer=optimizer,
-            seed=seed,
-            train=train,
-            unfreeze=unfreeze,
-            thresholds=limits,
-        )
+        with phase("optimise"):
+            trace = trace_optimisation(
+                model, ready, steps=steps, lr=lr, optimizer=optimizer, seed=seed, train=train, unfreeze=unfreeze,
+                thresholds=limits,
+            )  # fmt: skip
         findings += optimisation_findings(trace)
 
     advised = any(f.problem is not None or f.code in CAUSE_CODES for f in findings)
-    recommendations = (
-        advise(findings, diagnosis.layers, diagnosis.path, traits, activations=activations, precision=precision)
-        if advised
-        else ()
-    )
+    with phase("diagnose"):
+        recommendations = (
+            advise(findings, diagnosis.layers, diagnosis.path, traits, activations=activations, precision=precision)
+            if advised
+            else ()
+        )
     all_notes = list(notes)
     frozen = [layer.name for layer in diagnosis.layers if layer.frozen]
     if frozen:
@@ -161,11 +150,32 @@ def check(
     )  # fmt: skip
     if not (verify and recommendations):
         return report
-    verifications = verify_recommendations(
-        model, ready, report, seed=seed, train=train, unfreeze=unfreeze, thresholds=limits
-    )
+    with phase("verify"):
+        verifications = verify_recommendations(
+            model, ready, report, seed=seed, train=train, unfreeze=unfreeze, thresholds=limits
+        )
     ordered, verifications = order_by_effect(recommendations, verifications)
     return dataclasses.replace(report, recommendations=ordered, verifications=verifications)
+
+
+def _measure(
+    model: nn.Module, batch: Batch, *, seed: int, train: bool, unfreeze: bool, autocast: str | None
+) -> tuple[ProbeResult, ProbeResult | None]:
+    """The probe the report reads, and a float32 reference where half precision is involved.
+
+    Under ``autocast`` the float32 pass comes first (it sets the loss scale for fp16); for a model that
+    holds fp16/bf16 parameters, a float32 copy is probed as well.
+    """
+    result = probe(model, batch, seed=seed, train=train, unfreeze=unfreeze)
+    if autocast is not None:
+        scale = recommended_scale(result.precision) if autocast == "fp16" else 1.0
+        half = probe_scaled(
+            model, batch, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast, loss_scale=scale
+        )
+        return half, result
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        return result, _float32_reference(model, batch, seed=seed, train=train, unfreeze=unfreeze)
+    return result, None
 
 
 CAUSE_CODES = frozenset({"GC013", "GC014"})

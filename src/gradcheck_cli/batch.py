@@ -36,11 +36,12 @@ class Batch:
         return ", ".join(parts) if parts else "no inputs"
 
     def to(self, device: torch.device | str) -> Batch:
-        """The same batch with every tensor moved to ``device``."""
+        """The same batch with every input moved to ``device``; the target stays on the host, where its class
+        indices are checked without a device synchronisation, and goes to the device with the loss."""
         return Batch(
             args=tuple(_move(a, device) for a in self.args),
             kwargs={k: _move(v, device) for k, v in self.kwargs.items()},
-            target=None if self.target is None else self.target.to(device),
+            target=self.target,
         )
 
 

@@ -194,6 +194,9 @@ def inspect(
     ] = 0,
     lr: Annotated[float, typer.Option(help="Optimisation probe: learning rate (1e-3).")] = 1e-3,
     optimizer: Annotated[OptimizerName, typer.Option(help="Optimisation probe: the optimiser.")] = OptimizerName.sgd,
+    profile: Annotated[
+        bool, typer.Option("--profile", help="Time each phase (import, load, probe, diagnose, render...).")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an input error (exit 2).")] = False,
 ) -> None:
     """Probe a model with one forward and backward pass and report per-layer gradient health."""
@@ -243,10 +246,15 @@ def inspect(
     if input_shape is not None and batch is not None:
         raise GradcheckError("give either --input or --input-shape, not both")
 
-    with _status("probing gradients…"):
-        from gradcheck_cli.pipeline import InspectRequest, run_inspect
-        from gradcheck_cli.rules import Thresholds
-        from gradcheck_cli.synthetic import parse_shape
+    from gradcheck_cli.timing import phase, recording
+
+    with _status("probing gradients…"), recording() as phases:
+        if profile:
+            phases["startup"] = _process_age()
+        with phase("import"):
+            from gradcheck_cli.pipeline import InspectRequest, run_inspect
+            from gradcheck_cli.rules import Thresholds
+            from gradcheck_cli.synthetic import parse_shape
 
         report = run_inspect(
             InspectRequest(
@@ -279,8 +287,20 @@ def inspect(
         from gradcheck_cli.baseline import write_baseline as store
 
         store(report, write_baseline)
-    for kind, destination in zip(formats, destinations, strict=True):
-        _emit(report, kind, destination)
+    if profile:
+        from dataclasses import replace
+
+        report = replace(report, timing=dict(phases))
+    with recording() as rendering, phase("render"):
+        for kind, destination in zip(formats, destinations, strict=True):
+            _emit(report, kind, destination)
+    if profile:
+        spent = {**phases, **rendering}
+        total = sum(spent.values())
+        split = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in spent.items())
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"profile: {split}; {total:.2f} s in all", markup=False
+        )
     failed = gate.fails(report) and not exit_zero
     raise typer.Exit(ExitCode.PROBLEMS if failed else ExitCode.OK)
 
@@ -485,6 +505,16 @@ def _print_examples() -> None:
 
     for example in EXAMPLES.values():
         typer.echo(f"{example.name:15} {example.expected:11} {example.summary}")
+
+
+def _process_age() -> float:
+    """Seconds since this process started (interpreter start-up and the CLI's own import), 0 where unknown."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _status(message: str) -> AbstractContextManager[Any]:

@@ -52,10 +52,12 @@ def _main_tensor(output: Any) -> torch.Tensor:
 
 
 def _target_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, LossChoice]:
-    target = target.to(pred.device)
     is_index = not target.is_floating_point() and not target.is_complex()
     if is_index and pred.dim() >= 2 and target.shape == pred.shape[:1] + pred.shape[2:]:
-        _check_class_indices(target, pred.shape[1])
+        # checked on the host: free for a target that is there (the CLI keeps it there); one copy otherwise
+        _check_class_indices(target.cpu(), pred.shape[1])
+    target = target.to(pred.device)
+    if is_index and pred.dim() >= 2 and target.shape == pred.shape[:1] + pred.shape[2:]:
         loss = F.cross_entropy(pred.float(), target.long())
         return loss, LossChoice(
             "cross_entropy",

@@ -15,6 +15,7 @@ from gradcheck_cli.loaders import LoadedModel, load_checkpoint
 from gradcheck_cli.report import Report
 from gradcheck_cli.rules import Thresholds
 from gradcheck_cli.synthetic import inferred_batch, shaped_batch
+from gradcheck_cli.timing import phase
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,14 @@ def run_inspect(request: InspectRequest) -> Report:
         trained = None
     else:
         assert request.checkpoint is not None
-        loaded = load_checkpoint(request.checkpoint, model_spec=request.model_spec, trust=request.trust)
-        model, kind, notes, trained = loaded.module, loaded.kind, loaded.notes, loaded.trained
-        batch, batch_source = _choose_batch(request, loaded)
+        with phase("load"):
+            loaded = load_checkpoint(request.checkpoint, model_spec=request.model_spec, trust=request.trust)
+            model, kind, notes, trained = loaded.module, loaded.kind, loaded.notes, loaded.trained
+            batch, batch_source = _choose_batch(request, loaded)
         source = str(request.checkpoint)
     try:
-        model, batch = model.to(device), batch.to(device)
+        with phase("load"):
+            model, batch = model.to(device), batch.to(device)
     except (RuntimeError, NotImplementedError, ValueError) as exc:
         raise GradcheckError(f"cannot move the model and batch to --device {device}: {first_line(exc)}") from None
     return check(

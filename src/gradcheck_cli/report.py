@@ -224,6 +224,8 @@ class Report:
     """Recommendations applied to a copy of the model and re-probed, in the order of ``recommendations``."""
     optimisation: OptimisationTrace | None = None
     """``--steps N``: gradients across N optimiser steps on the sample batch."""
+    timing: dict[str, float] = field(default_factory=dict)
+    """``--profile``: seconds per phase (startup, import, load, probe, diagnose, verify...); empty otherwise."""
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -275,6 +277,7 @@ class Report:
                 "non_finite_origin": None if self.non_finite_origin is None else asdict(self.non_finite_origin),
                 "verifications": [asdict(v) for v in self.verifications],
                 "optimisation": None if self.optimisation is None else asdict(self.optimisation),
+                "timing": dict(self.timing) or None,
             }
         )
         return safe
