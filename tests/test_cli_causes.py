@@ -34,6 +34,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "bad_autocast": ["inspect", "--example", "relu-kaiming", "--autocast", "fp8"],
             "bad_lr": ["inspect", "--example", "relu-kaiming", "--steps", "2", "--lr", "0"],
             "bad_steps": ["inspect", "--example", "relu-kaiming", "--steps", "-1"],
+            "lr_alone": ["inspect", "--example", "relu-kaiming", "--lr", "0.5"],
             "profile": ["inspect", "--example", "relu-xavier", "--profile", "-f", "json"],
             "trained": ["inspect", "trained.pt", *tiny],
             "untrained": ["inspect", "weights_only.pt", *tiny],
@@ -82,6 +83,7 @@ def test_autocast_and_optimisation_probe_flags(runs: dict[str, Any]) -> None:
 
 def test_bad_flags_exit_2_without_a_traceback(runs: dict[str, Any]) -> None:
     assert_one_line_error(runs["bad_lr"], "lr")
+    assert_one_line_error(runs["lr_alone"], "--lr and --optimizer set the optimisation probe", "--steps N")
     for name, needle in (("bad_autocast", "'fp8' is not one of 'fp16', 'bf16'"), ("bad_steps", "--steps")):
         proc = runs[name]  # Typer's own usage errors: usage line, hint and message, exit 2
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, show(proc)

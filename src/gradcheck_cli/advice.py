@@ -22,10 +22,16 @@ def advise(
     *,
     activations: Sequence[ActivationLayer] = (),
     precision: Precision | None = None,
+    half: bool = False,
 ) -> tuple[Recommendation, ...]:
-    """Ranked recommendations for the problems among ``findings``; empty when there are none."""
+    """Ranked recommendations for the problems among ``findings``; empty when there are none.
+
+    ``half``: the model trains in fp16 (fp16 parameters or ``--autocast fp16``); only then is loss
+    scaling advised for GC013/GC014.
+    """
     problems = {f.problem for f in findings if f.problem is not None}
     recs: list[Recommendation] = []
+    recs += _unstable_training(findings)
     recs += _dead_units(findings)
     if Problem.NON_FINITE in problems:
         recs += _non_finite(findings, layers, traits)
@@ -33,11 +39,35 @@ def advise(
         recs += _exploding(findings, layers, path, traits)
     if Problem.VANISHING in problems:
         recs += _vanishing(findings, path, traits, _saturation_evidence(activations))
-    recs += _half_precision(findings, precision)  # how the model trains, not why its gradient fails: last
+    if half:
+        recs += _half_precision(findings, precision)  # how the model trains, not why its gradient fails: last
     unique: dict[str, Recommendation] = {}
     for rec in recs:
         unique.setdefault(rec.id, rec)
     return tuple(unique.values())
+
+
+def _unstable_training(findings: Sequence[Finding]) -> list[Recommendation]:
+    """GC015, gradients that blow up or collapse while training: a smaller step first."""
+    unstable = next((f for f in findings if f.code == "GC015"), None)
+    if unstable is None or unstable.problem is None:
+        return []
+    lr = unstable.evidence.get("lr")
+    smaller = f"{float(lr) / 10:g}" if isinstance(lr, (int, float)) else "lr / 10"
+    return [
+        Recommendation(
+            "lower_lr",
+            "Lower the learning rate",
+            f"{unstable.message}",
+            f"optimizer = torch.optim.{_optimizer_class(unstable)}(model.parameters(), lr={smaller})",
+            (unstable.problem,),
+        )
+    ]
+
+
+def _optimizer_class(finding: Finding) -> str:
+    name = str(finding.evidence.get("optimizer", "sgd")).lower()
+    return {"adam": "Adam", "adamw": "AdamW"}.get(name, "SGD")
 
 
 def _dead_units(findings: Sequence[Finding]) -> list[Recommendation]:

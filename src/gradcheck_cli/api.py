@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from copy import deepcopy
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec
 
 import torch
 from torch import nn
@@ -15,10 +16,19 @@ from gradcheck_cli.advice import advise
 from gradcheck_cli.batch import Batch, make_batch
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.init_audit import audit_init, init_findings
+from gradcheck_cli.model_copy import copy_model
 from gradcheck_cli.nonfinite import locate_non_finite
 from gradcheck_cli.optimise import optimisation_findings, trace_optimisation
 from gradcheck_cli.precision import ZERO_BIN, precision_findings, precision_section, recommended_scale
-from gradcheck_cli.probe import AUTOCAST_DTYPES, LayerMeasure, ProbeResult, module_type, probe, probe_scaled
+from gradcheck_cli.probe import (
+    AUTOCAST_DTYPES,
+    LayerMeasure,
+    ProbeResult,
+    kept_buffers,
+    module_type,
+    probe,
+    probe_scaled,
+)
 from gradcheck_cli.report import Finding, Problem, Recommendation, Report, RunInfo
 from gradcheck_cli.rules import Diagnosis, Thresholds, diagnose
 from gradcheck_cli.timing import phase
@@ -37,6 +47,23 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+P = ParamSpec("P")
+
+
+def _keeping_buffers(run: Callable[P, Report]) -> Callable[P, Report]:
+    """Leave every buffer of the model (the first argument) as it was found, whatever ``run`` reads."""
+
+    @functools.wraps(run)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Report:
+        model = args[0] if args else kwargs["model"]
+        assert isinstance(model, nn.Module)
+        with kept_buffers(unwrap(model)):
+            return run(*args, **kwargs)
+
+    return wrapper
+
+
+@_keeping_buffers
 def check(
     model: nn.Module,
     batch: Batch | torch.Tensor | tuple[Any, ...] | list[Any] | dict[str, Any],
@@ -91,7 +118,7 @@ def check(
             lost=_lost(reference, result) if reference is not None else (),
         )
         audit = audit_init(model, result.leaf_calls, trained=trained) if result.activation_hooks else None
-        half = autocast == "fp16" or traits.half_precision
+        half = autocast == "fp16" or any(p.dtype == torch.float16 for p in model.parameters())
         findings = list(diagnosis.findings)  # what is wrong, then why: init, activations, precision
         if audit is not None:
             findings += init_findings(audit)
@@ -101,7 +128,10 @@ def check(
     origin = None
     if any(f.problem is Problem.NON_FINITE for f in findings):
         with phase("locate_non_finite"):
-            origin = locate_non_finite(model, ready, seed=seed, train=train, unfreeze=unfreeze)
+            origin = locate_non_finite(
+                model, ready, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast,
+                loss_scale=result.loss_scale,
+            )  # fmt: skip
     trace = None
     if steps:
         with phase("optimise"):
@@ -109,12 +139,21 @@ def check(
                 model, ready, steps=steps, lr=lr, optimizer=optimizer, seed=seed, train=train, unfreeze=unfreeze,
                 thresholds=limits,
             )  # fmt: skip
-        findings += optimisation_findings(trace)
+        if not (trace.verdict == "non_finite" and trace.onset_step == 0):  # NaN before any step: GC003/GC004's
+            findings += optimisation_findings(trace)
 
     advised = any(f.problem is not None or f.code in CAUSE_CODES for f in findings)
     with phase("diagnose"):
         recommendations = (
-            advise(findings, diagnosis.layers, diagnosis.path, traits, activations=activations, precision=precision)
+            advise(
+                findings,
+                diagnosis.layers,
+                diagnosis.path,
+                traits,
+                activations=activations,
+                precision=precision,
+                half=half,
+            )
             if advised
             else ()
         )
@@ -152,8 +191,9 @@ def check(
         return report
     with phase("verify"):
         verifications = verify_recommendations(
-            model, ready, report, seed=seed, train=train, unfreeze=unfreeze, thresholds=limits
-        )
+            model, ready, report, seed=seed, train=train, unfreeze=unfreeze, thresholds=limits, autocast=autocast,
+            loss_scale=result.loss_scale,
+        )  # fmt: skip
     ordered, verifications = order_by_effect(recommendations, verifications)
     return dataclasses.replace(report, recommendations=ordered, verifications=verifications)
 
@@ -167,15 +207,17 @@ def _measure(
     holds fp16/bf16 parameters, a float32 copy is probed as well.
     """
     result = probe(model, batch, seed=seed, train=train, unfreeze=unfreeze)
+    held_in_half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+    # a model held in half precision has already rounded its small gradients away: a float32 copy is the truth
+    reference = _float32_reference(model, batch, seed=seed, train=train, unfreeze=unfreeze) if held_in_half else None
     if autocast is not None:
-        scale = recommended_scale(result.precision) if autocast == "fp16" else 1.0
+        truth = reference or result
+        scale = recommended_scale(truth.precision) if autocast == "fp16" else 1.0
         half = probe_scaled(
             model, batch, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast, loss_scale=scale
         )
-        return half, result
-    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
-        return result, _float32_reference(model, batch, seed=seed, train=train, unfreeze=unfreeze)
-    return result, None
+        return half, truth
+    return result, reference
 
 
 CAUSE_CODES = frozenset({"GC013", "GC014"})
@@ -227,7 +269,7 @@ def _report(
 def _float32_reference(model: nn.Module, batch: Batch, *, seed: int, train: bool, unfreeze: bool) -> ProbeResult | None:
     """The same probe on a float32 copy of a half-precision model: what its gradients would be unrounded."""
     try:
-        copy = deepcopy(model).float()
+        copy = copy_model(model).float()
     except Exception:  # a model that cannot be copied simply gets no reference
         return None
     floats = Batch(

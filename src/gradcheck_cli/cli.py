@@ -245,6 +245,8 @@ def inspect(
         raise GradcheckError("thresholds must satisfy 0 < --vanishing-below < 1 < --exploding-above")
     if input_shape is not None and batch is not None:
         raise GradcheckError("give either --input or --input-shape, not both")
+    if steps == 0 and (lr != 1e-3 or optimizer is not OptimizerName.sgd):
+        raise GradcheckError("--lr and --optimizer set the optimisation probe; add --steps N to run it")
 
     from gradcheck_cli.timing import phase, recording
 

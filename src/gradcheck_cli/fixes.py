@@ -12,8 +12,10 @@ model's most common activation module; the last weight layer (the output head) g
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -55,11 +57,18 @@ def nonlinearity_of(module: nn.Module) -> Nonlinearity:
         return ("sigmoid", 0.0)
     if kind in SATURATING:
         return ("tanh", 0.0)
+    if HF_ACTIVATIONS.search(kind):
+        return ("relu", 0.0)
     return ("linear", 0.0)
 
 
+HF_ACTIVATIONS = re.compile(r"(GELU|SiLU|Swish|Mish|ReLU|QuickGELU)\w*Activation$|^(NewGELU|FastGELU|QuickGELU)")
+"""Hugging Face's own activation classes (``GELUActivation``, ``NewGELUActivation``...): ReLU-like for init."""
+
+
 def _is_activation(module: nn.Module) -> bool:
-    return module_type(module) in RELU_LIKE | SATURATING
+    kind = module_type(module)
+    return kind in RELU_LIKE | SATURATING or bool(HF_ACTIVATIONS.search(kind))
 
 
 def _leaves(model: nn.Module) -> list[nn.Module]:
@@ -81,11 +90,32 @@ def weight_layers(model: nn.Module) -> list[tuple[str, WeightLayer]]:
     ]
 
 
+SEEN_IN_FORWARD: ContextVar[dict[str, str] | None] = ContextVar("gradcheck_seen_in_forward", default=None)
+"""Layer name → the activation that followed it in the probe's forward pass (the init audit's), when known."""
+AUDIT_NONLINEARITIES = {"relu": "relu", "leaky_relu": "leaky_relu", "sigmoid": "sigmoid", "tanh": "tanh",
+                        "selu": "selu", "linear": "linear", "gelu": "relu", "silu": "relu", "mish": "relu",
+                        "elu": "relu", "hardswish": "relu", "softplus": "relu"}  # fmt: skip
+
+
 def following_activations(model: nn.Module) -> dict[int, Nonlinearity]:
-    """For each Linear/Conv layer (by ``id``), the nonlinearity that follows it (see the module docstring)."""
+    """For each Linear/Conv layer (by ``id``), the nonlinearity that follows it (see the module docstring).
+
+    Where the probe's forward pass saw it (:data:`SEEN_IN_FORWARD`, set by the verification from the init
+    audit), that wins over the definition order, which misses a shared activation module.
+    """
+    seen = SEEN_IN_FORWARD.get() or {}
+    by_id = {id(m): AUDIT_NONLINEARITIES.get(seen.get(name, "").lower()) for name, m in model.named_modules()}
+    found = _static_activations(model)
+    for key, follows in found.items():
+        name = by_id.get(key)
+        if name is not None and name != follows[0] and not (name == "leaky_relu" and follows[0] == "leaky_relu"):
+            found[key] = (name, 0.01 if name == "leaky_relu" else 0.0)
+    return found
+
+
+def _static_activations(model: nn.Module) -> dict[int, Nonlinearity]:
     leaves = _leaves(model)
-    acts = [nonlinearity_of(m) for m in leaves if _is_activation(m)]
-    fallback = Counter(acts).most_common(1)[0][0] if acts else ("linear", 0.0)
+    fallback: Nonlinearity = ("linear", 0.0)  # never another layer's activation: say only what is seen
     layers = [m for _, m in weight_layers(model)]
     last = layers[-1] if layers else None
     found: dict[int, Nonlinearity] = {}

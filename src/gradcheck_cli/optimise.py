@@ -32,8 +32,6 @@ decides the verdict; the finding mentions the later one.
 
 from __future__ import annotations
 
-import copy
-import io
 import math
 import numbers
 from collections.abc import Sequence
@@ -45,6 +43,7 @@ from torch import nn
 
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import GradcheckError, first_line
+from gradcheck_cli.model_copy import copy_model
 from gradcheck_cli.probe import probe
 from gradcheck_cli.report import Finding, Problem, Severity
 from gradcheck_cli.report_sections import OptimisationTrace, StepRecord
@@ -163,14 +162,7 @@ def _copy(model: nn.Module) -> nn.Module:
     """An independent copy of ``model``; TorchScript modules go through save/load (their deepcopy clones
     parameters into non-leaf tensors that no optimiser accepts)."""
     try:
-        if isinstance(model, torch.jit.ScriptModule):
-            buffer = io.BytesIO()
-            torch.jit.save(model, buffer)
-            buffer.seek(0)
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            work: nn.Module = torch.jit.load(buffer, map_location=device)
-        else:
-            work = copy.deepcopy(model)
+        work = copy_model(model)
     except Exception as exc:  # user modules can hold anything (locks, open files, generators)
         raise GradcheckError(
             f"the optimisation probe trains a copy of the model, and copy.deepcopy(model) failed: "

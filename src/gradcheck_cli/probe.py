@@ -292,17 +292,26 @@ def _cuda_devices(params: list[nn.Parameter]) -> list[int]:
 
 
 @contextlib.contextmanager
+def kept_buffers(model: nn.Module) -> Iterator[None]:
+    """Every non-boolean buffer as it was: a pass, or only reading a parametrised weight in train mode
+    (spectral norm's power iteration), updates running statistics and such in place."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers() if buffer.dtype != torch.bool]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+@contextlib.contextmanager
 def _restored_state(model: nn.Module, params: list[nn.Parameter], keep_grads: bool = False) -> Iterator[None]:
     """Give back every module's ``training`` flag, every parameter's flags and gradient (unless
-    ``keep_grads``), and the running statistics a train-mode pass updates (BatchNorm/InstanceNorm)."""
+    ``keep_grads``), and every buffer a pass can update (BatchNorm running statistics, spectral norm's
+    power-iteration vectors...; boolean masks are left out: nothing updates them)."""
     training = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad, p.grad) for p in params]
-    running = [
-        (buffer, buffer.detach().clone())
-        for module in model.modules()
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
-        for buffer in module.buffers(recurse=False)
-    ]
+    running = [(buffer, buffer.detach().clone()) for buffer in model.buffers() if buffer.dtype != torch.bool]
     try:
         yield
     finally:

@@ -9,7 +9,6 @@ caller's random state is left as it was) and each copy is freed before the next 
 
 from __future__ import annotations
 
-import copy
 import gc
 import math
 import re
@@ -23,7 +22,8 @@ from torch import nn
 
 from gradcheck_cli.batch import Batch, make_batch
 from gradcheck_cli.errors import first_line
-from gradcheck_cli.fixes import FIXES, UNVERIFIABLE, NotApplicable, clip_gradients
+from gradcheck_cli.fixes import FIXES, SEEN_IN_FORWARD, UNVERIFIABLE, NotApplicable, clip_gradients
+from gradcheck_cli.model_copy import copy_model
 from gradcheck_cli.probe import probe, probe_scaled
 from gradcheck_cli.report import LayerStats, Problem, Recommendation, Report, Severity
 from gradcheck_cli.report_sections import Outcome, Verification
@@ -46,9 +46,12 @@ def verify_recommendations(
     train: bool = True,
     unfreeze: bool = False,
     thresholds: Thresholds | None = None,
+    autocast: str | None = None,
+    loss_scale: float = 1.0,
 ) -> tuple[Verification, ...]:
     """Apply each of ``report.recommendations`` to a deep copy of ``model`` and re-probe it.
 
+    ``autocast``/``loss_scale``: the copies are probed the way the report's own pass was (``--autocast``).
     ``batch`` is the one the report was measured on (a :class:`Batch`, or what ``check()``
     accepts). Returns one :class:`Verification` per recommendation, in the same order. ``before`` is the
     report's verdict; ``after`` is ``diagnose(probe(copy, batch, ...))`` with the same seed, mode,
@@ -96,8 +99,14 @@ def verify_recommendations(
             return tuple(Verification(r.id, False, before=before, reason=reason) for r in recommendations)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     results = []
+    training_only = report.optimisation is not None and not any(
+        f.severity is Severity.ERROR and f.problem is not None and f.code != "GC015" for f in report.findings
+    )
     for rec in recommendations:
         start = time.perf_counter()
+        if rec.id == "lower_lr" and report.optimisation is not None:
+            results.append(_verify_lower_lr(model, ready, report, before, seed, train, unfreeze, limits))
+            continue
         if rec.id == "mixed_precision_scaling" and report.precision is not None:
             results.append(_verify_scaling(model, ready, report, before, seed, train, unfreeze, limits))
             continue
@@ -116,7 +125,7 @@ def verify_recommendations(
         alive = weakref.ref(work)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            outcome = _apply(work, rec, report, ready, seed, train, unfreeze, limits)
+            outcome = _apply(work, rec, report, ready, seed, train, unfreeze, limits, autocast, loss_scale)
         del work
         if alive() is not None:  # a reference cycle inside the model: free the copy before the next one
             gc.collect()
@@ -128,6 +137,12 @@ def verify_recommendations(
         distance = _distance(after.attenuation, diagnosis.layers, after.finite, limits)
         effect = 0.0 if clipped else before_distance - distance
         fixed = not clipped and not any(f.problem is not None for f in diagnosis.findings)
+        if training_only and not clipped:
+            fixed = False
+            applied += (
+                "; the problem shows only during training (GC015), which one pass of the copy cannot show: "
+                "re-run with --steps to see"
+            )
         results.append(
             Verification(
                 rec.id,
@@ -141,6 +156,54 @@ def verify_recommendations(
             )
         )
     return tuple(results)
+
+
+LR_FACTOR = 0.1
+"""``lower_lr`` is verified by re-running the optimisation probe at this fraction of the learning rate."""
+
+
+def _verify_lower_lr(
+    model: nn.Module,
+    batch: Batch,
+    report: Report,
+    before: Outcome,
+    seed: int,
+    train: bool,
+    unfreeze: bool,
+    limits: Thresholds,
+) -> Verification:
+    """Re-run the optimisation probe (same steps, optimiser, seed) at a tenth of the learning rate."""
+    from gradcheck_cli.optimise import trace_optimisation  # optimise imports the probe like this module
+
+    trace = report.optimisation
+    assert trace is not None
+    started = time.perf_counter()
+    lr = trace.lr * LR_FACTOR
+    try:
+        again = trace_optimisation(
+            model, batch, steps=max(1, len(trace.steps) - 1), lr=lr, optimizer=trace.optimizer, seed=seed,
+            train=train, unfreeze=unfreeze, thresholds=limits,
+        )  # fmt: skip
+    except Exception as exc:  # the copy or the optimiser can fail on unusual models
+        reason = f"re-running the optimisation probe failed ({type(exc).__name__}: {first_line(exc)})"
+        return Verification("lower_lr", False, before=before, reason=reason)
+    last = again.steps[-1]
+    stable = again.verdict == "stable"
+    after = Outcome(
+        status="healthy" if stable else "unhealthy",
+        problems=() if stable else (again.verdict,),
+        attenuation=last.attenuation,
+        gain=last.gain,
+        finite=again.verdict != "non_finite",
+    )
+    applied = (
+        f"re-ran the optimisation probe on a copy at lr {lr:g} ({trace.optimizer}, {len(again.steps) - 1} steps): "
+        f"{again.verdict}" + ("" if stable else f" from step {again.onset_step}")
+    )
+    return Verification(
+        "lower_lr", True, applied=applied, before=before, after=after, effect=0.0, fixed=stable,
+        seconds=time.perf_counter() - started,
+    )  # fmt: skip
 
 
 SCALING_FIXED = 0.01
@@ -289,18 +352,27 @@ def _apply(
     train: bool,
     unfreeze: bool,
     limits: Thresholds,
+    autocast: str | None = None,
+    loss_scale: float = 1.0,
 ) -> _Applied | str:
     """Apply ``rec`` to ``work`` and probe it; the reason as a string when that is not possible."""
     clipping = rec.id == "gradient_clipping"
     if not clipping:
+        seen = {layer.layer: layer.activation for layer in report.init_audit.layers} if report.init_audit else {}
+        token = SEEN_IN_FORWARD.set(seen)
         try:
             applied = FIXES[rec.id](work)
         except NotApplicable as exc:
             return str(exc)
         except Exception as exc:  # a fix on an unusual model can fail in torch: report it, do not crash
             return f"applying it failed: {type(exc).__name__}: {first_line(exc)}"
+        finally:
+            SEEN_IN_FORWARD.reset(token)
     try:
-        result = probe(work, batch, seed=seed, train=train, unfreeze=unfreeze, keep_grads=clipping)
+        result = probe(
+            work, batch, seed=seed, train=train, unfreeze=unfreeze, keep_grads=clipping, autocast=autocast,
+            loss_scale=loss_scale,
+        )  # fmt: skip
     except Exception as exc:
         return f"the changed copy could not be probed: {first_line(exc)}"
     diagnosis = diagnose(result, limits)
@@ -400,5 +472,5 @@ def _distance(attenuation: float | None, layers: Sequence[LayerStats], finite: b
 
 
 def _copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model``: parameters, buffers, modes and flags, sharing no tensor with it."""
-    return copy.deepcopy(model)
+    """A copy of ``model``: parameters, buffers, modes and flags, sharing no tensor with it."""
+    return copy_model(model)

@@ -76,12 +76,21 @@ STEP_KEYS = ("epoch", "global_step", "step", "iteration", "iter")
 
 def training_evidence(content: Mapping[Any, Any]) -> str | None:
     """Why a training-checkpoint dict comes from training (optimizer state, a positive step count), or None."""
-    reasons = [f"optimizer state ({key!r})" for key in OPTIMIZER_KEYS if content.get(key)]
+    reasons = [f"optimizer state ({key!r})" for key in OPTIMIZER_KEYS if _present(content.get(key))]
     for key in STEP_KEYS:
         value = content.get(key)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = int(value.item())  # a step counter saved as a 0-dim tensor
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             reasons.append(f"{key} {value:g}")
     return f"the checkpoint holds {' and '.join(reasons)}" if reasons else None
+
+
+def _present(value: Any) -> bool:
+    """A non-empty optimizer entry (a tensor is judged by its size, never by its truth value)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() > 0
+    return bool(value)
 
 
 def _interpret(content: Any, path: Path, model_spec: str | None) -> LoadedModel:
