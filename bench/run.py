@@ -104,7 +104,7 @@ def _resnet50(device: torch.device) -> Workload:
     torch.manual_seed(0)
     model = ResNetForImageClassification(ResNetConfig()).to(device)
     pixels = torch.randn(4, 3, 224, 224, device=device)
-    labels = torch.randint(0, 1000, (4,), device=device)
+    labels = torch.randint(0, model.config.num_labels, (4,), device=device)
 
     def bare() -> None:
         model(pixel_values=pixels, labels=labels).loss.backward()

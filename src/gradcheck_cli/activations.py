@@ -82,6 +82,24 @@ def derivative(kind: str, z: torch.Tensor, module: nn.Module) -> torch.Tensor:
     raise ValueError(kind)
 
 
+DEAD_POSITIONS = 1024
+"""Dead units are judged on at most about this many values per unit: every sample of the batch, and evenly
+strided positions (pixels, tokens) of each when there are more."""
+
+
+def _positions(z: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """``z`` with its position dimensions (all but batch and unit) strided, as a view: no copy."""
+    positions = [d for d in range(1, z.dim()) if d != unit_dim]
+    if not positions:
+        return z
+    per_unit = z.numel() // z.shape[unit_dim]
+    if per_unit <= DEAD_POSITIONS:
+        return z
+    step = math.ceil((per_unit / max(DEAD_POSITIONS, z.shape[0])) ** (1 / len(positions)))
+    index = [slice(None, None, step) if d in positions else slice(None) for d in range(z.dim())]
+    return z[tuple(index)]
+
+
 def saturation_limit(kind: str) -> float | None:
     """|z| beyond which the unit counts as saturated, or None for non-saturating activations."""
     return {"Sigmoid": SIGMOID_SATURATION, "Tanh": TANH_SATURATION}.get(kind)
@@ -147,13 +165,15 @@ class ActivationRecorder:
                 saturated = (part.abs() > limit).sum()
             elif kind in ("Hardtanh", "Hardsigmoid"):
                 saturated = (slope == 0).sum()
-            dead, units = None, 0
+            dead, units, looked = None, 0, z.numel()
             if kind in DEAD_TYPES and z.dim() >= 2:
                 unit_dim = 1 if z.dim() >= 3 and producer.startswith(CHANNEL_FIRST + CHANNEL_FIRST_NORMS) else -1
+                seen = _positions(z, unit_dim % z.dim())
                 reduce = [d for d in range(z.dim()) if d != unit_dim % z.dim()]
-                peak = torch.amax(z, dim=reduce)
+                peak = torch.amax(seen, dim=reduce)
                 dead, units = (peak <= 0).sum(), peak.numel()
-        call = ActivationCall(self._index[key], z.numel(), part.numel(), derivative_sq, saturated, dead, units)
+                looked = seen.numel()
+        call = ActivationCall(self._index[key], looked, part.numel(), derivative_sq, saturated, dead, units)
         self.calls.append(call)
 
     def device_tensors(self) -> list[torch.Tensor]:

@@ -62,9 +62,10 @@ class ActivationLayer:
     saturated: float | None = None
     """Sigmoid/tanh family: share of pre-activations where φ'(z) < 1 % of its maximum."""
     dead: float | None = None
-    """ReLU family: share of units that were ≤ 0 for every sample of the batch."""
+    """ReLU family: share of units that were ≤ 0 for every sample of the batch (at evenly strided positions:
+    at most about 1024 values per unit)."""
     samples_per_unit: int = 0
-    """How many values each unit saw: dead shares are only meaningful from about 8."""
+    """How many values each unit was judged on: dead shares are only meaningful from about 8."""
     flag: str | None = None
     """``saturated`` or ``dead`` when beyond the calibrated threshold."""
 
