@@ -196,10 +196,18 @@ def peak_memory(name: str, mode: str, device: torch.device) -> int:
         run()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set, to the current one
     before = _rss_bytes()
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return max(0, peak - before)
+    return max(0, _peak_rss_bytes() - before)
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM: this process's peak resident set since the last reset (ru_maxrss would include the parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _memory_in_subprocess(name: str, mode: str, device: str) -> int:

@@ -163,13 +163,20 @@ def probe(
         with _autocast(autocast, params):
             output = _forward(model, batch, seed)
             loss, choice = choose_loss(output, batch.target, seed)
-        output_max = [torch.linalg.vector_norm(t.detach(), ord=math.inf) for t in float_leaves(output) if t.numel()]
+        # aminmax, not an inf-norm: that would materialise |output| (51 MB for GPT-2's logits) at the peak
+        output_max = [_max_abs(t.detach()) for t in float_leaves(output) if t.numel()]
         del output
         _backward(loss * loss_scale if loss_scale != 1.0 else loss)
         result = _collect(named, params, frozen, recorder, activations, choice, loss.detach(), output_max, hooks, mode)
         if autocast is None and loss_scale == 1.0:
             return result
         return _unscaled(result, autocast, loss_scale)
+
+
+def _max_abs(tensor: torch.Tensor) -> torch.Tensor:
+    """max |element| as a 0-dim device tensor, NaN-propagating, without a full-size temporary."""
+    low, high = torch.aminmax(tensor)
+    return torch.maximum(high, low.neg())
 
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
