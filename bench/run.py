@@ -8,14 +8,16 @@ same loss gradcheck differentiates, (2) ``gradcheck_cli.check(model, batch, veri
 the diagnosis) and (3) the naive per-parameter approach (forward+backward, then ``p.grad.norm().item()``
 for every parameter, as ``wandb.watch`` and the forum ``plot_grad_flow`` snippet do). Ratios are taken per
 repetition against that repetition's bare pass; the table gives their median and min–max. Peak memory is
-measured in fresh subprocesses (one per workload and mode): the peak resident set above the resident set
-before the pass, so the model's weights cancel out. With ``--device cuda`` times are CUDA-synchronised
+measured in fresh subprocesses (one per workload and mode), after one warm-up pass: the peak resident set
+(VmHWM, reset through /proc/self/clear_refs) above the resident set before the pass, so the model's
+weights cancel out. With ``--device cuda`` times are CUDA-synchronised
 and memory is ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -189,6 +191,8 @@ def peak_memory(name: str, mode: str, device: torch.device) -> int:
     work = WORKLOADS[name][1](device)
     work.model.train()
     run = _runner(work, mode)
+    run()  # warm-up: lazy imports, allocator pools and one-time caches are not the pass's memory
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -28,7 +28,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "dead_text": ["inspect", "--example", "dead-relu"],
             "no_verify": ["inspect", "--example", "dead-relu", "--no-verify", "-f", "json"],
             "nan": ["inspect", "--example", "nan-weight"],
-            "bf16": ["inspect", "--example", "relu-kaiming", "--autocast", "bf16", "-f", "json"],
+            "bf16": ["inspect", "--example", "relu-kaiming", "--autocast", "bf16", "--device", "auto", "-f", "json"],
             "steps": [*STEPS, "--optimizer", "adam", "-f", "json"],
             "steps_text": ["inspect", "--example", "deep-linear", "--steps", "4", "--lr", "0.5", "--no-verify"],
             "bad_autocast": ["inspect", "--example", "relu-kaiming", "--autocast", "fp8"],
@@ -72,6 +72,7 @@ def test_first_non_finite_is_named_in_the_terminal(runs: dict[str, Any]) -> None
 def test_autocast_and_optimisation_probe_flags(runs: dict[str, Any]) -> None:
     bf16 = json_report(runs["bf16"], exit_code=0)
     assert bf16["precision"]["autocast"] == "bf16"
+    assert bf16["run"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # --device auto
     steps = json_report(runs["steps"], exit_code=0)
     trace = steps["optimisation"]
     assert trace["optimizer"] == "adam" and trace["lr"] == 0.01 and trace["verdict"] == "stable"

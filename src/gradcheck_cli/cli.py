@@ -174,7 +174,9 @@ def inspect(
     unfreeze: Annotated[
         bool, typer.Option("--unfreeze", help="Measure a model whose parameters are all frozen (requires_grad=False).")
     ] = False,
-    device: Annotated[str | None, typer.Option(help="Device to run on: cpu (default), cuda, cuda:N.")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Device to run on: cpu (default), cuda, cuda:N, auto (cuda when available).")
+    ] = None,
     vanishing_below: Annotated[
         float | None,
         typer.Option(help="Flag vanishing when the input-end gradient is below this fraction of the output's (1e-3)."),

@@ -96,6 +96,8 @@ def _choose_batch(request: InspectRequest, loaded: LoadedModel) -> tuple[Batch, 
 
 
 def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
