@@ -72,6 +72,7 @@ class ReportFormat(str, Enum):
     sarif = "sarif"
     github = "github"
     markdown = "markdown"
+    html = "html"
 
 
 def _version(value: bool) -> None:
@@ -196,6 +197,9 @@ def inspect(
     ] = 0,
     lr: Annotated[float, typer.Option(help="Optimisation probe: learning rate (1e-3).")] = 1e-3,
     optimizer: Annotated[OptimizerName, typer.Option(help="Optimisation probe: the optimiser.")] = OptimizerName.sgd,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Draw the gradient-flow chart to FILE.png or FILE.svg (needs [plot]).")
+    ] = None,
     profile: Annotated[
         bool, typer.Option("--profile", help="Time each phase (import, load, probe, diagnose, render...).")
     ] = False,
@@ -237,16 +241,18 @@ def inspect(
             "give either a CHECKPOINT or --example NAME (try: gradcheck inspect --example deep-sigmoid)"
         )
     destinations = _destinations(formats, output or [])
-    written = [d for d in destinations if d is not None] + ([write_baseline] if write_baseline else [])
+    written = [d for d in destinations if d is not None] + [p for p in (write_baseline, plot) if p is not None]
     if len({p.resolve() for p in written}) < len(written):
         raise GradcheckError("two reports would be written to the same file; give each --output its own file")
     model_file = Path(model.rpartition(":")[0]) if model and model.rpartition(":")[0].endswith(".py") else None
     for path in written:
-        _refuse_overwriting(path, checkpoint, batch, baseline, model_file, settings.source)
+        flag = "--plot" if path == plot else "--write-baseline" if path == write_baseline else "--output"
+        _refuse_overwriting(path, checkpoint, batch, baseline, model_file, settings.source, flag=flag)
     if not (0 < vanishing < 1 < exploding):
         raise GradcheckError("thresholds must satisfy 0 < --vanishing-below < 1 < --exploding-above")
     if input_shape is not None and batch is not None:
         raise GradcheckError("give either --input or --input-shape, not both")
+    _check_plot_suffix(plot)
     if steps == 0 and (lr != 1e-3 or optimizer is not OptimizerName.sgd):
         raise GradcheckError("--lr and --optimizer set the optimisation probe; add --steps N to run it")
 
@@ -298,6 +304,8 @@ def inspect(
     with recording() as rendering, phase("render"):
         for kind, destination in zip(formats, destinations, strict=True):
             _emit(report, kind, destination)
+        if plot is not None:
+            _plot(report, plot)
     if profile:
         spent = {**phases, **rendering}
         total = sum(spent.values())
@@ -392,6 +400,9 @@ def simulate(
     hidden: Annotated[int, typer.Option(help="RNN mode: hidden units.")] = 128,
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Report format.")] = OutputFormat.text,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Draw the simulation to FILE.png or FILE.svg (needs [plot]).")
+    ] = None,
 ) -> None:
     """Show how gradients shrink or grow with depth: the chain product, mean-field theory and real random nets."""
     modes = [flag for flag, on in (("--factor", factor is not None), ("--map", map_name is not None), ("--rnn", rnn),
@@ -422,7 +433,12 @@ def simulate(
                     bias_std=bias_std, residual=residual, norm=norm, seeds=seeds, seed=seed,
                 )  # fmt: skip
                 report = simulate_compare(spec) if compare else simulate_network(spec)
+    _check_plot_suffix(plot)
+    if plot is not None and output is not None and plot.resolve() == output.resolve():
+        raise GradcheckError("--plot and --output name the same file; give each its own")
     _emit_simulation(report, output_format, output)
+    if plot is not None:
+        _plot(report, plot)
 
 
 def _emit_simulation(report: Any, output_format: OutputFormat, output: Path | None) -> None:
@@ -437,6 +453,27 @@ def _emit_simulation(report: Any, output_format: OutputFormat, output: Path | No
         _write(render_simulation_text(report), output)
 
 
+def _check_plot_suffix(path: Path | None) -> None:
+    """Before any work: ``--plot`` draws PNG or SVG, chosen by the file's suffix."""
+    if path is not None and path.suffix.lower() not in (".png", ".svg"):
+        raise GradcheckError(f"--plot {path}: the file must end in .png or .svg")
+
+
+def _plot(report: Any, path: Path) -> None:
+    """``--plot``: the picture of ``report`` (inspect or simulate) drawn to ``path``; one stderr line says where."""
+    from gradcheck_cli.render.plot import plot_report, plot_simulation
+    from gradcheck_cli.report import Report
+
+    try:
+        if isinstance(report, Report):
+            plot_report(report, path)
+        else:
+            plot_simulation(report, path)
+    except OSError as exc:
+        raise GradcheckError(f"cannot write --plot {path}: {exc.strerror or exc}") from None
+    Console(stderr=True, highlight=False).print(f"gradcheck: chart written to {path}", markup=False)
+
+
 def _write(rendered: str, output: Path | None) -> None:
     if output is None:
         sys.stdout.write(rendered)
@@ -447,13 +484,13 @@ def _write(rendered: str, output: Path | None) -> None:
         raise GradcheckError(f"cannot write --output {output}: {exc.strerror or exc}") from None
 
 
-def _refuse_overwriting(output: Path | None, *inputs: Path | None) -> None:
-    """``--output`` must never replace the user's checkpoint or batch."""
+def _refuse_overwriting(output: Path | None, *inputs: Path | None, flag: str = "--output") -> None:
+    """``--output`` (and ``--plot``, ``--write-baseline``) must never replace the user's checkpoint or batch."""
     if output is None or not output.exists():
         return
     for given in inputs:
         if given is not None and given.exists() and output.resolve() == given.resolve():
-            raise GradcheckError(f"--output {output} is one of the input files; write the report somewhere else")
+            raise GradcheckError(f"{flag} {output} is one of the input files; write it somewhere else")
 
 
 def _emit(report: Any, kind: ReportFormat, output: Path | None) -> None:
@@ -499,6 +536,10 @@ def _render(report: Any, kind: ReportFormat) -> str:
         from gradcheck_cli.render.markdown import render_markdown
 
         return render_markdown(report)
+    if kind is ReportFormat.html:
+        from gradcheck_cli.render.html import render_html
+
+        return render_html(report)
     from gradcheck_cli.render.text import render_text
 
     return render_text(report)
