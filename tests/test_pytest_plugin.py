@@ -332,7 +332,12 @@ def test_yaml_recipes_in_the_ci_doc_parse() -> None:
     assert len(blocks) == 4
     workflow, gitlab, _, pre_commit = (yaml.safe_load(block) for block in blocks)
     gate = next(step for step in workflow["jobs"]["gradcheck"]["steps"] if step.get("name") == "Gradient health gate")
-    formats = "--format sarif --output gradcheck.sarif --format junit --output gradcheck.xml --format github"
+    formats = (
+        "--format sarif --output gradcheck.sarif --format junit --output gradcheck.xml "
+        "--format html --output gradcheck.html --format github"
+    )
     assert formats in gate["run"]
+    keep = next(step for step in workflow["jobs"]["gradcheck"]["steps"] if step.get("name") == "Keep the reports")
+    assert "gradcheck.html" in keep["with"]["path"]
     assert gitlab["gradcheck"]["artifacts"]["reports"]["junit"] == "gradcheck.xml"
     assert pre_commit["repos"][0]["hooks"][0]["id"] == "gradcheck"
