@@ -82,3 +82,34 @@ def test_training_evidence_reads_tensor_counters_and_never_truth_tests_tensors()
     assert training_evidence({"optim": torch.zeros(3)}) == "the checkpoint holds optimizer state ('optim')"
     assert training_evidence({"global_step": torch.tensor(500)}) == "the checkpoint holds global_step 500"
     assert training_evidence({"epoch": 0, "optimizer": {}}) is None
+
+
+def test_parametrised_and_scripted_models_get_plain_reasons_not_crashes():
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(20):
+        layers += [nn.utils.parametrizations.weight_norm(nn.Linear(32, 32)), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(32, 10))
+    report = check(model, torch.randn(64, 32))
+    assert all("KeyError" not in v.reason for v in report.verifications)
+    scripted = torch.jit.script(mlp(30, 16, nn.Sigmoid, None))
+    report = check(scripted, torch.randn(32, 16))
+    reasons = [v.reason for v in report.verifications if not v.verified]
+    assert reasons and all("TorchScript" in r or "need" in r or "train" in r for r in reasons), reasons
+
+
+def test_optimisation_onset_does_not_move_with_the_number_of_steps():
+    """A regressor diverging at lr 0.5 (loss 81 → 7.8e4 in 5 steps) is caught at 5 steps, with the same onset
+    at 5, 6 and 8 steps."""
+    from gradcheck_cli.optimise import trace_optimisation
+
+    def run(steps: int):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        g = torch.Generator().manual_seed(0)
+        batch = Batch(args=(torch.randn(32, 8, generator=g),), target=torch.randn(32, 1, generator=g) * 10)
+        return trace_optimisation(model, batch, steps=steps, lr=0.5)
+
+    traces = [run(n) for n in (5, 6, 8)]
+    assert all(t.verdict == "exploding" for t in traces), [t.verdict for t in traces]
+    assert len({t.onset_step for t in traces}) == 1

@@ -234,7 +234,7 @@ def test_a_module_called_many_times_gets_a_gradient_through_time_panel(tmp_path:
 
 def test_optimisation_panel_marks_the_onset(exploding_steps: Report, tmp_path: Path) -> None:
     trace = exploding_steps.optimisation
-    assert trace is not None and trace.verdict == "exploding" and trace.onset_step == 3
+    assert trace is not None and trace.verdict == "exploding" and trace.onset_step == 1
     svg = tmp_path / "steps.svg"
     _draw(plot.plot_report, exploding_steps, svg)
     assert _ids(svg, "onset-line") == ["onset-line"]

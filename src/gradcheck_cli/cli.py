@@ -548,8 +548,9 @@ def _render(report: Any, kind: ReportFormat) -> str:
 def _print_examples() -> None:
     from gradcheck_cli.examples import EXAMPLES
 
+    width = max(len(name) for name in EXAMPLES)
     for example in EXAMPLES.values():
-        typer.echo(f"{example.name:15} {example.expected:11} {example.summary}")
+        typer.echo(f"{example.name:{width}}  {example.expected:11} {example.summary}")
 
 
 def _process_age() -> float:

@@ -37,6 +37,7 @@ SWAPPABLE = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign"}
 """Saturating activation modules that ``activation_change`` replaces by ``nn.ReLU``."""
 
 Nonlinearity = tuple[str, float]
+LINEAR: Nonlinearity = ("linear", 0.0)
 """A name ``nn.init.calculate_gain`` knows, and the negative slope for ``leaky_relu``."""
 
 
@@ -86,7 +87,9 @@ def weight_layers(model: nn.Module) -> list[tuple[str, WeightLayer]]:
     return [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, WEIGHT_LAYERS) and not isinstance(m.weight, nn.parameter.UninitializedParameter)
+        if isinstance(m, WEIGHT_LAYERS)
+        and not isinstance(m.weight, nn.parameter.UninitializedParameter)
+        and not nn.utils.parametrize.is_parametrized(m, "weight")  # weight_norm/spectral_norm: computed weights
     ]
 
 
@@ -140,7 +143,9 @@ def _describe(counts: Counter[str]) -> str:
 
 
 def _count(n: int, what: str) -> str:
-    return f"{n} {what}" + ("" if n == 1 else "s")
+    if n == 1:
+        return f"1 {what}"
+    return f"{n} {what[:-1] + 'ces' if what.endswith('matrix') else what + 's'}"
 
 
 def _zero_bias(module: nn.Module) -> bool:
@@ -160,7 +165,7 @@ def kaiming_init(model: nn.Module) -> str:
     used: Counter[str] = Counter()
     with torch.no_grad():
         for _, layer in layers:
-            name, slope = follows[id(layer)]
+            name, slope = follows.get(id(layer), LINEAR)
             if name == "relu":
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
             elif name == "leaky_relu":
@@ -185,7 +190,7 @@ def xavier_init(model: nn.Module) -> str:
     used: Counter[str] = Counter()
     with torch.no_grad():
         for _, layer in layers:
-            name, slope = follows[id(layer)]
+            name, slope = follows.get(id(layer), LINEAR)
             gain = nn.init.calculate_gain(name, slope)  # type: ignore[arg-type]
             nn.init.xavier_normal_(layer.weight, gain=gain)
             _zero_bias(layer)
@@ -240,7 +245,7 @@ def orthogonal_init(model: nn.Module) -> str:
         follows = following_activations(model)
         used: Counter[str] = Counter()
         for _, layer in square:
-            name, slope = follows[id(layer)]
+            name, slope = follows.get(id(layer), LINEAR)
             gain = nn.init.calculate_gain(name, slope)  # type: ignore[arg-type]
             nn.init.orthogonal_(layer.weight, gain=gain)
             used[f"gain {gain:.3g}"] += 1
@@ -264,7 +269,7 @@ def activation_change(model: nn.Module) -> str:
     re-initialise, and so does this fix.
     """
     follows = following_activations(model)
-    feeding = [m for _, m in weight_layers(model) if follows[id(m)][0] in {"sigmoid", "tanh"}]
+    feeding = [m for _, m in weight_layers(model) if follows.get(id(m), LINEAR)[0] in {"sigmoid", "tanh"}]
     swapped: Counter[str] = Counter()
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if name and module_type(module) in SWAPPABLE:

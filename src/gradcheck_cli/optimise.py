@@ -55,6 +55,8 @@ OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 MAX_STEPS = 10_000
 
 GROWTH_LIMIT = 1e3
+LOSS_GROWTH = 10.0
+"""Exploding also when the loss exceeds this multiple of step 0's while the gradient norm has grown ≥ 10×."""
 """Exploding: the total gradient norm (or the attenuation) above this multiple of step 0's."""
 COLLAPSE_LIMIT = 1e-3
 """Collapsing: the total gradient norm (or the attenuation) below this fraction of step 0's."""
@@ -237,6 +239,9 @@ def _explodes(record: StepRecord, first: StepRecord, limits: Thresholds) -> str 
     if _factor(record.grad_norm, first.grad_norm) > GROWTH_LIMIT:
         return "grad_norm_growth"
     att, att0 = record.attenuation, first.attenuation
+    diverging = first.loss > 0 and math.isfinite(record.loss) and record.loss > LOSS_GROWTH * first.loss
+    if diverging and _factor(record.grad_norm, first.grad_norm) > CROSSING_MARGIN:
+        return "loss_growth"  # the loss ran away while the gradient grew: divergence before the norm hits 1e3×
     if att is None or att0 is None:
         return None
     moved = _factor(att, att0)
@@ -279,13 +284,20 @@ def _sustained(flags: Sequence[str | None]) -> int | None:
 
 
 def _geometric(records: Sequence[StepRecord]) -> int | None:
-    """First step of a growth run reaching the last record: ≥ 2× per step for ≥ 5 steps and ≥ 100× in all."""
+    """First step of the first growth run: ≥ 2× per step for ≥ 5 steps and ≥ 100× in all.
+
+    Every run is considered, not only one that reaches the last record, so the onset does not move
+    with ``--steps`` once the gradient stops growing (saturated units, a run stopped by NaN).
+    """
     norms = [r.grad_norm for r in records]
-    end = start = len(norms) - 1
-    while start > 0 and norms[start - 1] > 0 and norms[start] >= GEOMETRIC_FACTOR * norms[start - 1]:
-        start -= 1
-    if end - start >= GEOMETRIC_STEPS and norms[end] >= GEOMETRIC_TOTAL * norms[start]:
-        return start + 1  # the first step that grew
+    start = 0
+    while start < len(norms) - 1:
+        end = start
+        while end + 1 < len(norms) and norms[end] > 0 and norms[end + 1] >= GEOMETRIC_FACTOR * norms[end]:
+            end += 1
+        if end - start >= GEOMETRIC_STEPS and norms[end] >= GEOMETRIC_TOTAL * norms[start]:
+            return start + 1  # the first step that grew
+        start = max(end, start + 1)
     return None
 
 

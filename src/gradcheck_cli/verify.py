@@ -357,6 +357,8 @@ def _apply(
 ) -> _Applied | str:
     """Apply ``rec`` to ``work`` and probe it; the reason as a string when that is not possible."""
     clipping = rec.id == "gradient_clipping"
+    if not clipping and isinstance(work, torch.jit.ScriptModule):
+        return "TorchScript modules cannot be changed in memory: apply the fix to the Python model and script it again"
     if not clipping:
         seen = {layer.layer: layer.activation for layer in report.init_audit.layers} if report.init_audit else {}
         token = SEEN_IN_FORWARD.set(seen)

@@ -67,7 +67,10 @@ def _header(trace: OptimisationTrace) -> Text:
     last = records[-1].step if records else 0
     name = OPTIMIZER_NAMES.get(trace.optimizer, trace.optimizer)
     text = Text("optimisation probe: ", style="bold")
-    text.append(f"{name}, lr {trace.lr:g}, on a copy of the model: {len(records)} records, steps 0…{last}")
+    text.append(
+        f"{name}, lr {trace.lr:g}, on a copy of the model: {len(records)} record"
+        f"{'' if len(records) == 1 else 's'}, steps 0…{last}"
+    )
     if len(records) > MAX_ROWS:
         text.append(f"\nshowing {MAX_ROWS} of {len(records)} (first, onset and last kept)", style="dim")
     return text
