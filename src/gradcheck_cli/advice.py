@@ -103,7 +103,7 @@ def _half_precision(findings: Sequence[Finding], precision: Precision | None) ->
                 "mixed_precision_scaling",
                 "Scale the loss in fp16 (GradScaler), or train in bf16",
                 why,
-                f"scaler = torch.amp.GradScaler(init_scale=2.0**{exponent})\n"
+                f"scaler = torch.amp.GradScaler(init_scale=2.0**{exponent})   # backs off by itself on overflow\n"
                 "with torch.autocast(device_type, dtype=torch.float16):\n    loss = compute_loss(model, batch)\n"
                 "scaler.scale(loss).backward()\nscaler.step(optimizer)\nscaler.update()\n"
                 "# or: torch.autocast(device_type, dtype=torch.bfloat16) without a scaler",

@@ -168,9 +168,9 @@ def precision_findings(section: Precision, *, half: bool) -> tuple[Finding, ...]
                 None,
                 flushed[0].layer,
                 f"in fp16, {worst.fp16_flush:.0%} of {worst.layer}'s non-zero gradient elements would flush to 0 "
-                f"without loss scaling, and still {worst.fp16_flush_scaled:.0%} at the largest safe scale "
-                f"2^{int(math.log2(section.recommended_scale))} ({len(flushed)} layer(s) ≥ {FLUSH_SHARE:.0%}); "
-                f"bf16 would flush {worst.bf16_flush:.0%}",
+                f"without loss scaling and {worst.fp16_flush_scaled:.0%} at the loss scale "
+                f"2^{int(math.log2(section.recommended_scale))} ({len(flushed)} layer(s) lose ≥ {FLUSH_SHARE:.0%} "
+                f"{'unscaled' if half else 'even scaled'}); bf16 would flush {worst.bf16_flush:.0%}",
                 {
                     "layers": [p.layer for p in flushed],
                     "worst_layer": worst.layer,
