@@ -12,16 +12,15 @@ ExitStack and are gone when the block exits.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
 from gradcheck_cli.precision import sample
+from gradcheck_cli.recorder import HookStack
 
 SATURATION_BOUND = 0.01
 """A unit is saturated where φ'(z) is below this fraction of φ's largest derivative."""
@@ -105,12 +104,12 @@ def saturation_limit(kind: str) -> float | None:
     return {"Sigmoid": SIGMOID_SATURATION, "Tanh": TANH_SATURATION}.get(kind)
 
 
-class ActivationRecorder:
+class ActivationRecorder(HookStack):
     """Leaf-call order and activation statistics of one forward pass, inside a ``with`` block."""
 
     def __init__(self, model: nn.Module) -> None:
+        super().__init__()
         self._leaves = [(name, m) for name, m in model.named_modules() if next(m.children(), None) is None]
-        self._stack = contextlib.ExitStack()
         self.leaf_calls: list[tuple[str, str]] = []
         """(name, class name) of every leaf-module call, in forward order."""
         self.calls: list[ActivationCall] = []
@@ -118,22 +117,9 @@ class ActivationRecorder:
         """(name, class name) of the measured activation modules; ``ActivationCall.module`` indexes it."""
         self._index: dict[int, int] = {}
 
-    def __enter__(self) -> ActivationRecorder:
-        try:
-            for name, module in self._leaves:
-                self._stack.enter_context(module.register_forward_pre_hook(self._hook(name, module)))
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stack.close()
+    def _register(self) -> None:
+        for name, module in self._leaves:
+            self._stack.enter_context(module.register_forward_pre_hook(self._hook(name, module)))
 
     def _hook(self, name: str, module: nn.Module) -> Any:
         kind = type(module).__name__

@@ -34,13 +34,11 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from torch.utils.hooks import RemovableHandle
 
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import BatchError
@@ -57,6 +55,7 @@ from gradcheck_cli.probe import (
     supports_module_hooks,
     to_host,
 )
+from gradcheck_cli.recorder import HookStack
 from gradcheck_cli.report_sections import NonFiniteOrigin, TensorSummary
 
 CallId = tuple[int, int]
@@ -370,7 +369,7 @@ def _hooked_modules(model: nn.Module, named: list[tuple[str, nn.Module]]) -> lis
     return [(name, m) for name, m in named if (name or leaf) and not isinstance(m, torch.jit.ScriptModule)]
 
 
-class _Locator:
+class _Locator(HookStack):
     """Forward pre-/post-hooks for every hooked module and a gradient hook on every floating output.
 
     The module hooks are two global ones (``register_module_forward_*_hook``) that look the module
@@ -382,8 +381,8 @@ class _Locator:
     """
 
     def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
+        super().__init__()
         self._index = {id(m): i for i, (_, m) in enumerate(modules)}
-        self._handles: list[RemovableHandle] = []
         self._records = _RecordCache()
         self._open: list[list[tuple[int, list[Record], Kept]]] = [[] for _ in modules]
         self.calls_per_module = [0] * len(modules)
@@ -393,24 +392,9 @@ class _Locator:
         """The culprit call's inputs and outputs, when they were still as the call left them."""
         self.backward_summary: _Pending | None = None
 
-    def __enter__(self) -> _Locator:
-        try:
-            self._handles.append(register_module_forward_pre_hook(self._pre_hook))
-            self._handles.append(register_module_forward_hook(self._post_hook, with_kwargs=True))
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
+    def _register(self) -> None:
+        self._stack.enter_context(register_module_forward_pre_hook(self._pre_hook))
+        self._stack.enter_context(register_module_forward_hook(self._post_hook, with_kwargs=True))
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         index = self._index.get(id(module))
@@ -442,7 +426,7 @@ class _Locator:
                 self.forward.offer((index, call), outputs, inputs, (kept, _kept(leaves)))
         for tensor in leaves:
             if tensor.requires_grad:
-                self._handles.append(tensor.register_hook(self._grad_hook((index, call))))
+                self._stack.enter_context(tensor.register_hook(self._grad_hook((index, call))))
 
     def _grad_hook(self, call: CallId) -> Any:
         def hook(grad: torch.Tensor) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -30,37 +30,22 @@ def norm_and_max_abs(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.vector_norm(tensor), torch.maximum(high, low.neg())
 
 
-class ActivationGradientRecorder:
-    """Records ‖∂L/∂output‖ of every call of the given modules, on the device, without syncing.
+_Hooks = TypeVar("_Hooks", bound="HookStack")
 
-    A forward hook registers a tensor hook on each floating-point output; this works with
-    ``nn.ReLU(inplace=True)``, where ``register_full_backward_hook`` raises. Every call is kept
-    in order, so a cell run 200 times in a loop yields 200 records. For fused recurrent modules
-    (``nn.RNN``/``nn.LSTM``/``nn.GRU``), which run a whole sequence in one call, the gradient
-    reaching each time step's input is recorded too: that is the gradient through time. The
-    hooks hold no reference to activations, and all of them are removed when the block exits,
-    even after an exception.
-    """
 
-    def __init__(self, modules: list[nn.Module]) -> None:
-        self._modules = modules
+class HookStack:
+    """Hooks that exist only inside a ``with`` block: :meth:`_register` adds them to ``self._stack``; they are all
+    removed when the block exits, and at once if registering one of them fails."""
+
+    def __init__(self) -> None:
         self._stack = contextlib.ExitStack()
-        self.calls: list[tuple[int, int]] = []
-        """(module index, call index of that module) per forward call, in forward order."""
-        self.norms: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        """Per call: (L2 norm, max |g|) of each output's gradient, as 0-dim device tensors."""
-        self.samples: list[list[torch.Tensor]] = []
-        """Per call: a strided sample (a small copy) of each output's gradient, for the precision histograms."""
-        self.time_norms: dict[int, torch.Tensor] = {}
-        """Per call of a fused recurrent module: ‖∂L/∂x_t‖ for every time step t (1-D device tensor)."""
-        self._calls_per_module = [0] * len(modules)
 
-    def __enter__(self) -> ActivationGradientRecorder:
+    def _register(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Hooks) -> _Hooks:
         try:
-            for index, module in enumerate(self._modules):
-                if isinstance(module, nn.RNNBase):
-                    self._stack.enter_context(module.register_forward_pre_hook(self._time_hook(module)))
-                self._stack.enter_context(module.register_forward_hook(self._forward_hook(index)))
+            self._register()
         except BaseException:
             self._stack.close()
             raise
@@ -73,6 +58,38 @@ class ActivationGradientRecorder:
         tb: TracebackType | None,
     ) -> None:
         self._stack.close()
+
+
+class ActivationGradientRecorder(HookStack):
+    """Records ‖∂L/∂output‖ of every call of the given modules, on the device, without syncing.
+
+    A forward hook registers a tensor hook on each floating-point output; this works with
+    ``nn.ReLU(inplace=True)``, where ``register_full_backward_hook`` raises. Every call is kept
+    in order, so a cell run 200 times in a loop yields 200 records. For fused recurrent modules
+    (``nn.RNN``/``nn.LSTM``/``nn.GRU``), which run a whole sequence in one call, the gradient
+    reaching each time step's input is recorded too: that is the gradient through time. The
+    hooks hold no reference to activations, and all of them are removed when the block exits,
+    even after an exception.
+    """
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self._modules = modules
+        self.calls: list[tuple[int, int]] = []
+        """(module index, call index of that module) per forward call, in forward order."""
+        self.norms: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        """Per call: (L2 norm, max |g|) of each output's gradient, as 0-dim device tensors."""
+        self.samples: list[list[torch.Tensor]] = []
+        """Per call: a strided sample (a small copy) of each output's gradient, for the precision histograms."""
+        self.time_norms: dict[int, torch.Tensor] = {}
+        """Per call of a fused recurrent module: ‖∂L/∂x_t‖ for every time step t (1-D device tensor)."""
+        self._calls_per_module = [0] * len(modules)
+
+    def _register(self) -> None:
+        for index, module in enumerate(self._modules):
+            if isinstance(module, nn.RNNBase):
+                self._stack.enter_context(module.register_forward_pre_hook(self._time_hook(module)))
+            self._stack.enter_context(module.register_forward_hook(self._forward_hook(index)))
 
     def _forward_hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:

@@ -24,6 +24,7 @@ from gradcheck_cli.batch import Batch, make_batch
 from gradcheck_cli.errors import first_line
 from gradcheck_cli.fixes import FIXES, SEEN_IN_FORWARD, UNVERIFIABLE, NotApplicable, clip_gradients
 from gradcheck_cli.model_copy import copy_model
+from gradcheck_cli.optimise import trace_optimisation
 from gradcheck_cli.probe import probe, probe_scaled
 from gradcheck_cli.report import LayerStats, Problem, Recommendation, Report, Severity
 from gradcheck_cli.report_sections import Outcome, Verification
@@ -173,8 +174,6 @@ def _verify_lower_lr(
     limits: Thresholds,
 ) -> Verification:
     """Re-run the optimisation probe (same steps, optimiser, seed) at a tenth of the learning rate."""
-    from gradcheck_cli.optimise import trace_optimisation  # optimise imports the probe like this module
-
     trace = report.optimisation
     assert trace is not None
     started = time.perf_counter()
