@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from gradcheck_cli.api import check
     from gradcheck_cli.pytest_plugin import assert_gradients_healthy
     from gradcheck_cli.report import Report
+    from gradcheck_cli.monitor import watch
 
-__all__ = ["Report", "__version__", "assert_gradients_healthy", "check"]
+__all__ = ["Report", "__version__", "assert_gradients_healthy", "check", "watch"]
 
 
 def __getattr__(name: str) -> Any:
@@ -30,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from gradcheck_cli.report import Report
 
         return Report
+    if name == "watch":
+        from gradcheck_cli.monitor import watch
+
+        return watch
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -72,9 +72,11 @@ class ActivationGradientRecorder(HookStack):
     even after an exception.
     """
 
-    def __init__(self, modules: list[nn.Module]) -> None:
+    def __init__(self, modules: list[nn.Module], *, samples: bool = True, outputs: bool = False) -> None:
         super().__init__()
         self._modules = modules
+        self._keep_samples = samples
+        self._keep_outputs = outputs
         self.calls: list[tuple[int, int]] = []
         """(module index, call index of that module) per forward call, in forward order."""
         self.norms: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -83,6 +85,10 @@ class ActivationGradientRecorder(HookStack):
         """Per call: a strided sample (a small copy) of each output's gradient, for the precision histograms."""
         self.time_norms: dict[int, torch.Tensor] = {}
         """Per call of a fused recurrent module: ‖∂L/∂x_t‖ for every time step t (1-D device tensor)."""
+        self.output_max: list[torch.Tensor] = []
+        """With ``outputs``: max |element| of each call's floating-point outputs (non-finite: NaN/Inf in the forward)."""
+        self.backward_order: list[int] = []
+        """Call ids in the order their output gradients arrived (the backward order)."""
         self._calls_per_module = [0] * len(modules)
 
     def _register(self) -> None:
@@ -93,11 +99,16 @@ class ActivationGradientRecorder(HookStack):
 
     def _forward_hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not torch.is_grad_enabled():
+                return  # an evaluation pass under no_grad: nothing flows back through it
             call_id = len(self.calls)
             self.calls.append((index, self._calls_per_module[index]))
             self._calls_per_module[index] += 1
             self.norms.append([])
             self.samples.append([])
+            if self._keep_outputs:
+                peaks = [norm_and_max_abs(t.detach())[1] for t in float_leaves(output) if t.numel()]
+                self.output_max.append(torch.stack(peaks).max() if peaks else torch.zeros(()))
             for tensor in float_leaves(output):
                 if tensor.requires_grad:
                     self._watch(tensor, self._grad_hook(call_id))
@@ -108,7 +119,9 @@ class ActivationGradientRecorder(HookStack):
         def hook(grad: torch.Tensor | None) -> None:
             if grad is not None and grad.numel():  # cuDNN's fused RNN can hand a None gradient to an output
                 self.norms[call_id].append(norm_and_max_abs(grad))
-                self.samples[call_id].append(sample(grad).clone())  # a copy: the gradient itself is freed
+                self.backward_order.append(call_id)
+                if self._keep_samples:
+                    self.samples[call_id].append(sample(grad).clone())  # a copy: the gradient itself is freed
 
         return hook
 
@@ -120,6 +133,8 @@ class ActivationGradientRecorder(HookStack):
         """
 
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if not torch.is_grad_enabled():
+                return None
             if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
                 return None  # a PackedSequence has no plain time axis
             if module.bidirectional:

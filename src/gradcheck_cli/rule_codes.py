@@ -28,6 +28,8 @@ DEAD_UNITS = Rule("GC012", "dead-units")
 FP16_UNDERFLOW = Rule("GC013", "fp16-underflow")
 FP16_OVERFLOW = Rule("GC014", "fp16-overflow")
 UNSTABLE_OPTIMISATION = Rule("GC015", "unstable-optimisation")
+TRAINING_SPIKE = Rule("GC016", "training-gradient-spike")
+TRAINING_LOSS_NON_FINITE = Rule("GC017", "training-loss-non-finite")
 
 RULES = (
     VANISHING,
@@ -45,4 +47,6 @@ RULES = (
     FP16_UNDERFLOW,
     FP16_OVERFLOW,
     UNSTABLE_OPTIMISATION,
+    TRAINING_SPIKE,
+    TRAINING_LOSS_NON_FINITE,
 )

@@ -122,6 +122,18 @@ RULE_TEXT: dict[str, RuleText] = {
         "attenuation left the healthy band, or became NaN/Inf.",
         "error",
     ),
+    "GC016": RuleText(
+        "The gradient norm spiked during training.",
+        "A recorded training step's total gradient norm rose far above the median of the healthy records "
+        "before it (gradcheck history, watch).",
+        "error",
+    ),
+    "GC017": RuleText(
+        "The training loss became NaN/Inf.",
+        "A loss given to watch's step() was NaN/Inf; the step where it first happened is named even between "
+        "recorded steps.",
+        "error",
+    ),
 }
 
 

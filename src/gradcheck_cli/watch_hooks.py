@@ -1,0 +1,308 @@
+"""The hooks of one recorded training step: armed before its forward, read and removed at ``w.step()``.
+
+Parameter gradients are taken by post-accumulate-grad hooks, as backward produces them: after every
+micro-batch of a gradient-accumulation step (the last one holds the sum), before any clipping the loop
+applies, and still multiplied by the loss scale of a ``GradScaler`` (divided out when read). Activation
+gradients come from the same recorder ``inspect`` uses, without its precision samples, plus the max
+|element| of every output (NaN/Inf in the forward pass) and the order gradients arrived in (backward).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradcheck_cli.loss import float_leaves
+from gradcheck_cli.probe import module_type, to_host
+from gradcheck_cli.recorder import ActivationGradientRecorder, HookStack, norm_and_max_abs
+
+
+@dataclass(frozen=True)
+class LayerLog:
+    """One module that owns parameters, at one recorded step (every gradient number unscaled)."""
+
+    name: str
+    type: str
+    params: int
+    frozen: bool
+    weight_norm: float
+    grad: tuple[float, float] | None
+    """(L2 norm, max |element|) of its parameters' gradients; None when none reached them."""
+    calls: tuple[tuple[float, float] | None, ...]
+    """(L2 norm, max |element|) of ‖∂L/∂output‖ per forward call (micro-batches folded together)."""
+    output_max: float | None = None
+    """max |element| of its outputs over the step's calls; non-finite when the forward produced NaN/Inf."""
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """The raw measurements of one recorded training step, before any diagnosis."""
+
+    step: int
+    layers: tuple[LayerLog, ...]
+    order: tuple[int, ...]
+    """Layer index of every forward call of one micro-batch, in forward order."""
+    activation_hooks: bool
+    micro_batches: int
+    loss: float | None
+    scale: float | None
+    """The loss scale every gradient number was divided by (GradScaler); None without one."""
+    output_max: float | None
+    """max |element| of the model's own output (None when the root module was never called)."""
+    first_non_finite: str | None = None
+    """The module where NaN/Inf appeared first: forward order, then backward order, then parameters."""
+    first_non_finite_stage: str | None = None
+    """``forward``, ``backward`` or ``parameter``: which of the three found it."""
+    loss_non_finite_step: int | None = None
+    """The first step since the previous record whose loss (given to ``step()``) was NaN/Inf."""
+
+    @property
+    def total_norm(self) -> float:
+        """‖∂L/∂θ‖ over every parameter: what ``clip_grad_norm_`` compares with ``max_norm``."""
+        return math.sqrt(sum(layer.grad[0] ** 2 for layer in self.layers if layer.grad is not None))
+
+
+class StepRecorder(HookStack):
+    """Every hook one recorded step needs; all of them are removed when the block exits."""
+
+    def __init__(self, root: nn.Module, named: Sequence[tuple[str, nn.Module]], activation_hooks: bool) -> None:
+        super().__init__()
+        self._root = root
+        self._named = list(named)
+        self._params = _unique_params([m for _, m in self._named])
+        self.activation_hooks = activation_hooks
+        self.activations = ActivationGradientRecorder(
+            [m for _, m in self._named] if activation_hooks else [], samples=False, outputs=True
+        )
+        self.param_norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        """Per parameter index: (L2, max |g|) of its accumulated gradient, as device tensors."""
+        self.param_order: list[int] = []
+        """Parameter indices in the order their gradients were first accumulated (the backward order)."""
+        self.backward_passes = 0
+        """How many backward passes accumulated into the step (micro-batches): the most any parameter saw."""
+        self._fired: dict[int, int] = {}
+        self.root_output_max: list[torch.Tensor] = []
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self._params
+
+    def _register(self) -> None:
+        for index, p in enumerate(self._params):
+            if p.requires_grad and p.is_floating_point():
+                self._stack.enter_context(p.register_post_accumulate_grad_hook(self._param_hook(index)))
+        if self.activation_hooks:
+            self._stack.enter_context(self.activations)
+            self._stack.enter_context(self._root.register_forward_hook(self._root_hook))
+
+    def _param_hook(self, index: int) -> Any:
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is None:
+                return
+            if index not in self.param_norms:
+                self.param_order.append(index)
+            self._fired[index] = self._fired.get(index, 0) + 1
+            self.backward_passes = max(self.backward_passes, self._fired[index])
+            self.param_norms[index] = norm_and_max_abs(p.grad.detach())  # the last micro-batch's holds the sum
+
+        return hook
+
+    def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        peaks = [norm_and_max_abs(t.detach())[1] for t in float_leaves(output) if t.numel()]
+        if peaks:
+            self.root_output_max.append(torch.stack(peaks).max())
+
+    def read(
+        self,
+        step: int,
+        loss: torch.Tensor | float | None,
+        scale: torch.Tensor | float | None,
+        loss_sentinel: torch.Tensor | None,
+    ) -> StepLog:
+        """Every number of this step, copied to the host in one synchronisation."""
+        recorder = self.activations
+        floats = [p for p in self._params if p.is_floating_point()]
+        pieces: list[torch.Tensor] = list(torch._foreach_norm([p.detach() for p in floats])) if floats else []
+        grad_ids = sorted(self.param_norms)
+        pieces += [t for i in grad_ids for t in self.param_norms[i]]
+        act = [pair for call in recorder.norms for pair in call]
+        pieces += [t for pair in act for t in pair]
+        pieces += recorder.output_max
+        pieces += self.root_output_max
+        extra = {"loss": loss, "scale": scale, "sentinel": loss_sentinel}
+        tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
+        pieces += [v.detach().reshape(-1)[:1].float() for v in tensors.values()]
+        values = to_host(pieces) if pieces else []
+
+        cursor = 0
+
+        def take(count: int) -> list[float]:
+            nonlocal cursor
+            out = values[cursor : cursor + count]
+            cursor += count
+            return out
+
+        weight_of = dict(zip(map(id, floats), take(len(floats)), strict=True))
+        grad_values = take(2 * len(grad_ids))
+        grad_of = {i: (grad_values[2 * k], grad_values[2 * k + 1]) for k, i in enumerate(grad_ids)}
+        act_values = take(2 * len(act))
+        call_out = take(len(recorder.output_max))
+        root_out = take(len(self.root_output_max))
+        read = dict(zip(tensors, take(len(tensors)), strict=True))
+        plain = {k: (float(v) if v is not None else None) for k, v in extra.items() if not isinstance(v, torch.Tensor)}
+        number = {**plain, **read}
+
+        scale_value = number.get("scale")
+        divide = scale_value if scale_value and scale_value > 0 else 1.0
+        per_call: list[tuple[float, float] | None] = []
+        offset = 0
+        for call in recorder.norms:
+            pairs = [(act_values[offset + 2 * k], act_values[offset + 2 * k + 1]) for k in range(len(call))]
+            offset += 2 * len(call)
+            per_call.append(_combine(pairs, divide))
+        order, folded, folded_out, micro = _fold(recorder.calls, per_call, call_out, self.backward_passes, len(self._named))
+
+        index_of = {id(p): i for i, p in enumerate(self._params)}
+        layers = []
+        for layer_index, (name, module) in enumerate(self._named):
+            own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+            pairs = [grad_of[index_of[id(p)]] for p in own if index_of[id(p)] in grad_of]
+            outs = folded_out[layer_index]
+            layers.append(
+                LayerLog(
+                    name=name,
+                    type=module_type(module),
+                    params=sum(p.numel() for p in module.parameters(recurse=False)),
+                    frozen=bool(own) and not any(p.requires_grad for p in own),
+                    weight_norm=math.sqrt(sum(weight_of[id(p)] ** 2 for p in own)),
+                    grad=_combine(pairs, divide),
+                    calls=tuple(folded[layer_index]),
+                    output_max=_peak(outs) if outs else None,
+                )
+            )
+        log = StepLog(
+            step=step,
+            layers=tuple(layers),
+            order=tuple(order),
+            activation_hooks=self.activation_hooks,
+            micro_batches=micro,
+            loss=number.get("loss"),
+            scale=scale_value,
+            output_max=_peak(root_out) if root_out else None,
+            loss_non_finite_step=_sentinel_step(number.get("sentinel")),
+        )
+        return _with_origin(log, self._first_bad_backward(recorder, per_call), self._first_bad_parameter(grad_of))
+
+    def _first_bad_backward(
+        self, recorder: ActivationGradientRecorder, per_call: list[tuple[float, float] | None]
+    ) -> str | None:
+        for call_id in recorder.backward_order:
+            pair = per_call[call_id]
+            if pair is not None and not math.isfinite(pair[1]):
+                return self._named[recorder.calls[call_id][0]][0]
+        return None
+
+    def _first_bad_parameter(self, grad_of: dict[int, tuple[float, float]]) -> str | None:
+        owner: dict[int, str] = {}
+        for name, module in self._named:
+            for p in module.parameters(recurse=False):
+                owner.setdefault(id(p), name)
+        for index in self.param_order:
+            if index in grad_of and not math.isfinite(grad_of[index][1]):
+                return owner.get(id(self._params[index]))
+        return None
+
+
+def _with_origin(log: StepLog, backward: str | None, parameter: str | None) -> StepLog:
+    """Name where NaN/Inf showed first: the first module in forward order whose output was non-finite,
+    else the first whose output gradient was (backward order), else the first parameter gradient."""
+    first_forward = None
+    seen: set[int] = set()
+    for layer_index in log.order:
+        if layer_index in seen:
+            continue
+        seen.add(layer_index)
+        peak = log.layers[layer_index].output_max
+        if peak is not None and not math.isfinite(peak):
+            first_forward = log.layers[layer_index].name
+            break
+    for stage, name in (("forward", first_forward), ("backward", backward), ("parameter", parameter)):
+        if name is not None:
+            return StepLog(**{**log.__dict__, "first_non_finite": name, "first_non_finite_stage": stage})
+    return log
+
+
+def _sentinel_step(value: float | None) -> int | None:
+    if value is None or not math.isfinite(value) or value < 0:
+        return None
+    return int(value)
+
+
+def _peak(values: Sequence[float]) -> float:
+    """The largest value, NaN if any is NaN (``max`` would drop it depending on position)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values)
+
+
+def _combine(pairs: Sequence[tuple[float, float]], divide: float) -> tuple[float, float] | None:
+    """√Σ‖·‖² and the largest |element| over several tensors, divided by the loss scale."""
+    if not pairs:
+        return None
+    l2 = math.sqrt(sum(a * a for a, _ in pairs)) / divide
+    return l2, _peak([b for _, b in pairs]) / divide
+
+
+def _fold(
+    calls: list[tuple[int, int]],
+    per_call: list[tuple[float, float] | None],
+    outs: list[float],
+    backward_passes: int,
+    n_layers: int,
+) -> tuple[list[int], list[list[tuple[float, float] | None]], list[list[float]], int]:
+    """Fold the micro-batches of a gradient-accumulation step into one: call k of every micro-batch
+    combines (√Σ of squares: the norm over the whole batch), when every micro-batch made the same calls.
+
+    The number of micro-batches is the number of backward passes that accumulated into the step.
+    """
+    layers_seq = [layer for layer, _ in calls]
+    micro = _micro_batches(layers_seq, backward_passes)
+    size = len(layers_seq) // micro if micro else 0
+    order = layers_seq[:size] if micro > 1 else layers_seq
+    folded: list[list[tuple[float, float] | None]] = [[] for _ in range(n_layers)]
+    folded_out: list[list[float]] = [[] for _ in range(n_layers)]
+    for position, layer in enumerate(order):
+        group = [position + k * size for k in range(micro)] if micro > 1 else [position]
+        pairs = [per_call[i] for i in group if per_call[i] is not None]
+        folded[layer].append(_combine([p for p in pairs if p is not None], 1.0))
+        if outs:
+            folded_out[layer].append(_peak([outs[i] for i in group]))
+    return order, folded, folded_out, max(micro, 1)
+
+
+def _micro_batches(sequence: list[int], backward_passes: int) -> int:
+    """How many micro-batches to fold: the number of backward passes, when the calls repeat that often."""
+    n = len(sequence)
+    k = backward_passes
+    if k <= 1 or n == 0 or n % k:
+        return 1
+    size = n // k
+    return k if all(sequence[i] == sequence[i % size] for i in range(n)) else 1
+
+
+def _unique_params(modules: list[nn.Module]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for module in modules:
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
