@@ -362,6 +362,77 @@ def _format_output_order(argv: list[str]) -> list[str] | None:
     return order
 
 
+@app.command()
+def history(
+    log: Annotated[Path, typer.Argument(help="The JSON-lines file written by watch(model, log=...) or a callback.")],
+    output_format: Annotated[
+        list[ReportFormat] | None,
+        typer.Option(
+            "--format", "-f", help="Report format (repeatable: each --format takes the --output at its position)."
+        ),
+    ] = None,
+    output: Annotated[
+        list[Path] | None, typer.Option("--output", "-o", help="Write the report to this file (repeatable).")
+    ] = None,
+    fail_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fail-on",
+            help="What fails the gate: error (default), warning, info, never, or problems: vanishing, exploding, "
+            "non_finite (repeatable, comma-separated).",
+        ),
+    ] = None,
+    exit_zero: Annotated[
+        bool, typer.Option("--exit-zero", help="Advisory run: exit 0 even when problems are found.")
+    ] = False,
+    select: Annotated[list[str] | None, typer.Option("--select", help="Only these rule codes (GC001,...).")] = None,
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Leave out these rule codes.")] = None,
+    ignore_layer: Annotated[
+        list[str] | None, typer.Option("--ignore-layer", help="Leave out findings about layers matching PATTERN.")
+    ] = None,
+    vanishing_below: Annotated[
+        float,
+        typer.Option(help="Flag vanishing when the input-end gradient is below this fraction of the output's."),
+    ] = 1e-3,
+    exploding_above: Annotated[
+        float,
+        typer.Option(help="Flag exploding when the input-end gradient is above this multiple of the output's."),
+    ] = 1e3,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Draw the per-step charts to FILE.png or FILE.svg (needs [plot]).")
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an input error (exit 2).")] = False,
+) -> None:
+    """Judge a training run's gradient history: the onset step of each problem, the layers, the trend, the fixes."""
+    from gradcheck_cli.gate import parse_fail_on
+    from gradcheck_cli.policy import Policy
+
+    formats = output_format or [ReportFormat.text]
+    gate = parse_fail_on(fail_on or [])
+    policy = Policy.build(select or [], ignore or [], ignore_layer or [])
+    if not (0 < vanishing_below < 1 < exploding_above):
+        raise GradcheckError("thresholds must satisfy 0 < --vanishing-below < 1 < --exploding-above")
+    destinations = _destinations(formats, output or [])
+    written = [d for d in destinations if d is not None] + ([plot] if plot is not None else [])
+    if len({p.resolve() for p in written}) < len(written):
+        raise GradcheckError("two reports would be written to the same file; give each --output its own file")
+    for path in written:
+        _refuse_overwriting(path, log, flag="--plot" if path == plot else "--output")
+    _check_plot_suffix(plot)
+    with _status("reading the history…"):
+        from gradcheck_cli.history import history_report
+        from gradcheck_cli.rules import Thresholds
+
+        report = history_report(log, Thresholds(vanishing=vanishing_below, exploding=exploding_above))
+    report = policy.apply(report)
+    for kind, destination in zip(formats, destinations, strict=True):
+        _emit(report, kind, destination)
+    if plot is not None:
+        _plot(report, plot)
+    failed = gate.fails(report) and not exit_zero
+    raise typer.Exit(ExitCode.PROBLEMS if failed else ExitCode.OK)
+
+
 @app.command(epilog="Chain mode (--factor) imports no torch and answers instantly.")
 def simulate(
     depth: Annotated[int, typer.Option(help="Number of layers (or chain factors).")] = 50,

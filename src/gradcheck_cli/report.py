@@ -13,6 +13,7 @@ from gradcheck_cli.report_sections import (
     NonFiniteOrigin,
     OptimisationTrace,
     Precision,
+    TrainingHistory,
     Verification,
 )
 
@@ -224,6 +225,8 @@ class Report:
     """Recommendations applied to a copy of the model and re-probed, in the order of ``recommendations``."""
     optimisation: OptimisationTrace | None = None
     """``--steps N``: gradients across N optimiser steps on the sample batch."""
+    history: TrainingHistory | None = None
+    """``gradcheck history``: the training run's records, onsets and trend; ``layers``/``path`` are the onset record's."""
     timing: dict[str, float] = field(default_factory=dict)
     """``--profile``: seconds per phase (startup, import, load, probe, diagnose, verify...); empty otherwise."""
 
@@ -277,6 +280,7 @@ class Report:
                 "non_finite_origin": None if self.non_finite_origin is None else asdict(self.non_finite_origin),
                 "verifications": [asdict(v) for v in self.verifications],
                 "optimisation": None if self.optimisation is None else asdict(self.optimisation),
+                "history": None if self.history is None else asdict(self.history),
                 "timing": dict(self.timing) or None,
             }
         )

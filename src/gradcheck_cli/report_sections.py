@@ -196,3 +196,50 @@ class OptimisationTrace:
     """``stable``, ``exploding``, ``collapsing`` or ``non_finite``."""
     onset_step: int | None = None
     """The first step where the trend left the healthy band."""
+
+
+@dataclass(frozen=True)
+class Onset:
+    """Where one problem began in a training history."""
+
+    problem: str
+    """``vanishing``, ``exploding`` or ``non_finite``."""
+    step: int
+    """The first step showing it: the first recorded step, or for a NaN/Inf loss the exact step."""
+    last_healthy_step: int | None
+    """The last recorded step before it that was healthy: the problem began after this one."""
+    codes: tuple[str, ...]
+    """Rule codes that flagged it at the onset."""
+    layers: tuple[str, ...]
+    """Layers involved at the onset (flagged, or named as the first NaN/Inf)."""
+    message: str
+
+
+@dataclass(frozen=True)
+class TrainingHistory:
+    """The gradients of a training run, as ``watch`` recorded them every ``every`` steps."""
+
+    source: str
+    every: int
+    records: int
+    layers: tuple[str, ...]
+    steps: tuple[StepRecord, ...]
+    """One per recorded step: loss (NaN when not given), total norm, attenuation, gain, ‖∂L/∂W‖ per layer."""
+    verdict: str
+    """``healthy`` or the problems, comma-separated, in onset order."""
+    onsets: tuple[Onset, ...] = ()
+    problem_steps: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    """(step, problems) of every unhealthy record."""
+    gain_first: float | None = None
+    gain_last: float | None = None
+    gain_trend: float | None = None
+    """Change of log10(gain) per 1000 steps over the healthy records (least squares); None with < 3 of them."""
+    healthy_norm_median: float | None = None
+    """Median total gradient norm of the records before the first problem (all records when healthy)."""
+    healthy_norm_max: float | None = None
+    clip_max_norm: float | None = None
+    """The ``max_norm`` the history suggests for ``clip_grad_norm_``: 2 × the healthy median, 2 significant digits."""
+    earlier_runs: int = 0
+    """Runs earlier in the same file (each ``watch`` block appends a header); only the last is read."""
+    skipped_lines: int = 0
+    """Lines that could not be read (a crash mid-write truncates the last)."""

@@ -1,0 +1,279 @@
+"""``gradcheck history grads.jsonl``: the rules over training time, as one frozen Report.
+
+Each record is judged again, in order, by the same function ``watch`` used live (history_rules.assess),
+so a log written by an older gradcheck is read with today's rules. The report's ``layers`` and ``path``
+are those of the record where the first problem began (the last record when the run stayed healthy);
+``history`` holds every record's summary, each problem's onset, the gain trend and the clipping norm
+the healthy part of the run suggests.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from gradcheck_cli import __version__
+from gradcheck_cli.history_log import History, read_history
+from gradcheck_cli.history_rules import Assessment, assess, healthy
+from gradcheck_cli.report import Finding, PathSummary, Problem, Recommendation, Report, RunInfo, Severity
+from gradcheck_cli.report_sections import Onset, StepRecord, TrainingHistory
+from gradcheck_cli.rules import Thresholds
+from gradcheck_cli.watch_hooks import StepLog
+
+CLIP_FACTOR = 2.0
+"""``clip_max_norm`` = this × the healthy median: ordinary steps pass untouched, spikes are cut."""
+
+
+def history_report(path: Path, thresholds: Thresholds | None = None) -> Report:
+    """Read the last run of ``path`` and judge it."""
+    return judge(read_history(path), thresholds)
+
+
+def judge(history: History, thresholds: Thresholds | None = None) -> Report:
+    limits = thresholds or Thresholds()
+    records = history.records
+    assessments = _assess_all(records, history.header.scaler, limits)
+    onsets = _onsets(records, assessments)
+    first = min(onsets, key=lambda o: o.step) if onsets else None
+    focus = _focus(assessments, first)
+    before = [a for a in assessments if first is None or a.step < first.step]
+    healthy_norms = [a.total_norm for a in before if healthy(a) and a.total_norm > 0]
+    median = statistics.median(healthy_norms) if healthy_norms else None
+    clip = _two_digits(CLIP_FACTOR * median) if median else None
+    trace = TrainingHistory(
+        source=history.source,
+        every=history.header.every,
+        records=len(records),
+        layers=tuple(layer.name for layer in records[0].layers) if records else (),
+        steps=tuple(_step_record(r, a) for r, a in zip(records, assessments, strict=True)),
+        verdict=", ".join(o.problem for o in sorted(onsets, key=lambda o: o.step)) or "healthy",
+        onsets=tuple(sorted(onsets, key=lambda o: o.step)),
+        problem_steps=tuple((a.step, tuple(p.value for p in a.problems)) for a in assessments if a.problems),
+        gain_first=_gain(assessments[0]) if assessments else None,
+        gain_last=_gain(assessments[-1]) if assessments else None,
+        gain_trend=_trend([(a.step, _gain(a)) for a in before if healthy(a)]),
+        healthy_norm_median=median,
+        healthy_norm_max=max(healthy_norms) if healthy_norms else None,
+        clip_max_norm=clip,
+        earlier_runs=history.earlier_runs,
+        skipped_lines=history.skipped_lines,
+    )
+    findings = _findings(focus, onsets, assessments)
+    notes = list(history.header.notes) + _notes(history, records)
+    last_loss = next((r.loss for r in reversed(records) if r.loss is not None), math.nan)
+    run = RunInfo(
+        source=history.source,
+        checkpoint_kind="training_history",
+        model_type=history.header.model,
+        parameters=history.header.parameters,
+        mode="train",
+        seed=0,
+        batch=f"{len(records)} recorded steps, every {history.header.every}",
+        batch_source="watch() inside the training loop",
+        loss="the training loop's own loss",
+        loss_kind="training",
+        loss_value=last_loss,
+        device="",
+        gradcheck_version=__version__,
+        torch_version=history.header.torch_version or torch.__version__,
+    )
+    diagnosis = focus.diagnosis if focus is not None else None
+    return Report(
+        run=run,
+        layers=diagnosis.layers if diagnosis else (),
+        path=diagnosis.path if diagnosis else _empty_path(),
+        findings=tuple(findings),
+        recommendations=tuple(_recommendations(trace, onsets, assessments)),
+        notes=tuple(notes),
+        thresholds=limits.as_dict(),
+        history=trace,
+    )
+
+
+def _assess_all(records: Sequence[StepLog], scaler: bool, limits: Thresholds) -> list[Assessment]:
+    reference: list[float] = []
+    out = []
+    for record in records:
+        assessment = assess(record, reference, scaler=scaler, thresholds=limits)
+        if healthy(assessment):
+            reference.append(assessment.total_norm)
+        out.append(assessment)
+    return out
+
+
+def _onsets(records: Sequence[StepLog], assessments: Sequence[Assessment]) -> list[Onset]:
+    onsets = []
+    for problem in Problem:
+        at = next((i for i, a in enumerate(assessments) if problem in a.problems), None)
+        if at is None:
+            continue
+        assessment, record = assessments[at], records[at]
+        errors = [f for f in assessment.findings if f.problem is problem and f.severity is Severity.ERROR]
+        step = assessment.step
+        if problem is Problem.NON_FINITE:
+            exact = [r.loss_non_finite_step for r in records[: at + 1] if r.loss_non_finite_step is not None]
+            step = min([step, *exact])
+        last_healthy = next((a.step for a in reversed(assessments[:at]) if not a.problems and a.step < step), None)
+        layers = [f.layer for f in errors if f.layer]
+        if problem is Problem.NON_FINITE and record.first_non_finite:
+            layers.insert(0, record.first_non_finite)
+        layers += [la.name for la in assessment.diagnosis.layers if problem.value in la.flags]
+        onsets.append(
+            Onset(
+                problem=problem.value,
+                step=step,
+                last_healthy_step=last_healthy,
+                codes=tuple(dict.fromkeys(f.code for f in errors)),
+                layers=tuple(dict.fromkeys(layers))[:10],
+                message=errors[0].message if errors else "",
+            )
+        )
+    return onsets
+
+
+def _focus(assessments: Sequence[Assessment], first: Onset | None) -> Assessment | None:
+    """The record the report's layer table shows: the first unhealthy one, else the last."""
+    if not assessments:
+        return None
+    if first is not None:
+        return next((a for a in assessments if a.problems), assessments[-1])
+    return assessments[-1]
+
+
+def _findings(focus: Assessment | None, onsets: Sequence[Onset], assessments: Sequence[Assessment]) -> list[Finding]:
+    """The onset record's findings, each saying its step; the later records' are summarised in ``history``."""
+    findings: list[Finding] = []
+    seen: set[tuple[str, str | None]] = set()
+    for onset in sorted(onsets, key=lambda o: o.step):
+        at = next(a for a in assessments if onset.problem in {p.value for p in a.problems})
+        for f in at.findings:
+            key = (f.code, f.layer)
+            if key in seen or (f.problem is not None and f.problem.value != onset.problem):
+                continue
+            seen.add(key)
+            message = f.message if f.message.startswith("step ") else f"step {at.step}: {f.message}"
+            evidence = {**f.evidence, "step": f.evidence.get("step", at.step), "onset_step": onset.step}
+            if onset.last_healthy_step is not None:
+                evidence["last_healthy_step"] = onset.last_healthy_step
+            findings.append(Finding(f.code, f.name, f.severity, f.problem, f.layer, message, evidence))
+    if focus is not None and not onsets:
+        findings += [f for f in focus.findings if f.severity is not Severity.ERROR]
+    return findings
+
+
+def _recommendations(
+    trace: TrainingHistory, onsets: Sequence[Onset], assessments: Sequence[Assessment]
+) -> list[Recommendation]:
+    problems = {o.problem for o in onsets}
+    out: list[Recommendation] = []
+    blowup = problems & {Problem.EXPLODING.value, Problem.NON_FINITE.value}
+    if blowup and trace.clip_max_norm is not None:
+        onset = min((o for o in onsets if o.problem in blowup), key=lambda o: o.step)
+        peak = max((a.total_norm for a in assessments if a.step >= onset.step and math.isfinite(a.total_norm)), default=None)
+        peak_text = f", and reached {peak:.3g} from step {onset.step} on" if peak is not None else ""
+        before = [a.total_norm for a in assessments if a.step < onset.step and healthy(a)]
+        cut = sum(1 for n in before if n > trace.clip_max_norm)
+        cut_text = (
+            f"; it would have clipped {cut} of the {len(before)} healthy records too (larger early norms)"
+            if cut
+            else f"; none of the {len(before)} healthy records exceeds it"
+        )
+        out.append(
+            Recommendation(
+                id="gradient_clipping",
+                title=f"Clip the total gradient norm at {trace.clip_max_norm:g}",
+                why=(
+                    f"before step {onset.step} the total gradient norm had a median of {trace.healthy_norm_median:.3g} "
+                    f"(max {trace.healthy_norm_max:.3g}) over the healthy records{peak_text}; clipping at 2× the "
+                    f"healthy median bounds the step size of a spike{cut_text}"
+                ),
+                snippet=(
+                    "loss.backward()\n"
+                    "scaler.unscale_(optimizer)  # with a GradScaler only: clip unscaled gradients\n"
+                    f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={trace.clip_max_norm:g})\n"
+                    "optimizer.step()"
+                ),
+                addresses=tuple(Problem(p) for p in sorted(blowup)),
+            )
+        )
+    if blowup:
+        onset = min((o for o in onsets if o.problem in blowup), key=lambda o: o.step)
+        start = f"after step {onset.last_healthy_step}" if onset.last_healthy_step is not None else "from the start"
+        out.append(
+            Recommendation(
+                id="lower_lr",
+                title="Lower the learning rate (or lengthen the warm-up) around the onset",
+                why=(
+                    f"the run was healthy until {start} and went {onset.problem.replace('_', '/')} at step "
+                    f"{onset.step}: the optimiser's steps grew past what the weights tolerate; a smaller learning "
+                    "rate from there (or a longer warm-up, or a schedule that has decayed by then) keeps them stable"
+                ),
+                snippet=(
+                    "for group in optimizer.param_groups:\n"
+                    "    group[\"lr\"] *= 0.1  # or: a longer warm-up in the LR scheduler"
+                ),
+                addresses=tuple(Problem(p) for p in sorted(blowup)),
+            )
+        )
+    return out
+
+
+def _notes(history: History, records: Sequence[StepLog]) -> list[str]:
+    notes = []
+    if history.earlier_runs:
+        notes.append(f"the file holds {history.earlier_runs + 1} runs; this report reads the last")
+    if history.skipped_lines:
+        notes.append(f"{history.skipped_lines} line(s) could not be read (a crash mid-write truncates the last)")
+    if not records:
+        notes.append("the run wrote no record yet (the first is written at the first recorded step())")
+    if any(r.loss is None for r in records):
+        notes.append("no loss was given to step(); pass it (w.step(loss)) to record it and to catch NaN/Inf between records")
+    notes.append(
+        "to find the fix for a problem that began at a step, save a checkpoint there and run "
+        "`gradcheck inspect CHECKPOINT --input BATCH`: it verifies fixes on a copy"
+    )
+    return notes
+
+
+def _step_record(record: StepLog, assessment: Assessment) -> StepRecord:
+    return StepRecord(
+        step=record.step,
+        loss=record.loss if record.loss is not None else math.nan,
+        grad_norm=assessment.total_norm,
+        attenuation=assessment.diagnosis.path.attenuation,
+        gain=assessment.diagnosis.path.gain,
+        layer_grad_norms=tuple(layer.grad[0] if layer.grad is not None else math.nan for layer in record.layers),
+    )
+
+
+def _gain(assessment: Assessment) -> float | None:
+    return assessment.diagnosis.path.gain
+
+
+def _trend(points: Sequence[tuple[int, float | None]]) -> float | None:
+    """Least-squares slope of log10(gain) against the step, per 1000 steps."""
+    usable = [(s, math.log10(g)) for s, g in points if g is not None and g > 0 and math.isfinite(g)]
+    if len(usable) < 3:
+        return None
+    xs = [s for s, _ in usable]
+    ys = [y for _, y in usable]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    if var == 0:
+        return None
+    return 1000.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+
+
+def _two_digits(value: float) -> float:
+    if value <= 0 or not math.isfinite(value):
+        return value
+    digits = 1 - math.floor(math.log10(value))
+    return round(value, digits)
+
+
+def _empty_path() -> PathSummary:
+    return PathSummary(measured_with="activation_gradients", length=0, attenuation=None, gain=None)
