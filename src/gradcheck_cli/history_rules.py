@@ -3,8 +3,8 @@ before it. ``watch`` applies them live (``on_problem``) and ``gradcheck history`
 both always agree.
 
 Over time one more thing can go wrong than in a single pass: the whole gradient grows. A record whose
-total norm ‖∂L/∂θ‖ exceeds ``SPIKE`` × the median of the healthy records before it (at least
-``MIN_REFERENCE`` of them) is a spike (GC016). The calibration of ``SPIKE`` is in docs/calibration.md
+total norm ‖∂L/∂θ‖ exceeds ``SPIKE`` × the median of the last ``WINDOW`` healthy records before it (at
+least ``MIN_REFERENCE`` of them) is a spike (GC016). The calibration of ``SPIKE`` is in docs/calibration.md
 (healthy training runs of GPT-2, an MLP, a CNN and an LSTM, every step recorded).
 """
 
@@ -26,6 +26,9 @@ SPIKE = 10.0
 """A record's total gradient norm this many times the healthy median before it is a spike."""
 MIN_REFERENCE = 3
 """Records needed before a median is trusted as the healthy reference."""
+WINDOW = 10
+"""The reference is the median of the last this-many healthy records: gradient norms drift while a model
+learns (a classifier's grow 30× in 60 steps), and an old median would make that drift look like a spike."""
 STOPPING = frozenset({Problem.NON_FINITE, Problem.EXPLODING})
 """The problems that ``on_problem='raise'``/``'stop'`` act on."""
 
@@ -94,7 +97,8 @@ def assess(
     if scaler:
         findings = [_handled_overflow(f, log) for f in findings]
     total = log.total_norm
-    reference = statistics.median(healthy_norms) if len(healthy_norms) >= MIN_REFERENCE else None
+    recent = list(healthy_norms)[-WINDOW:]
+    reference = statistics.median(recent) if len(recent) >= MIN_REFERENCE else None
     if reference is not None and reference > 0 and math.isfinite(total) and total > SPIKE * reference:
         findings.append(
             Finding(
@@ -104,7 +108,7 @@ def assess(
                 Problem.EXPLODING,
                 _largest_layer(log),
                 f"step {log.step}: the total gradient norm is {total:.3g}, {total / reference:.3g}× the median "
-                f"{reference:.3g} of the {len(healthy_norms)} healthy records before it",
+                f"{reference:.3g} of the last {len(recent)} healthy records before it",
                 {"step": log.step, "total_norm": total, "reference": reference, "ratio": total / reference},
             )
         )
