@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gradcheck_cli.history import history_report
-from gradcheck_cli.history_rules import MIN_REFERENCE, WINDOW
+from gradcheck_cli.history_rules import MIN_REFERENCE, PERSIST, WINDOW
 from gradcheck_cli.monitor import watch
 
 
@@ -163,6 +163,17 @@ def run(name: str, steps: int, blow_up_at: int | None, factor: float, directory:
         if not any(step == s for s, _ in report.history.problem_steps) and math.isfinite(record.grad_norm):
             healthy.append(record.grad_norm)
     top = max(ratios, default=(math.nan, -1))
+    # the loss rule's statistic: the smallest loss ÷ healthy median over PERSIST records in a row, at its largest
+    flagged = {s for s, _ in report.history.problem_steps}
+    loss_ratios: list[float] = []
+    healthy_losses: list[float] = []
+    for record in report.history.steps:
+        recent = healthy_losses[-WINDOW:]
+        if len(recent) >= MIN_REFERENCE and math.isfinite(record.loss):
+            loss_ratios.append(record.loss / statistics.median(recent))
+        if record.step not in flagged and math.isfinite(record.loss):
+            healthy_losses.append(record.loss)
+    runs = [min(loss_ratios[i : i + PERSIST]) for i in range(len(loss_ratios) - PERSIST + 1)]
     losses = [r.loss for r in report.history.steps]
     return {
         "run": name,
@@ -175,6 +186,7 @@ def run(name: str, steps: int, blow_up_at: int | None, factor: float, directory:
         "flagged_steps": len(report.history.problem_steps),
         "max_ratio_to_median": top[0],
         "max_ratio_step": top[1],
+        "max_sustained_loss_ratio": max(runs, default=math.nan),
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "norm_first": norms[0],

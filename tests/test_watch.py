@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from cli_support import run_cli
-from gradcheck_cli import watch
-from gradcheck_cli import watch_hooks
+from gradcheck_cli import watch, watch_hooks
 from gradcheck_cli.history import history_report
 from gradcheck_cli.history_log import read_history
 from gradcheck_cli.monitor import GradientProblemError, GradientWarning, Watch
@@ -166,7 +165,7 @@ def test_hooks_exist_only_for_recorded_steps_and_none_after(monkeypatch: pytest.
     x, y = regression_data()
     armed_at = []
     with watch(model, every=3) as w:
-        for step in range(10):
+        for _ in range(10):
             armed_at.append(hook_count(model) > before)
             assert w.armed == armed_at[-1]
             loss = nn.functional.mse_loss(model(x), y)
@@ -445,3 +444,19 @@ def test_history_cli_refuses_bad_files_in_one_line(tmp_path: Path, content: str 
     assert len(proc.stderr.strip().splitlines()) == 1
     if content is not None:
         assert path.read_text() == content, "the user's file is left as it was"
+
+
+def test_frozen_layers_below_the_trained_ones_are_not_a_cut_graph() -> None:
+    model = tanh_mlp()
+    for p in [*model[0].parameters(), *model[2].parameters()]:
+        p.requires_grad_(False)  # fine-tuning: the first two layers frozen
+    x, y = regression_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        with watch(model, every=1) as w:
+            for _ in range(3):
+                nn.functional.mse_loss(model(x), y).backward()
+                assessment = w.step()
+                assert assessment is not None and not assessment.problems, assessment.findings
+                model.zero_grad()
+    assert assessment.diagnosis.path.first_layer == "4"

@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from gradcheck_cli.api import check
+    from gradcheck_cli.monitor import watch
     from gradcheck_cli.pytest_plugin import assert_gradients_healthy
     from gradcheck_cli.report import Report
-    from gradcheck_cli.monitor import watch
 
 __all__ = ["Report", "__version__", "assert_gradients_healthy", "check", "watch"]
 

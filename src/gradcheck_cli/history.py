@@ -18,7 +18,7 @@ import torch
 
 from gradcheck_cli import __version__
 from gradcheck_cli.history_log import History, read_history
-from gradcheck_cli.history_rules import Assessment, assess, healthy
+from gradcheck_cli.history_rules import Assessment, Baseline, advance, assess, healthy
 from gradcheck_cli.report import Finding, PathSummary, Problem, Recommendation, Report, RunInfo, Severity
 from gradcheck_cli.report_sections import Onset, StepRecord, TrainingHistory
 from gradcheck_cli.rules import Thresholds
@@ -50,7 +50,7 @@ def judge(history: History, thresholds: Thresholds | None = None) -> Report:
         records=len(records),
         layers=tuple(layer.name for layer in records[0].layers) if records else (),
         steps=tuple(_step_record(r, a) for r, a in zip(records, assessments, strict=True)),
-        verdict=", ".join(o.problem for o in sorted(onsets, key=lambda o: o.step)) or "healthy",
+        verdict=_verdict(onsets),
         onsets=tuple(sorted(onsets, key=lambda o: o.step)),
         problem_steps=tuple((a.step, tuple(p.value for p in a.problems)) for a in assessments if a.problems),
         gain_first=_gain(assessments[0]) if assessments else None,
@@ -94,13 +94,25 @@ def judge(history: History, thresholds: Thresholds | None = None) -> Report:
     )
 
 
+def _verdict(onsets: Sequence[Onset]) -> str:
+    """The problems in onset order; vanishing that training repaired does not count (its finding is a warning)."""
+    ordered = sorted(onsets, key=lambda o: o.step)
+    lasting = [o.problem for o in ordered if not _repaired(o)]
+    repaired = [f"{o.problem} until step {o.resolved_step}" for o in ordered if _repaired(o)]
+    head = ", ".join(lasting) or "healthy"
+    return f"{head} ({'; '.join(repaired)})" if repaired else head
+
+
+def _repaired(onset: Onset) -> bool:
+    return onset.resolved_step is not None and onset.problem == Problem.VANISHING.value
+
+
 def _assess_all(records: Sequence[StepLog], scaler: bool, limits: Thresholds) -> list[Assessment]:
-    reference: list[float] = []
+    baseline = Baseline()
     out = []
     for record in records:
-        assessment = assess(record, reference, scaler=scaler, thresholds=limits)
-        if healthy(assessment):
-            reference.append(assessment.total_norm)
+        assessment = assess(record, baseline, scaler=scaler, thresholds=limits)
+        advance(baseline, record, assessment)
         out.append(assessment)
     return out
 
@@ -113,7 +125,7 @@ def _onsets(records: Sequence[StepLog], assessments: Sequence[Assessment]) -> li
             continue
         assessment, record = assessments[at], records[at]
         errors = [f for f in assessment.findings if f.problem is problem and f.severity is Severity.ERROR]
-        step = assessment.step
+        step = min([assessment.step, *(int(f.evidence["from_step"]) for f in errors if "from_step" in f.evidence)])
         if problem is Problem.NON_FINITE:
             exact = [r.loss_non_finite_step for r in records[: at + 1] if r.loss_non_finite_step is not None]
             step = min([step, *exact])
@@ -122,6 +134,9 @@ def _onsets(records: Sequence[StepLog], assessments: Sequence[Assessment]) -> li
         if problem is Problem.NON_FINITE and record.first_non_finite:
             layers.insert(0, record.first_non_finite)
         layers += [la.name for la in assessment.diagnosis.layers if problem.value in la.flags]
+        last_bad = max(i for i, a in enumerate(assessments) if problem in a.problems)
+        after = assessments[last_bad + 1 :]
+        resolved = after[0].step if after and not any(a.problems for a in after) else None
         onsets.append(
             Onset(
                 problem=problem.value,
@@ -130,6 +145,7 @@ def _onsets(records: Sequence[StepLog], assessments: Sequence[Assessment]) -> li
                 codes=tuple(dict.fromkeys(f.code for f in errors)),
                 layers=tuple(dict.fromkeys(layers))[:10],
                 message=errors[0].message if errors else "",
+                resolved_step=resolved,
             )
         )
     return onsets
@@ -159,7 +175,14 @@ def _findings(focus: Assessment | None, onsets: Sequence[Onset], assessments: Se
             evidence = {**f.evidence, "step": f.evidence.get("step", at.step), "onset_step": onset.step}
             if onset.last_healthy_step is not None:
                 evidence["last_healthy_step"] = onset.last_healthy_step
-            findings.append(Finding(f.code, f.name, f.severity, f.problem, f.layer, message, evidence))
+            severity = f.severity
+            if _repaired(onset):
+                # training itself repaired it (weights grew into the gain that carries the gradient): worth
+                # knowing, not a failed run; a spike or NaN/Inf that passed still is one
+                severity = Severity.WARNING if severity is Severity.ERROR else severity
+                message += f" (resolved: no record from step {onset.resolved_step} on shows it)"
+                evidence["resolved_step"] = onset.resolved_step
+            findings.append(Finding(f.code, f.name, severity, f.problem, f.layer, message, evidence))
     if focus is not None and not onsets:
         findings += [f for f in focus.findings if f.severity is not Severity.ERROR]
     return findings
@@ -173,7 +196,9 @@ def _recommendations(
     blowup = problems & {Problem.EXPLODING.value, Problem.NON_FINITE.value}
     if blowup and trace.clip_max_norm is not None:
         onset = min((o for o in onsets if o.problem in blowup), key=lambda o: o.step)
-        peak = max((a.total_norm for a in assessments if a.step >= onset.step and math.isfinite(a.total_norm)), default=None)
+        peak = max(
+            (a.total_norm for a in assessments if a.step >= onset.step and math.isfinite(a.total_norm)), default=None
+        )
         peak_text = f", and reached {peak:.3g} from step {onset.step} on" if peak is not None else ""
         before = [a.total_norm for a in assessments if a.step < onset.step and healthy(a)]
         cut = sum(1 for n in before if n > trace.clip_max_norm)
@@ -214,7 +239,7 @@ def _recommendations(
                 ),
                 snippet=(
                     "for group in optimizer.param_groups:\n"
-                    "    group[\"lr\"] *= 0.1  # or: a longer warm-up in the LR scheduler"
+                    '    group["lr"] *= 0.1  # or: a longer warm-up in the LR scheduler'
                 ),
                 addresses=tuple(Problem(p) for p in sorted(blowup)),
             )
@@ -231,7 +256,9 @@ def _notes(history: History, records: Sequence[StepLog]) -> list[str]:
     if not records:
         notes.append("the run wrote no record yet (the first is written at the first recorded step())")
     if any(r.loss is None for r in records):
-        notes.append("no loss was given to step(); pass it (w.step(loss)) to record it and to catch NaN/Inf between records")
+        notes.append(
+            "no loss was given to step(); pass it (w.step(loss)) to record it and to catch NaN/Inf between records"
+        )
     notes.append(
         "to find the fix for a problem that began at a step, save a checkpoint there and run "
         "`gradcheck inspect CHECKPOINT --input BATCH`: it verifies fixes on a copy"

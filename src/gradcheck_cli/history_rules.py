@@ -2,9 +2,12 @@
 before it. ``watch`` applies them live (``on_problem``) and ``gradcheck history`` again from the log, so
 both always agree.
 
-Over time one more thing can go wrong than in a single pass: the whole gradient grows. A record whose
+Over time two more things can go wrong than in a single pass. The whole gradient grows: a record whose
 total norm ‖∂L/∂θ‖ exceeds ``SPIKE`` × the median of the last ``WINDOW`` healthy records before it (at
-least ``MIN_REFERENCE`` of them) is a spike (GC016). The calibration of ``SPIKE`` is in docs/calibration.md
+least ``MIN_REFERENCE`` of them) is a spike (GC016). Or the run diverges without any gradient growing
+(Adam normalises its steps, so a learning rate far too large sends the loss back up while the
+gradients stay ordinary): a loss above ``LOSS_RISE`` × the healthy median for ``PERSIST`` records in a
+row is a divergence (GC018), dated from the first of them. The calibration of ``SPIKE`` is in docs/calibration.md
 (healthy training runs of GPT-2, an MLP, a CNN and an LSTM, every step recorded).
 """
 
@@ -12,15 +15,19 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gradcheck_cli.loss import LossChoice
 from gradcheck_cli.probe import LayerMeasure, Norm, ProbeResult
 from gradcheck_cli.report import Finding, Problem, Severity
-from gradcheck_cli.rule_codes import NON_FINITE_GRADIENT, TRAINING_LOSS_NON_FINITE, TRAINING_SPIKE
+from gradcheck_cli.rule_codes import (
+    NON_FINITE_GRADIENT,
+    TRAINING_LOSS_DIVERGENCE,
+    TRAINING_LOSS_NON_FINITE,
+    TRAINING_SPIKE,
+)
 from gradcheck_cli.rules import Diagnosis, Thresholds, diagnose
-from gradcheck_cli.watch_hooks import StepLog
+from gradcheck_cli.watch_hooks import LayerLog, StepLog
 
 SPIKE = 10.0
 """A record's total gradient norm this many times the healthy median before it is a spike."""
@@ -29,6 +36,10 @@ MIN_REFERENCE = 3
 WINDOW = 10
 """The reference is the median of the last this-many healthy records: gradient norms drift while a model
 learns (a classifier's grow 30× in 60 steps), and an old median would make that drift look like a spike."""
+LOSS_RISE = 2.0
+"""A record's loss this many times the healthy median starts a possible divergence."""
+PERSIST = 3
+"""Records in a row above ``LOSS_RISE`` that make it one (one noisy batch does not)."""
 STOPPING = frozenset({Problem.NON_FINITE, Problem.EXPLODING})
 """The problems that ``on_problem='raise'``/``'stop'`` act on."""
 
@@ -52,8 +63,54 @@ class Assessment:
         return tuple(p for p in Problem if p in found)
 
 
+@dataclass
+class Baseline:
+    """What the healthy records so far say is normal; ``advance`` moves it on by one record."""
+
+    norms: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    rising: list[int] = field(default_factory=list)
+    """Steps of the records just before this one whose loss was above ``LOSS_RISE`` × the median."""
+
+    def reference_norm(self) -> float | None:
+        recent = self.norms[-WINDOW:]
+        return statistics.median(recent) if len(recent) >= MIN_REFERENCE else None
+
+    def reference_loss(self) -> float | None:
+        recent = self.losses[-WINDOW:]
+        return statistics.median(recent) if len(recent) >= MIN_REFERENCE else None
+
+
+def loss_risen(log: StepLog, baseline: Baseline) -> bool:
+    reference = baseline.reference_loss()
+    loss = log.loss
+    return (
+        reference is not None
+        and reference > 0
+        and loss is not None
+        and math.isfinite(loss)
+        and loss > LOSS_RISE * reference
+    )
+
+
+def advance(baseline: Baseline, log: StepLog, assessment: Assessment) -> None:
+    """Count the record into the baseline when it was healthy; keep the run of risen losses."""
+    risen = loss_risen(log, baseline)
+    baseline.rising = [*baseline.rising, log.step] if risen else []
+    if healthy(assessment) and not risen:
+        baseline.norms.append(assessment.total_norm)
+        if log.loss is not None and math.isfinite(log.loss):
+            baseline.losses.append(log.loss)
+
+
 def probe_result(log: StepLog) -> ProbeResult:
-    """The record as ``inspect``'s raw measurements, so the same rules apply to it."""
+    """The record as ``inspect``'s raw measurements, so the same rules apply to it.
+
+    Frozen layers that no gradient reached are left out: in a training loop that is by design (a frozen
+    embedding or backbone below the trained layers), where ``inspect`` unfreezes them for its pass.
+    """
+    kept = [i for i, layer in enumerate(log.layers) if not _frozen_and_dark(layer)]
+    new_index = {old: new for new, old in enumerate(kept)}
     layers = tuple(
         LayerMeasure(
             name=layer.name,
@@ -64,11 +121,14 @@ def probe_result(log: StepLog) -> ProbeResult:
             grad=None if layer.grad is None else Norm(*layer.grad),
             calls=tuple(None if c is None else Norm(*c) for c in layer.calls),
         )
-        for layer in log.layers
+        for layer in (log.layers[i] for i in kept)
     )
     seen = [0] * len(layers)
     order = []
-    for index in log.order:
+    for old in log.order:
+        if old not in new_index:
+            continue
+        index = new_index[old]
         order.append((index, seen[index]))
         seen[index] += 1
     output_finite = log.output_max is None or math.isfinite(log.output_max)
@@ -76,7 +136,7 @@ def probe_result(log: StepLog) -> ProbeResult:
     return ProbeResult(
         layers=layers,
         call_order=tuple(order),
-        activation_hooks=log.activation_hooks and bool(log.order),
+        activation_hooks=log.activation_hooks and bool(order),
         loss=TRAINING_LOSS,
         loss_value=loss,
         mode="train",
@@ -84,9 +144,13 @@ def probe_result(log: StepLog) -> ProbeResult:
     )
 
 
+def _frozen_and_dark(layer: LayerLog) -> bool:
+    return layer.frozen and layer.grad is None and all(c is None for c in layer.calls)
+
+
 def assess(
     log: StepLog,
-    healthy_norms: Sequence[float],
+    baseline: Baseline,
     *,
     scaler: bool = False,
     thresholds: Thresholds | None = None,
@@ -97,8 +161,8 @@ def assess(
     if scaler:
         findings = [_handled_overflow(f, log) for f in findings]
     total = log.total_norm
-    recent = list(healthy_norms)[-WINDOW:]
-    reference = statistics.median(recent) if len(recent) >= MIN_REFERENCE else None
+    reference = baseline.reference_norm()
+    recent = baseline.norms[-WINDOW:]
     if reference is not None and reference > 0 and math.isfinite(total) and total > SPIKE * reference:
         findings.append(
             Finding(
@@ -112,6 +176,23 @@ def assess(
                 {"step": log.step, "total_norm": total, "reference": reference, "ratio": total / reference},
             )
         )
+    if loss_risen(log, baseline) and len(baseline.rising) + 1 >= PERSIST:
+        median = baseline.reference_loss() or 0.0
+        loss = log.loss if log.loss is not None else math.nan
+        start = baseline.rising[0] if baseline.rising else log.step
+        findings.append(
+            Finding(
+                TRAINING_LOSS_DIVERGENCE.code,
+                TRAINING_LOSS_DIVERGENCE.name,
+                Severity.ERROR,
+                Problem.EXPLODING,
+                None,
+                f"step {log.step}: the loss is {loss:.4g}, {loss / median:.3g}× the median {median:.4g} of the "
+                f"last healthy records, above {LOSS_RISE:g}× since step {start} ({len(baseline.rising) + 1} records "
+                "in a row): the run is diverging",
+                {"step": log.step, "loss": loss, "reference_loss": median, "from_step": start},
+            )
+        )
     if log.loss_non_finite_step is not None:
         findings.append(
             Finding(
@@ -120,7 +201,8 @@ def assess(
                 Severity.ERROR,
                 Problem.NON_FINITE,
                 None,
-                f"the loss became NaN/Inf at step {log.loss_non_finite_step}",
+                f"the loss was NaN/Inf at step {log.loss_non_finite_step} (the first such step since the record "
+                "before)",
                 {"step": log.loss_non_finite_step},
             )
         )
@@ -135,7 +217,11 @@ def healthy(assessment: Assessment) -> bool:
 
 
 def _largest_layer(log: StepLog) -> str | None:
-    best = max((layer for layer in log.layers if layer.grad is not None), key=lambda la: la.grad[0] if la.grad else 0.0, default=None)
+    best = max(
+        (layer for layer in log.layers if layer.grad is not None),
+        key=lambda la: la.grad[0] if la.grad else 0.0,
+        default=None,
+    )
     return None if best is None else best.name
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from gradcheck_cli import __version__
 from gradcheck_cli.history_log import Header, HistoryWriter
-from gradcheck_cli.history_rules import STOPPING, Assessment, assess, healthy
+from gradcheck_cli.history_rules import STOPPING, Assessment, Baseline, advance, assess
 from gradcheck_cli.probe import module_type, parametrised_modules, supports_module_hooks
 from gradcheck_cli.report import Problem, Severity
 from gradcheck_cli.rules import Thresholds
@@ -99,7 +99,7 @@ class Watch:
         self._step = start
         self._named = parametrised_modules(self.model)
         self._recorder: StepRecorder | None = None
-        self._healthy: list[float] = []
+        self._baseline = Baseline()
         self._writer = None if self.log_path is None else HistoryWriter(self.log_path)
         self._sentinel: torch.Tensor | None = None
         self._stop = stop
@@ -246,9 +246,8 @@ class Watch:
         return log
 
     def _judge(self, log: StepLog) -> Assessment:
-        assessment = assess(log, self._healthy, scaler=self._scale() is not None, thresholds=self.thresholds)
-        if healthy(assessment):
-            self._healthy.append(assessment.total_norm)
+        assessment = assess(log, self._baseline, scaler=self._scale() is not None, thresholds=self.thresholds)
+        advance(self._baseline, log, assessment)
         self.records.append(assessment)
         if self._writer is not None:
             self._writer.write(log, verdict(assessment))

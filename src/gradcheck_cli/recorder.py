@@ -86,7 +86,7 @@ class ActivationGradientRecorder(HookStack):
         self.time_norms: dict[int, torch.Tensor] = {}
         """Per call of a fused recurrent module: ‖∂L/∂x_t‖ for every time step t (1-D device tensor)."""
         self.output_max: list[torch.Tensor] = []
-        """With ``outputs``: max |element| of each call's floating-point outputs (non-finite: NaN/Inf in the forward)."""
+        """With ``outputs``: max |element| of each call's floating-point outputs (NaN/Inf in the forward)."""
         self.backward_order: list[int] = []
         """Call ids in the order their output gradients arrived (the backward order)."""
         self._calls_per_module = [0] * len(modules)

@@ -226,7 +226,7 @@ class Report:
     optimisation: OptimisationTrace | None = None
     """``--steps N``: gradients across N optimiser steps on the sample batch."""
     history: TrainingHistory | None = None
-    """``gradcheck history``: the training run's records, onsets and trend; ``layers``/``path`` are the onset record's."""
+    """``gradcheck history``: the run's records, onsets and trend; ``layers``/``path`` are the onset record's."""
     timing: dict[str, float] = field(default_factory=dict)
     """``--profile``: seconds per phase (startup, import, load, probe, diagnose, verify...); empty otherwise."""
 

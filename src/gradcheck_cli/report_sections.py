@@ -213,6 +213,8 @@ class Onset:
     layers: tuple[str, ...]
     """Layers involved at the onset (flagged, or named as the first NaN/Inf)."""
     message: str
+    resolved_step: int | None = None
+    """The first record of the final stretch without it, when the run recovered; None while it lasts."""
 
 
 @dataclass(frozen=True)

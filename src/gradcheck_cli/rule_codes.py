@@ -30,6 +30,7 @@ FP16_OVERFLOW = Rule("GC014", "fp16-overflow")
 UNSTABLE_OPTIMISATION = Rule("GC015", "unstable-optimisation")
 TRAINING_SPIKE = Rule("GC016", "training-gradient-spike")
 TRAINING_LOSS_NON_FINITE = Rule("GC017", "training-loss-non-finite")
+TRAINING_LOSS_DIVERGENCE = Rule("GC018", "training-loss-divergence")
 
 RULES = (
     VANISHING,
@@ -49,4 +50,5 @@ RULES = (
     UNSTABLE_OPTIMISATION,
     TRAINING_SPIKE,
     TRAINING_LOSS_NON_FINITE,
+    TRAINING_LOSS_DIVERGENCE,
 )

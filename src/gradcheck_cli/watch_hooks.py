@@ -138,7 +138,7 @@ class StepRecorder(HookStack):
         pieces += self.root_output_max
         extra = {"loss": loss, "scale": scale, "sentinel": loss_sentinel}
         tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
-        pieces += [v.detach().reshape(-1)[:1].float() for v in tensors.values()]
+        pieces += [v.detach().float().mean().reshape(1) for v in tensors.values()]
         values = to_host(pieces) if pieces else []
 
         cursor = 0
@@ -167,7 +167,9 @@ class StepRecorder(HookStack):
             pairs = [(act_values[offset + 2 * k], act_values[offset + 2 * k + 1]) for k in range(len(call))]
             offset += 2 * len(call)
             per_call.append(_combine(pairs, divide))
-        order, folded, folded_out, micro = _fold(recorder.calls, per_call, call_out, self.backward_passes, len(self._named))
+        order, folded, folded_out, micro = _fold(
+            recorder.calls, per_call, call_out, self.backward_passes, len(self._named)
+        )
 
         index_of = {id(p): i for i, p in enumerate(self._params)}
         layers = []
