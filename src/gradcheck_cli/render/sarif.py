@@ -134,6 +134,12 @@ RULE_TEXT: dict[str, RuleText] = {
         "recorded steps.",
         "error",
     ),
+    "GC018": RuleText(
+        "The training loss diverged.",
+        "The loss stayed above twice the median of the healthy records before it for 3 records in a row, "
+        "dated from the first of them (gradcheck history, watch).",
+        "error",
+    ),
 }
 
 
