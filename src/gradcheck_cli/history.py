@@ -134,6 +134,11 @@ def _onsets(records: Sequence[StepLog], assessments: Sequence[Assessment]) -> li
         if problem is Problem.NON_FINITE and record.first_non_finite:
             layers.insert(0, record.first_non_finite)
         layers += [la.name for la in assessment.diagnosis.layers if problem.value in la.flags]
+        grown: list[tuple[str, float]] = []
+        if problem is Problem.EXPLODING and last_healthy is not None:
+            healthy_record = next(r for r in records if r.step == last_healthy)
+            grown = _grown_layers(healthy_record, next(r for r in records if r.step >= step))
+            layers = [name for name, _ in grown] + layers
         last_bad = max(i for i, a in enumerate(assessments) if problem in a.problems)
         after = assessments[last_bad + 1 :]
         resolved = after[0].step if after and not any(a.problems for a in after) else None
@@ -146,9 +151,25 @@ def _onsets(records: Sequence[StepLog], assessments: Sequence[Assessment]) -> li
                 layers=tuple(dict.fromkeys(layers))[:10],
                 message=errors[0].message if errors else "",
                 resolved_step=resolved,
+                grown=tuple(grown),
             )
         )
     return onsets
+
+
+GROWN = 3
+"""Layers named as having grown most at an exploding onset."""
+
+
+def _grown_layers(before: StepLog, at: StepLog) -> list[tuple[str, float]]:
+    """The layers whose gradient norm grew most between two records, by factor (at least 2×)."""
+    factors = []
+    for old, new in zip(before.layers, at.layers, strict=True):
+        if old.grad is None or new.grad is None or old.grad[0] <= 0 or not math.isfinite(new.grad[0]):
+            continue
+        factors.append((old.name, new.grad[0] / old.grad[0]))
+    factors.sort(key=lambda item: -item[1])
+    return [(name, factor) for name, factor in factors[:GROWN] if factor >= 2.0]
 
 
 def _focus(assessments: Sequence[Assessment], first: Onset | None) -> Assessment | None:

@@ -9,6 +9,7 @@ appended to the JSON-lines log, and acted on by ``on_problem``.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import math
 import warnings
@@ -29,6 +30,8 @@ from gradcheck_cli.rules import Thresholds
 from gradcheck_cli.watch_hooks import StepLog, StepRecorder
 
 POLICIES = ("warn", "raise", "stop")
+KEEP = 1000
+"""Assessments kept in memory; a long run at every=1 would otherwise grow without bound."""
 
 
 class GradientWarning(UserWarning):
@@ -90,8 +93,8 @@ class Watch:
         self.activation_hooks = supports_module_hooks(self.model) and not self.compiled
         self.log_path = None if log is None else Path(log)
         self.notes = self._notes()
-        self.records: list[Assessment] = []
-        """Every recorded step's assessment, in order."""
+        self.records: collections.deque[Assessment] = collections.deque(maxlen=KEEP)
+        """The last ``KEEP`` recorded steps' assessments, in order (the log file keeps them all)."""
         self.onsets: dict[Problem, int] = {}
         """The first recorded step showing each problem."""
         self.should_stop = False

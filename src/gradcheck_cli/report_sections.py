@@ -215,6 +215,8 @@ class Onset:
     message: str
     resolved_step: int | None = None
     """The first record of the final stretch without it, when the run recovered; None while it lasts."""
+    grown: tuple[tuple[str, float], ...] = ()
+    """Exploding: the layers whose ‖∂L/∂W‖ grew most from the last healthy record to the onset (name, factor)."""
 
 
 @dataclass(frozen=True)
