@@ -38,7 +38,7 @@ def judge(history: History, thresholds: Thresholds | None = None) -> Report:
     records = history.records
     assessments = _assess_all(records, history.header.scaler, limits)
     onsets = _onsets(records, assessments)
-    first = min(onsets, key=lambda o: o.step) if onsets else None
+    first = min(onsets, key=_onset_order) if onsets else None
     focus = _focus(assessments, first)
     before = [a for a in assessments if first is None or a.step < first.step]
     healthy_norms = [a.total_norm for a in before if healthy(a) and a.total_norm > 0]
@@ -51,7 +51,7 @@ def judge(history: History, thresholds: Thresholds | None = None) -> Report:
         layers=tuple(layer.name for layer in records[0].layers) if records else (),
         steps=tuple(_step_record(r, a) for r, a in zip(records, assessments, strict=True)),
         verdict=_verdict(onsets),
-        onsets=tuple(sorted(onsets, key=lambda o: o.step)),
+        onsets=tuple(sorted(onsets, key=_onset_order)),
         problem_steps=tuple((a.step, tuple(p.value for p in a.problems)) for a in assessments if a.problems),
         gain_first=_gain(assessments[0]) if assessments else None,
         gain_last=_gain(assessments[-1]) if assessments else None,
@@ -94,9 +94,15 @@ def judge(history: History, thresholds: Thresholds | None = None) -> Report:
     )
 
 
+def _onset_order(onset: Onset) -> tuple[int, int]:
+    """Earliest first; at the same step a spike or NaN/Inf before vanishing, which a blow-up brings along
+    (tanh and sigmoid saturate after one huge step, and the gradient behind them underflows)."""
+    return onset.step, 1 if onset.problem == Problem.VANISHING.value else 0
+
+
 def _verdict(onsets: Sequence[Onset]) -> str:
     """The problems in onset order; vanishing that training repaired does not count (its finding is a warning)."""
-    ordered = sorted(onsets, key=lambda o: o.step)
+    ordered = sorted(onsets, key=_onset_order)
     lasting = [o.problem for o in ordered if not _repaired(o)]
     repaired = [f"{o.problem} until step {o.resolved_step}" for o in ordered if _repaired(o)]
     head = ", ".join(lasting) or "healthy"
@@ -185,7 +191,7 @@ def _findings(focus: Assessment | None, onsets: Sequence[Onset], assessments: Se
     """The onset record's findings, each saying its step; the later records' are summarised in ``history``."""
     findings: list[Finding] = []
     seen: set[tuple[str, str | None]] = set()
-    for onset in sorted(onsets, key=lambda o: o.step):
+    for onset in sorted(onsets, key=_onset_order):
         at = next(a for a in assessments if onset.problem in {p.value for p in a.problems})
         for f in at.findings:
             key = (f.code, f.layer)

@@ -19,10 +19,27 @@ from typing import Any
 
 from gradcheck_cli.render.causes_text import cause_lines, verification_line
 from gradcheck_cli.render.numbers import count, number
-from gradcheck_cli.render.steps_chart import OPTIMIZER_NAMES, VERDICT_WORDS
+from gradcheck_cli.render.steps_chart import (
+    MAX_ROWS,
+    OPTIMIZER_NAMES,
+    PROBLEM_WORDS,
+    VERDICT_WORDS,
+    clip_sentence,
+    first_onset,
+    focus,
+    gain_sentence,
+    healthy_sentence,
+    history_head,
+    loss_range,
+    onset_problems,
+    onset_sentences,
+    steps_view,
+)
 from gradcheck_cli.render.svg_chart import (
     chart_points,
     forward_order,
+    history_chart_svg,
+    history_points,
     layer_chart_svg,
     relative_values,
     steps_chart_svg,
@@ -30,7 +47,7 @@ from gradcheck_cli.render.svg_chart import (
     time_chart_svg,
 )
 from gradcheck_cli.report import BaselineDiff, Finding, LayerMove, LayerStats, Recommendation, Report, Severity
-from gradcheck_cli.report_sections import OptimisationTrace, Verification
+from gradcheck_cli.report_sections import OptimisationTrace, TrainingHistory, Verification
 
 BAR_DECADES = 8
 """The table's bars span 10^-8 … 10^+8 of the output end's gradient, like the terminal's."""
@@ -215,16 +232,19 @@ def script_hash() -> str:
 def render_html(report: Report) -> str:
     """The whole report as one self-contained HTML5 page, ending with a newline."""
     names = _anchors(report)
+    where = focus(report.history) if report.history is not None else None
+    at = f" at step {where[0]} ({where[1]})" if where is not None else ""
     sections = [
         ("run", "Run", _run(report)),
         ("notes", "Notes", _notes(report.notes) if report.notes else ""),
-        ("chart", "Gradient along the path", _chart(report)),
+        ("history", "Training history", _history(report.history) if report.history is not None else ""),
+        ("chart", f"Gradient along the path{at}", _chart(report)),
         ("findings", "Findings", _findings(report, names) if report.findings else ""),
         ("recommendations", "Recommendations", _recommendations(report) if report.recommendations else ""),
         ("causes", "Causes", _causes(report)),
         ("optimisation", "Optimisation probe", _optimisation(report.optimisation) if report.optimisation else ""),
         ("baseline", "Against the baseline", _baseline(report.baseline, names) if report.baseline else ""),
-        ("layers", "Layers", _layers(report)),
+        ("layers", f"Layers{at}", _layers(report)),
     ]
     present = [(anchor, title, body) for anchor, title, body in sections if body]
     nav = " ".join(f'<a href="#{anchor}">{escape(title)}</a>' for anchor, title, _ in present)
@@ -325,6 +345,9 @@ def _verdict(report: Report) -> str:
     if report.healthy:
         cls, head = "good", "✓ healthy"
         tail = '<p class="summary">gradients flow from the output to the input</p>'
+        if report.history is not None:
+            n = len(report.history.steps)
+            tail = f'<p class="summary">no problem at any of the {_plural(n, "recorded step")}</p>'
     else:
         cls = "bad"
         head = "✗ unhealthy " + "".join(f'<span class="problem">{_e(p.value)}</span>' for p in report.problems)
@@ -335,7 +358,7 @@ def _verdict(report: Report) -> str:
         f"<h1>{head}</h1>",
         tail,
         f"<p>{_e(report.run.model_type)} ({_e(count(report.run.parameters))} parameters) · "
-        f"{_path_sentence(report)}</p>",
+        f"{_history_sentence(report) if report.history is not None else _path_sentence(report)}</p>",
     ]
     extra = []
     if counts:
@@ -369,8 +392,23 @@ def _verdict(report: Report) -> str:
     return "\n".join(line for line in lines if line)
 
 
+def _history_sentence(report: Report) -> str:
+    """The banner's line for a training history: the records, then where the first problem began."""
+    history = report.history
+    assert history is not None
+    text = f'<a href="#history">training history</a>: {_e(history_head(history))}'
+    first = first_onset(history, (p.value for p in report.problems))
+    if first is not None:
+        text += f" · {_e(PROBLEM_WORDS.get(first.problem, first.problem))} from step <strong>{first.step}</strong>"
+        if first.last_healthy_step is not None:
+            text += f" (last healthy record: step {first.last_healthy_step})"
+    return text
+
+
 def _run(report: Report) -> str:
     run = report.run
+    if report.history is not None:
+        return _history_run(report, report.history)
     rows = [
         (
             "model",
@@ -403,6 +441,45 @@ def _run(report: Report) -> str:
         rows.append(("versions", " · ".join(v for v in versions if v)))
     if report.timing:
         rows.append(("timing", " · ".join(f"{_e(k)} {v:.2g} s" for k, v in report.timing.items())))
+    return '<dl class="run">' + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
+
+
+def _history_run(report: Report, history: TrainingHistory) -> str:
+    run = report.run
+    losses = loss_range(history)
+    if losses is not None:
+        (first, start), (last, end) = losses
+        loss = f"<strong>{_num(start, '.4g')}</strong> at step {first}"
+        if last != first:
+            loss += f" → <strong>{_num(end, '.4g')}</strong> at step {last}"
+        loss += f" — {_e(run.loss)}"
+    else:
+        loss = "<span class='muted'>not recorded (pass it to <code>step(loss)</code> to record it)</span>"
+    rows = [
+        (
+            "model",
+            f"<strong>{_e(run.model_type)}</strong> · {_e(count(run.parameters))} parameters ({run.parameters:,})",
+        ),
+        ("source", f"{_code(run.source)} <span class='muted'>[{_e(run.checkpoint_kind)}]</span>"),
+        ("records", f"{_e(history_head(history))} <span class='muted'>({_e(run.batch_source)})</span>"),
+        ("loss", loss),
+        ("mode", _e(run.mode)),
+    ]
+    if history.earlier_runs:
+        rows.append(("runs in the file", f"{history.earlier_runs + 1}; this report reads the last"))
+    if report.thresholds:
+        rows.append(
+            (
+                "thresholds",
+                " · ".join(
+                    f"{_e(key.replace('_', ' '))} {_num(value, 'g')}" for key, value in report.thresholds.items()
+                ),
+            )
+        )
+    versions = [f"gradcheck {_e(run.gradcheck_version)}" if run.gradcheck_version else ""]
+    versions.append(f"torch {_e(run.torch_version)}" if run.torch_version else "")
+    if any(versions):
+        rows.append(("versions", " · ".join(v for v in versions if v)))
     return '<dl class="run">' + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
 
 
@@ -760,6 +837,74 @@ def _optimisation(trace: OptimisationTrace) -> str:
         "<figcaption>total gradient norm per optimiser step divided by step 0's; the run is stable while it "
         "stays within 10^-3 … 10^3 of step 0's</figcaption></figure>\n"
         f"<details><summary>every step</summary>{table}</details>"
+    )
+
+
+def _history(history: TrainingHistory) -> str:
+    view = steps_view(history)
+    shown = history_points(history)
+    first = history.steps[0] if history.steps else None
+    head = f"<p>{_e(history_head(history))}, from {_code(history.source)}</p>"
+    items = [
+        f'<span class="verification improved">⚠</span> {_e(sentence)}'
+        if resolved
+        else f'<span class="flag">✗</span> {_e(sentence)}'
+        for resolved, sentence in onset_sentences(history)
+    ]
+    verdict = _ul(items, "onsets") if items else ""
+    if not any(onset.resolved_step is None for onset in history.onsets):
+        verdict += f'<p class="verification fixed"><strong>✓ {_e(healthy_sentence(history))}</strong></p>'
+    more = [s for s in (gain_sentence(history), clip_sentence(history)) if s is not None]
+    trend = "".join(f"<p>{_e(s)}</p>" for s in more)
+    if first is None:
+        return f"{head}\n{verdict}\n{trend}"
+    reference = first.grad_norm
+    rows, classes = [], []
+    for index in shown:
+        record = history.steps[index]
+        usable = math.isfinite(reference) and reference > 0 and not math.isnan(record.grad_norm)
+        mark = ""
+        if view.label(record.step):
+            mark = f'<span class="flag">◀ onset: {_e(", ".join(onset_problems(history, record.step)))}</span>'
+        rows.append(
+            [
+                str(record.step),
+                _num(view.loss(record), ".4g"),
+                _num(record.grad_norm, ".3e"),
+                _num(record.grad_norm / reference if usable else None, ".3g"),
+                _num(record.attenuation, ".3g"),
+                _num(record.gain, ".3g"),
+                mark,
+            ]
+        )
+        classes.append("flagged" if record.step in view.bad else "")
+    table = _table(
+        [
+            ("step", True),
+            ("loss", True),
+            ("‖∂L/∂θ‖", True),
+            (f"÷ step {first.step}", True),
+            ("attenuation", True),
+            ("gain per layer", True),
+            ("", False),
+        ],
+        rows,
+        classes,
+    )
+    n = len(history.steps)
+    summary = f"{_plural(n, 'record')}" + (
+        f", {len(shown)} shown (first, onsets and last kept; the JSON report has every one)" if len(shown) < n else ""
+    )
+    caption = f"total gradient norm ‖∂L/∂θ‖ of each recorded step divided by step {first.step}'s, log scale" + (
+        "; unhealthy records in red, each onset a dashed line" if history.onsets else ""
+    )
+    if len(shown) < n:
+        caption += f"; {len(shown)} of the {n} records drawn (first, onsets and last kept)"
+    caption += ". Hover a point for its numbers."
+    open_ = " open" if len(shown) <= MAX_ROWS else ""
+    return (
+        f"{head}\n{verdict}\n<figure>{history_chart_svg(history)}<figcaption>{_e(caption)}</figcaption></figure>\n"
+        f"{trend}\n<details{open_}><summary>{_e(summary)}</summary>{table}</details>"
     )
 
 

@@ -7,7 +7,22 @@ import re
 
 from gradcheck_cli.render.causes_text import cause_lines, verification_line
 from gradcheck_cli.render.numbers import count, number
+from gradcheck_cli.render.steps_chart import (
+    MAX_ROWS,
+    clip_sentence,
+    first_onset,
+    focus,
+    gain_sentence,
+    healthy_sentence,
+    history_head,
+    loss_range,
+    onset_problems,
+    onset_sentences,
+    shown_rows,
+    steps_view,
+)
 from gradcheck_cli.report import BaselineDiff, Finding, LayerMove, LayerStats, Report, Severity
+from gradcheck_cli.report_sections import TrainingHistory
 
 MAX_FLAGGED_ROWS = 30
 """A PR comment lists at most this many flagged layers; the JSON report has them all."""
@@ -20,7 +35,10 @@ _SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
 
 def render_markdown(report: Report) -> str:
     """The whole report as GitHub-flavoured Markdown, ending with a newline."""
-    parts = [_verdict(report), _run(report), _path(report), _layers(report), _causes(report)]
+    parts = [_verdict(report), _run(report)]
+    if report.history is not None:
+        parts.append(_history(report.history))
+    parts += [_path(report), _layers(report), _causes(report)]
     if report.findings:
         parts.append(_findings(report.findings))
     if report.baseline is not None:
@@ -60,12 +78,19 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
 
 
 def _verdict(report: Report) -> str:
+    history = report.history
     if report.healthy:
         head = "## gradcheck: ✅ healthy"
         tail = "gradients flow from the output to the input"
+        if history is not None:
+            n = len(history.steps)
+            tail = f"no problem at any of the {n} recorded step{'' if n == 1 else 's'}"
     else:
         head = "## gradcheck: ❌ unhealthy"
         tail = ", ".join(p.value for p in report.problems)
+        first = first_onset(history, (p.value for p in report.problems)) if history is not None else None
+        if first is not None:
+            tail += f" from step {first.step}"
     counts = [
         f"{n} {severity.value}{'s' if n != 1 and severity is not Severity.INFO else ''}"
         for severity in (Severity.ERROR, Severity.WARNING, Severity.INFO)
@@ -81,6 +106,23 @@ def _verdict(report: Report) -> str:
 
 def _run(report: Report) -> str:
     run = report.run
+    if report.history is not None:
+        history = report.history
+        n = len(history.steps)
+        losses = loss_range(history)
+        if losses is not None:
+            (first, start), (last, end) = losses
+            span = f"{_fmt(start, '.4g')} at step {first}" + (
+                f" → {_fmt(end, '.4g')} at step {last}" if last != first else ""
+            )
+            loss = f"loss {span}: {_escape(run.loss)}"
+        else:
+            loss = "no loss recorded (pass it to `step(loss)` to record it)"
+        return (
+            f"**{_escape(run.model_type)}** ({count(run.parameters)} parameters): training history from "
+            f"{_code(run.source)} · {n} record{'' if n == 1 else 's'} every {history.every} "
+            f"step{'' if history.every == 1 else 's'}  \n{loss}"
+        )
     return (
         f"**{_escape(run.model_type)}** ({count(run.parameters)} parameters) from {_code(run.source)} "
         f"[{_escape(run.checkpoint_kind)}] · mode {_escape(run.mode)} · seed {run.seed} "
@@ -137,14 +179,16 @@ def _distance(value: float | None) -> float:
 def _layers(report: Report) -> str:
     rel = _relative(report)
     flagged = [layer for layer in _forward(report.layers) if layer.flags]
+    where = focus(report.history) if report.history is not None else None
+    at = f" at step {where[0]}, the {where[1]}" if where is not None else ""
     if flagged:
-        title = f"### Flagged layers ({len(flagged)})"
+        title = f"### Flagged layers{at} ({len(flagged)})"
         rows = flagged[:MAX_FLAGGED_ROWS]
         more = len(flagged) - len(rows)
     else:
         ranked = sorted(report.layers, key=lambda layer: -_distance(rel.get(layer.name)))
         rows = [layer for layer in ranked if rel.get(layer.name) is not None][:WORST_ROWS]
-        title = f"### Layers furthest from the output's gradient ({len(rows)} worst, none flagged)"
+        title = f"### Layers furthest from the output's gradient{at} ({len(rows)} worst, none flagged)"
         more = 0
     if not rows:
         return f"{title}\n\nno layer with a measured gradient"
@@ -232,4 +276,46 @@ def _recommendations(report: Report) -> str:
             *(f"   {line}".rstrip() for line in rec.snippet.splitlines()),
             f"   {fence}",
         ]
+    return "\n".join(lines)
+
+
+def _history(history: TrainingHistory) -> str:
+    """The recorded steps as a table (thinned like the terminal's, onsets marked), the onsets, the trend."""
+    view = steps_view(history)
+    lines = ["### Training history", "", f"{_escape(history_head(history))} (from {_code(history.source)})"]
+    if history.steps:
+        rows = shown_rows(history.steps, view.keep)
+        first = history.steps[0]
+        lines += [
+            "",
+            f"| step | loss | ‖∂L/∂θ‖ | ÷ step {first.step} | attenuation | gain per layer | |",
+            "|--:|--:|--:|--:|--:|--:|---|",
+        ]
+        reference = first.grad_norm
+        for index in rows:
+            record = history.steps[index]
+            usable = math.isfinite(reference) and reference > 0 and not math.isnan(record.grad_norm)
+            ratio = record.grad_norm / reference if usable else None
+            mark = ""
+            if view.label(record.step):
+                mark = "◀ **onset**: " + _escape(", ".join(onset_problems(history, record.step)))
+            elif record.step in view.bad:
+                mark = "✗"
+            lines.append(
+                f"| {record.step} | {_fmt(view.loss(record), '.4g')} | {_fmt(record.grad_norm, '.3e')} "
+                f"| {_fmt(ratio, '.3g')} | {_fmt(record.attenuation, '.3g')} | {_fmt(record.gain, '.3g')} | {mark} |"
+            )
+        if len(rows) < len(history.steps):
+            lines += [
+                "",
+                f"showing {len(rows)} of {len(history.steps)} records (first, onsets and last kept; "
+                f"at most {MAX_ROWS}); the JSON report has every one",
+            ]
+    lines.append("")
+    lines += [f"- {'⚠️' if resolved else '❌'} {_escape(sentence)}" for resolved, sentence in onset_sentences(history)]
+    if not any(onset.resolved_step is None for onset in history.onsets):
+        lines.append(f"- ✅ {_escape(healthy_sentence(history))}")
+    for sentence in (gain_sentence(history), clip_sentence(history)):
+        if sentence is not None:
+            lines.append(f"- {_escape(sentence)}")
     return "\n".join(lines)

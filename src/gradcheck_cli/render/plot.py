@@ -14,6 +14,10 @@ The inspect picture (forward order, input end on the left):
 * at most ``MAX_TICKS`` layer names: all of them, or one per block (``transformer.h.3.*``), or every k-th;
 * a panel per extra signal: the per-call gradient of modules that ran several times (an RNN cell: the
   gradient through time), and the optimisation probe (per-layer ‖∂L/∂W‖ per step, and the trend).
+
+A training history (``gradcheck history``) draws the same pictures: the main panel is the record where
+the first problem began (the last record when healthy), and the per-step panels show the recorded
+training steps (the total norm with the gain per layer, each onset as a vertical line).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.render.numbers import count, number
 from gradcheck_cli.report import LayerStats, Report
-from gradcheck_cli.report_sections import OptimisationTrace
+from gradcheck_cli.report_sections import OptimisationTrace, TrainingHistory
 from gradcheck_cli.simulate.report import EXPLODING_ABOVE, VANISHING_BELOW, SimulationReport
 
 if TYPE_CHECKING:
@@ -451,7 +455,8 @@ def _multi_call(layers: Sequence[LayerStats]) -> list[LayerStats]:
 
 def _report_rows(report: Report, layers: Sequence[LayerStats]) -> list[str]:
     rows = ["main"]
-    if report.optimisation is not None and report.optimisation.steps:
+    trace = _steps_source(report)
+    if trace is not None and trace.steps:
         rows.append("steps")
     if _multi_call(layers):
         rows.append("calls")
@@ -485,8 +490,9 @@ def _draw_report(figure_class: type[Figure], report: Report) -> Figure:
     status = (
         "healthy" if report.healthy else "unhealthy: " + ", ".join(p.value.replace("_", "-") for p in report.problems)
     )
+    what = "gradcheck history" if report.history is not None else "gradcheck"
     figure.suptitle(
-        f"gradcheck · {report.run.model_type} ({count(report.run.parameters)} parameters) — {status}",
+        f"{what} · {report.run.model_type} ({count(report.run.parameters)} parameters) — {status}",
         fontsize=13, fontweight="bold", color=GREEN if report.healthy else RED,
     )  # fmt: skip
     main = figure.add_subplot(grid[0, 0])
@@ -496,10 +502,11 @@ def _draw_report(figure_class: type[Figure], report: Report) -> Figure:
     _side_panel(side, handles, labels, notes)
     for row, kind in enumerate(rows[1:], start=1):
         if kind == "steps":
-            assert report.optimisation is not None
+            trace = _steps_source(report)
+            assert trace is not None
             left = figure.add_subplot(grid[row, 0], sharex=main)
-            _draw_steps_per_layer(left, report.optimisation, names)
-            _draw_steps_trend(figure.add_subplot(grid[row, 1]), report.optimisation)
+            _draw_steps_per_layer(left, trace, names)
+            _draw_steps_trend(figure.add_subplot(grid[row, 1]), trace)
         else:
             _draw_calls(figure.add_subplot(grid[row, 0]), figure.add_subplot(grid[row, 1]), _multi_call(layers))
     return figure
@@ -581,6 +588,8 @@ def _draw_main(ax: Axes, report: Report, layers: Sequence[LayerStats], ticks: Se
     trace = report.optimisation
     if trace is not None and trace.steps and trace.verdict != "stable":
         notes.append(f"optimisation probe: {_trace_verdict(trace)} (panels below)")
+    if report.history is not None and report.history.steps:
+        notes.append(f"training history: {_trace_verdict(report.history)} (panels below)")
     flagged = [layer.name or "(root)" for layer in layers if layer.flags]
     if flagged:
         shown = ", ".join(_short(name, 24) for name in flagged[:4]) + (" …" if len(flagged) > 4 else "")
@@ -650,6 +659,12 @@ def _path_line(report: Report) -> str:
     what = GRAD_H if _activation(report) else f"{GRAD_W}/{WEIGHT}"
     run = report.run
     tail = f"{run.mode} mode, loss: {run.loss_kind.replace('_', ' ')} · {_short(run.source, 50)}"
+    if report.history is not None:
+        from gradcheck_cli.render.steps_chart import focus
+
+        where = focus(report.history)
+        at = f"the record at step {where[0]} ({where[1]})" if where is not None else "no record"
+        tail = f"{at} · {_short(run.source, 50)}"
     if path.attenuation is None:
         return f"the gradient could not be followed from output to input\n{tail}"
     return (
@@ -691,26 +706,31 @@ def _layer_axis(ax: Axes, layers: Sequence[LayerStats], ticks: Sequence[Tick]) -
     ax.grid(axis="y", which="major", color="#dddddd", lw=0.6, zorder=0.1)
 
 
-def _draw_steps_per_layer(ax: Axes, trace: OptimisationTrace, names: Sequence[str]) -> None:
+def _steps_source(report: Report) -> OptimisationTrace | TrainingHistory | None:
+    """What the per-step panels draw: the training history of ``gradcheck history``, else the probe's steps."""
+    return report.history if report.history is not None else report.optimisation
+
+
+def _draw_steps_per_layer(ax: Axes, trace: OptimisationTrace | TrainingHistory, names: Sequence[str]) -> None:
     """‖∂L/∂W‖ per layer for a few recorded steps, on the same layer axis as the panel above."""
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
 
-    from gradcheck_cli.render.steps_chart import shown_rows
+    from gradcheck_cli.render.steps_chart import shown_rows, steps_view
 
+    view = steps_view(trace)
     index = {name: i for i, name in enumerate(names)}
     columns = [(index[name], k) for k, name in enumerate(trace.layers) if name in index]
     columns.sort()
     xs = [x for x, _ in columns]
-    chosen = shown_rows(trace.steps, trace.onset_step, limit=MAX_STEP_LINES)
-    unstable = trace.verdict != "stable" and trace.onset_step is not None
+    chosen = shown_rows(trace.steps, view.keep, limit=MAX_STEP_LINES)
     values = [trace.steps[i].layer_grad_norms[k] for i in chosen for _, k in columns]
     scale = log_scale(values)
     scale.apply(ax)
     cmap = colormaps["viridis"]
     for n, i in enumerate(chosen):
         record = trace.steps[i]
-        onset = unstable and record.step == trace.onset_step
+        onset = view.label(record.step) is not None
         colour = RED if onset else to_hex(cmap(0.9 * n / max(1, len(chosen) - 1)))
         label = f"step {record.step}" + (" (onset)" if onset else "")
         ys = [record.layer_grad_norms[k] for _, k in columns]
@@ -721,46 +741,77 @@ def _draw_steps_per_layer(ax: Axes, trace: OptimisationTrace, names: Sequence[st
     ax.set_ylabel(f"{GRAD_W} per layer (log)")
     ax.tick_params(axis="x", labelbottom=False)
     ax.grid(axis="y", which="major", color="#dddddd", lw=0.6)
-    name = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}.get(trace.optimizer, trace.optimizer)
+    if isinstance(trace, TrainingHistory):
+        every = f"every {trace.every} step{'' if trace.every == 1 else 's'}"
+        head = f"training history: {len(trace.steps)} records {every} — {_trace_verdict(trace)}"
+        bad = bool(trace.onsets)
+    else:
+        name = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}.get(trace.optimizer, trace.optimizer)
+        head = f"optimisation probe: {name}, lr {trace.lr:g} — {_trace_verdict(trace)}"
+        bad = trace.verdict != "stable"
     ax.set_title(
-        f"optimisation probe: {name}, lr {trace.lr:g} — {_trace_verdict(trace)}\n"
-        f"{GRAD_W} per layer at {len(chosen)} of {len(trace.steps)} recorded steps (layers as above)",
-        loc="left", fontsize=9, color=RED if trace.verdict != "stable" else "#333333",
+        f"{head}\n{GRAD_W} per layer at {len(chosen)} of {len(trace.steps)} recorded steps (layers as above)",
+        loc="left", fontsize=9, color=RED if bad else "#333333",
     )  # fmt: skip
     ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7.5, frameon=False, borderaxespad=0)
 
 
-def _trace_verdict(trace: OptimisationTrace) -> str:
+def _trace_verdict(trace: OptimisationTrace | TrainingHistory) -> str:
+    if isinstance(trace, TrainingHistory):
+        from gradcheck_cli.render.steps_chart import PROBLEM_WORDS
+
+        if not trace.onsets:
+            return "healthy"
+        by_step: dict[int, list[str]] = {}
+        for onset in trace.onsets:
+            word = PROBLEM_WORDS.get(onset.problem, onset.problem)
+            if onset.resolved_step is not None:
+                word += f" (until step {onset.resolved_step})"
+            by_step.setdefault(onset.step, []).append(word)
+        return "; ".join(f"{', '.join(words)} from step {step}" for step, words in sorted(by_step.items()))
     if trace.verdict == "stable":
         return "stable"
     where = f" from step {trace.onset_step}" if trace.onset_step is not None else ""
     return {"non_finite": "NaN/Inf"}.get(trace.verdict, trace.verdict) + where
 
 
-def _draw_steps_trend(ax: Axes, trace: OptimisationTrace) -> None:
-    """Total gradient norm ÷ step 0 and the attenuation per step, the onset as a vertical line."""
+def _draw_steps_trend(ax: Axes, trace: OptimisationTrace | TrainingHistory) -> None:
+    """Total gradient norm ÷ the first record and the attenuation (a history: the gain per layer) per step,
+    each onset as a vertical line."""
+    from gradcheck_cli.render.steps_chart import steps_view
+
+    view = steps_view(trace)
+    training = isinstance(trace, TrainingHistory)
     steps = [r.step for r in trace.steps]
     _integer_x(ax)
+    first = trace.steps[0].step
     reference = trace.steps[0].grad_norm
     totals = [
         r.grad_norm / reference if _finite_positive(reference) and not math.isnan(r.grad_norm) else math.nan
         for r in trace.steps
     ]
-    attenuation = [r.attenuation for r in trace.steps]
-    scale = log_scale([*totals, *attenuation], include=(0.1, 10.0))
+    second = [r.gain for r in trace.steps] if training else [r.attenuation for r in trace.steps]
+    scale = log_scale([*totals, *second], include=(0.1, 10.0))
     scale.apply(ax)
     marker = "o" if len(steps) <= 40 else None
-    _draw_series(ax, steps, totals, scale, label=f"{GRAD_THETA} ÷ step 0", color=BLUE, marker=marker, markersize=3)
     _draw_series(
-        ax, steps, attenuation, scale, label="input ÷ output end", color=ORANGE, marker=marker,
-        linestyle="--", markersize=3,
+        ax, steps, totals, scale, label=f"{GRAD_THETA} ÷ step {first}", color=BLUE, marker=marker, markersize=3
+    )
+    _draw_series(
+        ax, steps, second, scale, label="gain per layer" if training else "input ÷ output end", color=ORANGE,
+        marker=marker, linestyle="--", markersize=3,
     )  # fmt: skip
-    if trace.onset_step is not None and trace.verdict != "stable":
+    for k, at in enumerate(view.marked):
         ax.axvline(
-            trace.onset_step, color=RED, ls=":", lw=1.4, label=f"onset: step {trace.onset_step}", gid="onset-line"
+            at,
+            color=RED,
+            ls=":",
+            lw=1.4,
+            label=f"onset: step {at}",
+            gid="onset-line" if k == 0 else f"onset-line-{k + 1}",
         )
-    ax.set_xlabel("optimiser step")
-    losses = [r.loss for r in trace.steps]
+    ax.set_xlabel("training step" if training else "optimiser step")
+    losses = [view.loss(r) for r in trace.steps]
     ax.set_title(f"per step (loss {number(losses[0], '.3g')} → {number(losses[-1], '.3g')})", loc="left", fontsize=9)
     ax.grid(axis="y", which="major", color="#dddddd", lw=0.6)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7.5, frameon=False, ncol=1)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from html import escape
 
 from gradcheck_cli.render.numbers import number
+from gradcheck_cli.render.steps_chart import PROBLEM_WORDS, onset_problems, shown_rows, steps_view
 from gradcheck_cli.report import LayerStats, Report
-from gradcheck_cli.report_sections import OptimisationTrace
+from gradcheck_cli.report_sections import OptimisationTrace, TrainingHistory
 
 BLUE = "#3b7dd8"
 RED = "#e03131"
@@ -32,6 +33,8 @@ DECADE_SPACING = 16
 """Minimum pixels between two decade labels on the y axis."""
 CHAR_WIDTH = 6.6
 """Approximate width of one character at the chart's font size, for layout."""
+MAX_HISTORY_POINTS = 300
+"""A training history's chart and table show at most this many records (first, onsets and last kept)."""
 
 
 @dataclass(frozen=True)
@@ -640,6 +643,82 @@ def steps_chart_svg(trace: OptimisationTrace, *, width: int = 900, height: int =
     )
 
 
+def history_chart_svg(history: TrainingHistory, *, width: int = 900, height: int = 250) -> str:
+    """A training history: total gradient norm ÷ the first record's per recorded step, on a log axis.
+
+    One ``<g class="record">`` per shown record (at most ``MAX_HISTORY_POINTS``: first, onsets and last
+    kept), unhealthy records red, NaN/Inf as a cross on the ceiling strip; each onset a vertical line.
+    """
+    view = steps_view(history)
+    shown = history_points(history)
+    records = [history.steps[i] for i in shown]
+    reference = history.steps[0].grad_norm if history.steps else math.nan
+    usable = bool(records) and math.isfinite(reference) and reference > 0
+    ratios = [r.grad_norm / reference for r in records] if usable else []
+    first = history.steps[0].step if history.steps else 0
+    marks = [(step, f"{', '.join(onset_problems(history, step))} from {step}") for step in view.marked]
+
+    def tooltip(k: int) -> str:
+        record = records[k]
+        text = (
+            f"step {record.step}: loss {number(view.loss(record), '.4g')}, ‖∂L/∂θ‖ {number(record.grad_norm, '.3g')} "
+            f"({number(ratios[k], '.3g')}× step {first}), attenuation {number(record.attenuation, '.3g')}, "
+            f"gain {number(record.gain, '.3g')}"
+        )
+        problems = dict(history.problem_steps).get(record.step)
+        if problems:
+            text += f"\nunhealthy: {', '.join(PROBLEM_WORDS.get(p, p) for p in problems)}"
+        return text
+
+    return log_series_svg(
+        ratios,
+        [r.step for r in records],
+        css="history",
+        point_class="record",
+        title=f"total gradient norm per recorded training step, ÷ step {first}, log scale",
+        y_label=f"‖∂L/∂θ‖ ÷ step {first}",
+        x_label="training step",
+        reference=f"step {first} = 1",
+        bands=(None, None),
+        words=("vanishing", "exploding"),
+        onset=None,
+        tooltip=tooltip,
+        empty="no finite gradient norm at the first record to compare with",
+        width=width,
+        height=height,
+        marks=marks,
+        flagged=[r.step in view.bad for r in records],
+    )
+
+
+def history_points(history: TrainingHistory) -> list[int]:
+    """Indices of the records the HTML chart and table show: all up to ``MAX_HISTORY_POINTS``."""
+    return shown_rows(history.steps, steps_view(history).keep, limit=MAX_HISTORY_POINTS)
+
+
+def _mark_label(
+    svg: _Svg, taken: list[list[tuple[float, float]]], label: str, x: float, top: float, width: int
+) -> None:
+    """A vertical line's label above the plot: right of the line (left of it near the right edge), in the
+    first of the label rows where it overlaps nothing; where none is free the line's tooltip says it."""
+    size = CHAR_WIDTH * len(label)
+    right = x + 4 + size <= width - 2
+    span = (x + 4, x + 4 + size) if right else (x - 4 - size, x - 4)
+    for row, spans in enumerate(taken):
+        if span[0] < 0 or any(span[0] < b + 6 and a < span[1] + 6 for a, b in spans):
+            continue
+        spans.append(span)
+        svg.add(
+            "text",
+            escape(label),
+            x=_fmt(x + 4 if right else x - 4),
+            y=_fmt(top - 6 - 12 * row),
+            text_anchor=None if right else "end",
+            fill=RED,
+        )
+        return
+
+
 def through_time(report: Report) -> list[tuple[LayerStats, tuple[float, ...], str]]:
     """Layers with a gradient through time: (layer, values relative to the output end, what they are).
 
@@ -702,11 +781,15 @@ def log_series_svg(
     empty: str,
     width: int = 900,
     height: int = 230,
+    marks: Sequence[tuple[int, str]] = (),
+    flagged: Sequence[bool] | None = None,
 ) -> str:
     """A line of values (relative to a reference of 1) against integer x, on a log axis.
 
     One ``<g class="{point_class}">`` per value with a ``<title>``; 0 as a triangle on a floor strip,
     NaN/Inf as a cross on a ceiling strip; ``bands`` shaded beyond; ``onset`` marked red from there on.
+    ``marks`` (x, label) draw more such vertical lines; ``flagged`` (one per value), when given, says
+    which points are red instead of "from the onset on".
     """
     head = (
         f'<svg class="chart {escape(css)}" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
@@ -772,10 +855,13 @@ def log_series_svg(
     svg.add(
         "text", escape(x_label), x=_fmt((x0 + x1) / 2), y=_fmt(height - 4), text_anchor="middle", fill="currentColor"
     )
-    if onset is not None:
-        x = x_at(onset)
+    lines = ([(onset, f"onset: {onset}")] if onset is not None else []) + list(marks)
+    taken: list[list[tuple[float, float]]] = [[], []]  # two rows of labels above the plot: spans in use
+    for at, label in lines:
+        x = x_at(at)
         svg.add(
             "line",
+            _title(label),
             x1=_fmt(x),
             x2=_fmt(x),
             y1=_fmt(top),
@@ -784,7 +870,7 @@ def log_series_svg(
             stroke_dasharray="4 3",
             class_="onset",
         )
-        svg.add("text", f"onset: {onset}", x=_fmt(x + 4), y=_fmt(top - 6), fill=RED)
+        _mark_label(svg, taken, label, x, top, width)
     path, pen = [], False
     for x, value in zip(xs, values, strict=True):
         if value > 0 and math.isfinite(value):
@@ -796,14 +882,14 @@ def log_series_svg(
         svg.add("path", d="".join(path), fill="none", stroke=BLUE, stroke_opacity="0.6", stroke_width="1.3")
     radius = max(1.2, min(3.5, (x1 - x0) / len(values) / 3))
     for k, (x, value) in enumerate(zip(xs, values, strict=True)):
-        late = onset is not None and x >= onset
-        flagged = late or (low is not None and 0 < value < low) or (high is not None and value > high)
+        late = flagged[k] if flagged is not None else onset is not None and x >= onset
+        red = late or (low is not None and 0 < value < low) or (high is not None and value > high)
         px = x_at(x)
         if not math.isfinite(value):
             marker = _marker("nonfinite", px, top + strip / 2, radius)
         elif value == 0:
             marker = _marker("zero", px, frame.y_bottom + strip / 2, radius)
         else:
-            marker = _marker("flagged" if flagged else "ok", px, frame.y(_log(value)), radius)
+            marker = _marker("flagged" if red else "ok", px, frame.y(_log(value)), radius)
         svg.raw(element("g", _title(tooltip(k)) + marker, class_=point_class))
     return "".join(parts) + "".join(svg.parts) + "</svg>"

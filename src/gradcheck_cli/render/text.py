@@ -12,6 +12,7 @@ from rich.text import Text
 
 from gradcheck_cli.render.causes_text import causes, verification_line
 from gradcheck_cli.render.numbers import count, number
+from gradcheck_cli.render.steps_chart import first_onset, focus, loss_range, steps_chart
 from gradcheck_cli.report import LayerStats, Report, Severity
 
 BAR_DECADES = 8
@@ -29,11 +30,12 @@ def render_text(report: Report, *, width: int = 110) -> str:
 
 def text_report(report: Report) -> RenderableType:
     """The whole report as one rich renderable; the caller's console decides about colour."""
-    parts: list[RenderableType] = [_header(report), _table(report), _path(report)]
+    parts: list[RenderableType] = [_header(report)]
+    if report.history is not None:  # the run over time first, then the record the table shows
+        parts.append(steps_chart(report.history))
+    parts += [_table(report), _path(report)]
     parts += causes(report)
     if report.optimisation is not None:
-        from gradcheck_cli.render.steps_chart import steps_chart
-
         parts.append(steps_chart(report.optimisation))
     if report.findings:
         parts.append(_findings(report))
@@ -50,6 +52,8 @@ def text_report(report: Report) -> RenderableType:
 def _header(report: Report) -> Text:
     run = report.run
     text = Text()
+    if report.history is not None:
+        return _history_header(report)
     text.append("gradcheck ", style="bold")
     text.append(f"{run.model_type} ({count(run.parameters)} parameters) from {run.source} [{run.checkpoint_kind}]\n")
     text.append(f"mode {run.mode}, seed {run.seed}, device {run.device}; batch {run.batch} ({run.batch_source})\n")
@@ -57,11 +61,38 @@ def _header(report: Report) -> Text:
     return text
 
 
+def _history_header(report: Report) -> Text:
+    run, history = report.run, report.history
+    assert history is not None
+    n = len(history.steps)
+    text = Text()
+    text.append("gradcheck ", style="bold")
+    text.append(
+        f"training history of {run.model_type} ({count(run.parameters)} parameters) from {run.source}: "
+        f"{n} record{'' if n == 1 else 's'} every {history.every} step{'' if history.every == 1 else 's'}"
+    )
+    losses = loss_range(history)
+    if losses is not None:
+        (first, start), (last, end) = losses
+        span = f"{start:.4g} at step {first}" + (f" → {end:.4g} at step {last}" if last != first else "")
+        text.append(f"\nloss {span}: {run.loss}")
+    elif history.steps:
+        text.append("\nno loss recorded (pass it to step(loss) to record it)", style="dim")
+    return text
+
+
+def _table_title(report: Report) -> str:
+    where = focus(report.history) if report.history is not None else None
+    if where is None:
+        return "gradient per layer, input end first"
+    return f"gradient per layer at step {where[0]} ({where[1]}), input end first"
+
+
 def _table(report: Report) -> Table:
     activation = report.path.measured_with == "activation_gradients"
     multi = any(layer.calls > 1 for layer in report.layers)
     table = Table(
-        title="gradient per layer, input end first",
+        title=_table_title(report),
         title_justify="left",
         expand=False,
         box=None,
@@ -197,6 +228,16 @@ def _baseline(report: Report) -> Text:
 
 
 def _verdict(report: Report) -> Text:
+    history = report.history
+    if history is not None:
+        if report.healthy:
+            n = len(history.steps)
+            return Text(
+                f"✓ healthy: no problem at any of the {n} recorded step{'' if n == 1 else 's'}", style="bold green"
+            )
+        first = first_onset(history, (p.value for p in report.problems))
+        since = f" (from step {first.step})" if first is not None else ""
+        return Text(f"✗ unhealthy: {', '.join(p.value for p in report.problems)}{since}", style="bold red")
     if report.healthy:
         return Text("✓ healthy: gradients flow from the output to the input", style="bold green")
     return Text(f"✗ unhealthy: {', '.join(p.value for p in report.problems)}", style="bold red")
