@@ -90,6 +90,11 @@ def _task(name: str) -> tuple[nn.Module, Callable[[int], torch.Tensor], str]:
         for _ in range(depth):
             layers += [nn.Linear(64, 64), nn.ReLU()]
         model = nn.Sequential(*layers, nn.Linear(64, 10))
+        if name == "mlp-small-batch":  # plain SGD needs Kaiming init to learn at all (default init vanishes)
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
         centres = torch.randn(10, 64, generator=g) * 2
         batch = 8 if name == "mlp-small-batch" else 128
 
@@ -202,14 +207,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--runs", default="gpt2,bert,mlp,mlp-small-batch,cnn,lstm")
+    parser.add_argument("--keep", type=Path, help="keep the history logs in this directory")
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        directory = args.keep or Path(tmp)
+        directory.mkdir(parents=True, exist_ok=True)
         for name in args.runs.split(","):
             for blow_up in (None, args.steps // 2):
                 factor = 300.0
-                result = run(name, args.steps, blow_up, factor, Path(tmp))
+                log = directory / f"{name}-{blow_up}.jsonl"
+                log.unlink(missing_ok=True)
+                result = run(name, args.steps, blow_up, factor, directory)
                 results.append(result)
                 print(json.dumps(result), flush=True)
     if args.json:

@@ -248,6 +248,7 @@ def _record(entry: dict[str, Any]) -> StepLog:
         first_non_finite=entry.get("first_non_finite"),
         first_non_finite_stage=entry.get("first_non_finite_stage"),
         loss_non_finite_step=None if sentinel is None else int(sentinel),
+        unique_total=_float(entry.get("total_norm")),
     )
 
 

@@ -4,7 +4,9 @@ both always agree.
 
 Over time two more things can go wrong than in a single pass. The whole gradient grows: a record whose
 total norm ‖∂L/∂θ‖ exceeds ``SPIKE`` × the median of the last ``WINDOW`` healthy records before it (at
-least ``MIN_REFERENCE`` of them) is a spike (GC016). Or the run diverges without any gradient growing
+least ``MIN_REFERENCE`` of them) and above every healthy record so far is a spike (GC016): near convergence
+gradients shrink and turn spiky (a few samples still misclassified), and a spike back within the range
+the run already went through is not an explosion. Or the run diverges without any gradient growing
 (Adam normalises its steps, so a learning rate far too large sends the loss back up while the
 gradients stay ordinary): a loss above ``LOSS_RISE`` × the healthy median for ``PERSIST`` records in a
 row is a divergence (GC018), dated from the first of them. The calibration of ``SPIKE`` is in docs/calibration.md
@@ -163,7 +165,8 @@ def assess(
     total = log.total_norm
     reference = baseline.reference_norm()
     recent = baseline.norms[-WINDOW:]
-    if reference is not None and reference > 0 and math.isfinite(total) and total > SPIKE * reference:
+    peak = max(baseline.norms, default=0.0)
+    if reference is not None and reference > 0 and math.isfinite(total) and total > max(SPIKE * reference, peak):
         findings.append(
             Finding(
                 TRAINING_SPIKE.code,
@@ -172,8 +175,15 @@ def assess(
                 Problem.EXPLODING,
                 _largest_layer(log),
                 f"step {log.step}: the total gradient norm is {total:.3g}, {total / reference:.3g}× the median "
-                f"{reference:.3g} of the last {len(recent)} healthy records before it",
-                {"step": log.step, "total_norm": total, "reference": reference, "ratio": total / reference},
+                f"{reference:.3g} of the last {len(recent)} healthy records before it and above the largest healthy "
+                f"one so far ({peak:.3g})",
+                {
+                    "step": log.step,
+                    "total_norm": total,
+                    "reference": reference,
+                    "ratio": total / reference,
+                    "peak": peak,
+                },
             )
         )
     if loss_risen(log, baseline) and len(baseline.rising) + 1 >= PERSIST:

@@ -149,8 +149,8 @@ class Watch:
     def step(self, loss: torch.Tensor | float | None = None, *, step: int | None = None) -> Assessment | None:
         """Call once per optimiser step, after backward (and any accumulation), before ``optimizer.step()``.
 
-        ``loss`` is recorded at recorded steps; between them a loss tensor only updates a device-side
-        NaN/Inf flag. ``step`` overrides the internal counter (a Lightning or HF global step). Returns
+        ``loss`` (unscaled: the loss before ``scaler.scale``) is recorded at recorded steps; between them a
+        loss tensor only updates a device-side NaN/Inf flag. ``step`` overrides the internal counter (a Lightning or HF global step). Returns
         the assessment when this step was recorded, else None.
         """
         if not self._entered:

@@ -60,10 +60,14 @@ class StepLog:
     """``forward``, ``backward`` or ``parameter``: which of the three found it."""
     loss_non_finite_step: int | None = None
     """The first step since the previous record whose loss (given to ``step()``) was NaN/Inf."""
+    unique_total: float | None = None
+    """‖∂L/∂θ‖ with every parameter counted once (a tied embedding and output layer share one)."""
 
     @property
     def total_norm(self) -> float:
-        """‖∂L/∂θ‖ over every parameter: what ``clip_grad_norm_`` compares with ``max_norm``."""
+        """‖∂L/∂θ‖ over every parameter once: what ``clip_grad_norm_`` compares with ``max_norm``."""
+        if self.unique_total is not None:
+            return self.unique_total
         return math.sqrt(sum(layer.grad[0] ** 2 for layer in self.layers if layer.grad is not None))
 
 
@@ -199,6 +203,7 @@ class StepRecorder(HookStack):
             scale=scale_value,
             output_max=_peak(root_out) if root_out else None,
             loss_non_finite_step=_sentinel_step(number.get("sentinel")),
+            unique_total=math.sqrt(sum(l2 * l2 for l2, _ in grad_of.values())) / divide,
         )
         return _with_origin(log, self._first_bad_backward(recorder, per_call), self._first_bad_parameter(grad_of))
 
