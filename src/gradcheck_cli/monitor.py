@@ -150,8 +150,8 @@ class Watch:
         """Call once per optimiser step, after backward (and any accumulation), before ``optimizer.step()``.
 
         ``loss`` (unscaled: the loss before ``scaler.scale``) is recorded at recorded steps; between them a
-        loss tensor only updates a device-side NaN/Inf flag. ``step`` overrides the internal counter (a Lightning or HF global step). Returns
-        the assessment when this step was recorded, else None.
+        loss tensor only updates a device-side NaN/Inf flag. ``step`` overrides the internal counter (a
+        Lightning or HF global step). Returns the assessment when this step was recorded, else None.
         """
         if not self._entered:
             raise RuntimeError("call step() inside `with watch(model) as w:`")
