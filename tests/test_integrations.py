@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from gradcheck_cli.history import history_report
 from gradcheck_cli.history_log import History, read_history
 from gradcheck_cli.monitor import GradientProblemError
 
@@ -294,10 +295,15 @@ def _hf_train(tmp_path: Path, callback: Any, model: nn.Module | None = None, dat
         "disable_tqdm": True,
         "seed": 0,
     }
+    optimizers = kwargs.pop("optimizers", (None, None))
     options.update(kwargs)
     args = transformers.TrainingArguments(**options)
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=TokenDataset() if data is None else data, callbacks=[callback]
+        model=model,
+        args=args,
+        train_dataset=TokenDataset() if data is None else data,
+        callbacks=[callback],
+        optimizers=optimizers,
     )
     trainer.train()
     return trainer
@@ -505,3 +511,59 @@ def test_bad_arguments_fail_at_construction() -> None:
             make(on_problem="explode")
         with pytest.raises(ValueError, match="every"):
             make(every=0)
+
+
+# ------------------------------------------------------------------ divergence mid-training: the onset step
+
+
+def _jump(step_at: int, factor: float) -> Any:
+    """LambdaLR factor: 1 until the optimiser step ``step_at`` (0-based), ``factor`` from it on."""
+    return lambda s: 1.0 if s < step_at else factor
+
+
+def test_lightning_divergence_mid_training_is_dated_at_the_first_step_it_touched(tmp_path: Path) -> None:
+    from gradcheck_cli.integrations.lightning import GradcheckCallback
+
+    module = _module(lr=0.05)
+
+    def configure_optimizers() -> Any:
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.05)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _jump(10, 400.0))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    module.configure_optimizers = configure_optimizers
+    log = tmp_path / "grads.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(tmp_path, GradcheckCallback(every=1, log=log), max_steps=25).fit(module, _loader())
+    report = history_report(log)
+    assert report.history is not None and report.history.records == 25
+    onset = report.history.onsets[0]
+    # optimiser step 10 is the first with the large rate; step 11's gradient is the first it changed
+    assert onset.problem in ("exploding", "non_finite")
+    assert (onset.step, onset.last_healthy_step) == (11, 10)
+
+
+def test_hf_divergence_mid_training_is_dated_at_the_first_step_it_touched(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from gradcheck_cli.integrations.huggingface import GradcheckTrainerCallback
+
+    model = _gpt2(tied=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _jump(8, 1000.0))
+    log = tmp_path / "grads.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _hf_train(
+            tmp_path, GradcheckTrainerCallback(every=1, log=log), model=model, max_steps=20,
+            optimizers=(optimizer, scheduler),
+        )  # fmt: skip
+    report = history_report(log)
+    assert report.history is not None and report.history.records == 20
+    assert not report.healthy
+    onset = report.history.onsets[0]
+    # the Trainer numbers optimiser step k (0-based) as k + 1: step 9 is the first with the large rate, and
+    # step 10's gradient the first it changed; Adam's normalised steps may show it in the loss a step later
+    assert onset.problem in ("exploding", "non_finite")
+    assert onset.last_healthy_step is not None and onset.last_healthy_step >= 9
+    assert 10 <= onset.step <= 12, report.history.onsets
