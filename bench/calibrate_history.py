@@ -202,13 +202,53 @@ def run(name: str, steps: int, blow_up_at: int | None, factor: float, directory:
     }
 
 
+def margins(log: Path) -> dict[str, Any]:
+    """Replay a log through the rules and report how close each rule over time came to firing.
+
+    ``spike_margin``: the largest total norm ÷ the GC016 threshold max(SPIKE × median, PEAK × peak) over the
+    records before the first spike or NaN; ``loss_margin``: over every PERSIST records in a row, the smallest
+    loss ÷ (LOSS_RISE × median), counting 0 for a record that had not regained REGAINED of the progress.
+    Both below 1 mean the rule stayed silent with that much room.
+    """
+    from gradcheck_cli import history_rules as rules
+    from gradcheck_cli.history_log import read_history
+
+    history = read_history(log)
+    baseline = rules.Baseline()
+    spike = loss_margin = 0.0
+    window: list[float] = []
+    for record in history.records:
+        assessment = rules.assess(record, baseline, scaler=history.header.scaler)
+        if assessment.problems and any(p.value != "vanishing" for p in assessment.problems):
+            break
+        reference, peak = baseline.reference_norm(), max(baseline.norms, default=0.0)
+        if reference and math.isfinite(assessment.total_norm):
+            spike = max(spike, assessment.total_norm / max(rules.SPIKE * reference, rules.PEAK * peak))
+        median = baseline.reference_loss()
+        ratio = 0.0
+        if median and record.loss is not None and math.isfinite(record.loss):
+            first = baseline.losses[0]
+            regained = first <= median or record.loss - median >= rules.REGAINED * (first - median)
+            ratio = record.loss / (rules.LOSS_RISE * median) if regained else 0.0
+        window = [*window, ratio][-rules.PERSIST :]
+        if len(window) == rules.PERSIST:
+            loss_margin = max(loss_margin, min(window))
+        rules.advance(baseline, record, assessment)
+    return {"log": log.stem, "spike_margin": spike, "loss_margin": loss_margin}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--runs", default="gpt2,bert,mlp,mlp-small-batch,cnn,lstm")
     parser.add_argument("--keep", type=Path, help="keep the history logs in this directory")
+    parser.add_argument("--replay", type=Path, help="only replay the logs kept in this directory (no training)")
     args = parser.parse_args()
+    if args.replay:
+        for log in sorted(args.replay.glob("*.jsonl")):
+            print(json.dumps(margins(log)))
+        return
     torch.set_num_threads(2)
     results = []
     with tempfile.TemporaryDirectory() as tmp:

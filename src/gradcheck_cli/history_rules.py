@@ -38,8 +38,12 @@ MIN_REFERENCE = 3
 WINDOW = 10
 """The reference is the median of the last this-many healthy records: gradient norms drift while a model
 learns (a classifier's grow 30× in 60 steps), and an old median would make that drift look like a spike."""
+PEAK = 2.0
+"""…and this many times the largest healthy record so far."""
 LOSS_RISE = 2.0
 """A record's loss this many times the healthy median starts a possible divergence."""
+REGAINED = 0.5
+"""…having lost at least this share of the progress made since the first record."""
 PERSIST = 3
 """Records in a row above ``LOSS_RISE`` that make it one (one noisy batch does not)."""
 STOPPING = frozenset({Problem.NON_FINITE, Problem.EXPLODING})
@@ -84,15 +88,15 @@ class Baseline:
 
 
 def loss_risen(log: StepLog, baseline: Baseline) -> bool:
+    """Above ``LOSS_RISE`` × the healthy median, and back up at least ``REGAINED`` of the way to the
+    first record's loss: a loss near 0 that doubles (1e-6 → 3e-6) has not diverged."""
     reference = baseline.reference_loss()
     loss = log.loss
-    return (
-        reference is not None
-        and reference > 0
-        and loss is not None
-        and math.isfinite(loss)
-        and loss > LOSS_RISE * reference
-    )
+    if reference is None or reference <= 0 or loss is None or not math.isfinite(loss):
+        return False
+    first = baseline.losses[0]
+    regained = first <= reference or loss - reference >= REGAINED * (first - reference)
+    return loss > LOSS_RISE * reference and regained
 
 
 def advance(baseline: Baseline, log: StepLog, assessment: Assessment) -> None:
@@ -166,7 +170,7 @@ def assess(
     reference = baseline.reference_norm()
     recent = baseline.norms[-WINDOW:]
     peak = max(baseline.norms, default=0.0)
-    if reference is not None and reference > 0 and math.isfinite(total) and total > max(SPIKE * reference, peak):
+    if reference is not None and reference > 0 and math.isfinite(total) and total > max(SPIKE * reference, PEAK * peak):
         findings.append(
             Finding(
                 TRAINING_SPIKE.code,
