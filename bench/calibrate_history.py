@@ -234,7 +234,18 @@ def margins(log: Path) -> dict[str, Any]:
         if len(window) == rules.PERSIST:
             loss_margin = max(loss_margin, min(window))
         rules.advance(baseline, record, assessment)
-    return {"log": log.stem, "spike_margin": spike, "loss_margin": loss_margin}
+    report = history_report(log)
+    assert report.history is not None
+    steps = report.history.steps
+    return {
+        "log": log.stem,
+        "verdict": report.history.verdict,
+        "onsets": [(o.problem, o.step, o.last_healthy_step, list(o.codes)) for o in report.history.onsets],
+        "first_loss": steps[0].loss if steps else None,
+        "last_loss": steps[-1].loss if steps else None,
+        "spike_margin": spike,
+        "loss_margin": loss_margin,
+    }
 
 
 def main() -> None:
@@ -246,8 +257,11 @@ def main() -> None:
     parser.add_argument("--replay", type=Path, help="only replay the logs kept in this directory (no training)")
     args = parser.parse_args()
     if args.replay:
-        for log in sorted(args.replay.glob("*.jsonl")):
-            print(json.dumps(margins(log)))
+        replayed = [margins(log) for log in sorted(args.replay.glob("*.jsonl"))]
+        for entry in replayed:
+            print(json.dumps(entry))
+        if args.json:
+            args.json.write_text(json.dumps(replayed, indent=1) + "\n")
         return
     torch.set_num_threads(2)
     results = []
