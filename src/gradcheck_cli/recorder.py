@@ -30,6 +30,14 @@ def norm_and_max_abs(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.vector_norm(tensor), torch.maximum(high, low.neg())
 
 
+def max_abs(tensor: torch.Tensor) -> torch.Tensor:
+    """max |element| as a 0-dim device tensor, NaN-propagating, in one pass and without a full-size temporary."""
+    if tensor.is_sparse:
+        tensor = tensor.coalesce().values()
+    low, high = torch.aminmax(tensor)
+    return torch.maximum(high, low.neg())
+
+
 _Hooks = TypeVar("_Hooks", bound="HookStack")
 
 
@@ -107,7 +115,7 @@ class ActivationGradientRecorder(HookStack):
             self.norms.append([])
             self.samples.append([])
             if self._keep_outputs:
-                peaks = [norm_and_max_abs(t.detach())[1] for t in float_leaves(output) if t.numel()]
+                peaks = [max_abs(t.detach()) for t in float_leaves(output) if t.numel()]
                 self.output_max.append(torch.stack(peaks).max() if peaks else torch.zeros(()))
             for tensor in float_leaves(output):
                 if tensor.requires_grad:

@@ -19,7 +19,7 @@ from torch import nn
 
 from gradcheck_cli.loss import float_leaves
 from gradcheck_cli.probe import module_type, to_host
-from gradcheck_cli.recorder import ActivationGradientRecorder, HookStack, norm_and_max_abs
+from gradcheck_cli.recorder import ActivationGradientRecorder, HookStack, max_abs, norm_and_max_abs
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class StepRecorder(HookStack):
     def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
-        peaks = [norm_and_max_abs(t.detach())[1] for t in float_leaves(output) if t.numel()]
+        peaks = [max_abs(t.detach()) for t in float_leaves(output) if t.numel()]
         if peaks:
             self.root_output_max.append(torch.stack(peaks).max())
 
