@@ -14,6 +14,8 @@ from gradcheck_cli import __version__
 from gradcheck_cli.activation_health import activation_findings, activation_section
 from gradcheck_cli.advice import advise
 from gradcheck_cli.batch import Batch, make_batch
+from gradcheck_cli.distributed import Sharding, sharded
+from gradcheck_cli.distributed import detect as detect_sharding
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.init_audit import audit_init, init_findings
 from gradcheck_cli.model_copy import copy_model
@@ -98,13 +100,20 @@ def check(
     ``optimizer`` steps at ``lr`` on a copy (the optimisation probe); ``trained`` (a reason,
     e.g. the checkpoint held optimizer state) skips the initialisation audit.
     """
-    model = unwrap(model)
+    sharding = detect_sharding(model)
+    wrapper, model = model, unwrap(model)
     ready = batch if isinstance(batch, Batch) else make_batch(batch, model)
     limits = thresholds or Thresholds()
     if autocast is not None and autocast not in AUTOCAST_DTYPES:
         raise GradcheckError(f"autocast {autocast!r} is not a half precision; use fp16 or bf16")
+    if sharding is not None and (autocast is not None or steps):
+        raise GradcheckError("--autocast and --steps do not run on a distributed model yet; drop them")
     with phase("probe"):
-        result, reference = _measure(model, ready, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast)
+        if sharding is not None:
+            result = _probe_sharded(wrapper, ready, sharding, seed=seed, train=train, unfreeze=unfreeze)
+            reference = None
+        else:
+            result, reference = _measure(model, ready, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast)
     with phase("diagnose"):
         traits = model_traits(model)
         diagnosis = diagnose(result, limits)
@@ -117,7 +126,8 @@ def check(
             scale_used=result.loss_scale,
             lost=_lost(reference, result) if reference is not None else (),
         )
-        audit = audit_init(model, result.leaf_calls, trained=trained) if result.activation_hooks else None
+        auditable = result.activation_hooks and (sharding is None or sharding.mode == "ddp")
+        audit = audit_init(model, result.leaf_calls, trained=trained) if auditable else None
         half = autocast == "fp16" or any(p.dtype == torch.float16 for p in model.parameters())
         findings = list(diagnosis.findings)  # what is wrong, then why: init, activations, precision
         if audit is not None:
@@ -126,7 +136,7 @@ def check(
         if not any(f.problem is Problem.NON_FINITE for f in findings):  # NaN/Inf already: fp16 is not the story
             findings += precision_findings(precision, half=half)
     origin = None
-    if any(f.problem is Problem.NON_FINITE for f in findings):
+    if sharding is None and any(f.problem is Problem.NON_FINITE for f in findings):
         with phase("locate_non_finite"):
             origin = locate_non_finite(
                 model, ready, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast,
@@ -158,6 +168,15 @@ def check(
             else ()
         )
     all_notes = list(notes)
+    if sharding is not None:
+        all_notes.append(
+            f"distributed ({sharding.mode}, {sharding.world} ranks): each rank probed its 1/{sharding.world} of the "
+            "batch; norms are reduced across ranks to those of the whole batch (docs/distributed.md); the "
+            "recommendations are not verified and the first NaN/Inf is not located here: run gradcheck on one "
+            "process for those"
+            + ("; the init audit needs unsharded weights and was skipped" if sharding.mode == "fsdp" else "")
+        )
+        verify = False
     frozen = [layer.name for layer in diagnosis.layers if layer.frozen]
     if frozen:
         everything = "all parameters" if len(frozen) == len(diagnosis.layers) else f"{len(frozen)} frozen layer(s)"
@@ -196,6 +215,35 @@ def check(
         )  # fmt: skip
     ordered, verifications = order_by_effect(recommendations, verifications)
     return dataclasses.replace(report, recommendations=ordered, verifications=verifications)
+
+
+def _probe_sharded(
+    wrapper: nn.Module, batch: Batch, sharding: Sharding, *, seed: int, train: bool, unfreeze: bool
+) -> ProbeResult:
+    """The probe through the DDP/FSDP2 wrapper (so backward reduces the gradients), every number reduced across
+    ranks, layers named as in the unwrapped module."""
+    with sharded(sharding):
+        result = probe(wrapper, batch, seed=seed, train=train, unfreeze=unfreeze)
+    if wrapper is unwrap(wrapper):
+        return result
+    prefix = _wrapper_prefix(wrapper)
+
+    def strip(name: str) -> str:
+        return name[len(prefix) :] if prefix and name.startswith(prefix) else name
+
+    layers = tuple(dataclasses.replace(m, name=strip(m.name)) for m in result.layers)
+    leaf_calls = tuple((strip(name), kind) for name, kind in result.leaf_calls)
+    activations = tuple(dataclasses.replace(a, name=strip(a.name)) for a in result.activations)
+    return dataclasses.replace(result, layers=layers, leaf_calls=leaf_calls, activations=activations)
+
+
+def _wrapper_prefix(wrapper: nn.Module) -> str:
+    """``module.`` (DDP), ``_orig_mod.`` (compile) ... up to the unwrapped module's own names."""
+    inner = unwrap(wrapper)
+    for name, module in wrapper.named_modules():
+        if module is inner:
+            return f"{name}." if name else ""
+    return ""
 
 
 def _measure(

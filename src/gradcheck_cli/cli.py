@@ -63,6 +63,18 @@ class OptimizerName(str, Enum):
     adamw = "adamw"
 
 
+class Distributed(str, Enum):
+    """How ``--distributed`` wraps the model."""
+
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class ReportFormat(str, Enum):
     """Report formats of ``inspect``: the terminal, JSON, and what CI systems read."""
 
@@ -203,6 +215,16 @@ def inspect(
     profile: Annotated[
         bool, typer.Option("--profile", help="Time each phase (import, load, probe, diagnose, render...).")
     ] = False,
+    distributed: Annotated[
+        Distributed | None,
+        typer.Option(
+            help="Under torchrun: split the batch over the ranks, wrap the model (DDP, or FSDP2 per block) and "
+            "reduce every norm across ranks; rank 0 writes the report."
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(min=1.0, help="--distributed: seconds a collective waits for the other ranks.")
+    ] = 300.0,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an input error (exit 2).")] = False,
 ) -> None:
     """Probe a model with one forward and backward pass and report per-layer gradient health."""
@@ -255,6 +277,9 @@ def inspect(
     _check_plot_suffix(plot)
     if steps == 0 and (lr != 1e-3 or optimizer is not OptimizerName.sgd):
         raise GradcheckError("--lr and --optimizer set the optimisation probe; add --steps N to run it")
+    if distributed is not None and (steps or autocast is not None or example is not None):
+        given = [f for f, on in (("--steps", steps), ("--autocast", autocast), ("--example", example)) if on]
+        raise GradcheckError(f"--distributed does not run with {', '.join(given)} yet; drop it")
 
     from gradcheck_cli.timing import phase, recording
 
@@ -285,9 +310,13 @@ def inspect(
                 steps=steps,
                 lr=lr,
                 optimizer=optimizer.value,
+                distributed=None if distributed is None else distributed.value,
+                timeout=timeout,
             )
         )
     report = policy.apply(report)
+    if distributed is not None and _rank() != 0:  # every rank built the same report: rank 0 writes it
+        raise typer.Exit(ExitCode.PROBLEMS if gate.fails(report) and not exit_zero else ExitCode.OK)
     if baseline is not None:
         from gradcheck_cli.baseline import DEFAULT_TOLERANCE, compare
 
@@ -655,7 +684,8 @@ def main() -> None:
         if "--debug" in sys.argv[1:]:
             cause = exc.__cause__ or exc.__context__  # `raise ... from None` keeps the original as context
             traceback.print_exception(cause if cause is not None else exc)
-        err.print(f"error: {_one_line(str(exc))}", markup=False)
+        where = f" (rank {_rank()})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        err.print(f"error{where}: {_one_line(str(exc))}", markup=False)
         sys.exit(ExitCode.UNUSABLE_INPUT)
     except typer.Abort:
         err.print("aborted")

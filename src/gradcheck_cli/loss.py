@@ -96,11 +96,23 @@ def _projection_loss(output: Any, seed: int) -> tuple[torch.Tensor, LossChoice]:
         raise BatchError(
             f"the model returned {describe_value(output)}, and no floating-point output depends on its parameters"
         )
+    from gradcheck_cli.distributed import current
+
+    sharding = current()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     total = leaves[0].new_zeros((), dtype=torch.float32)
     for leaf in leaves:
-        r = torch.randn(leaf.shape, generator=generator).to(device=leaf.device)
-        total = total + (leaf.float() * r).sum() / math.sqrt(max(leaf.numel(), 1))
+        if sharding is None or leaf.dim() == 0:
+            r = torch.randn(leaf.shape, generator=generator).to(device=leaf.device)
+            total = total + (leaf.float() * r).sum() / math.sqrt(max(leaf.numel(), 1))
+            continue
+        # this rank's rows of the projection of the whole batch, scaled by W: DDP/FSDP average the
+        # gradients over ranks, which then is the gradient of the whole batch's projection
+        rows = leaf.shape[0]
+        whole = torch.randn((rows * sharding.world, *leaf.shape[1:]), generator=generator)
+        r = whole[sharding.rank * rows : (sharding.rank + 1) * rows].to(device=leaf.device)
+        scale = sharding.world / math.sqrt(max(whole.numel(), 1))
+        total = total + (leaf.float() * r).sum() * scale
     return total, LossChoice(
         "random_projection",
         f"random projection Σ⟨output, r⟩/√n with r ~ N(0, 1), seed {seed} "

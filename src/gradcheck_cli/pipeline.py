@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,11 +40,77 @@ class InspectRequest:
     steps: int = 0
     lr: float = 1e-3
     optimizer: str = "sgd"
+    distributed: str | None = None
+    """``ddp`` or ``fsdp``: run under torchrun, each rank on its slice of the batch."""
+    timeout: float = 300.0
+    """Seconds a collective may wait for the other ranks (``--distributed``)."""
 
 
 def run_inspect(request: InspectRequest) -> Report:
-    """Build the report for ``request``."""
-    device = _device(request.device)
+    """Build the report for ``request`` (under torchrun with ``distributed``: every rank builds the same one)."""
+    if request.distributed is None:
+        return _run(request, _device(request.device))
+    from gradcheck_cli.launch import process_group
+
+    with process_group(_device(request.device), request.timeout) as device:
+        return _run(request, device)
+
+
+def _run(request: InspectRequest, device: torch.device) -> Report:
+    if request.distributed is not None:
+        from gradcheck_cli.distributed import agreed
+
+        model, batch, loaded_as = agreed("loading the model and the batch", lambda: _load(request, device))
+        return _check_distributed(request, model, batch, loaded_as, device)
+    model, batch, loaded_as = _load(request, device)
+    return check(
+        model,
+        batch,
+        seed=request.seed,
+        train=request.train,
+        unfreeze=request.unfreeze,
+        thresholds=request.thresholds,
+        verify=request.verify,
+        autocast=request.autocast,
+        steps=request.steps,
+        lr=request.lr,
+        optimizer=request.optimizer,
+        **loaded_as,
+    )
+
+
+def _check_distributed(
+    request: InspectRequest, model: torch.nn.Module, batch: Batch, loaded_as: dict[str, Any], device: torch.device
+) -> Report:
+    from gradcheck_cli.distributed import agreed, split_batch
+    from gradcheck_cli.launch import rank, world, wrap
+
+    assert request.distributed is not None
+    mode = request.distributed
+
+    def slice_of_batch() -> Batch:
+        r, w = rank(), world()
+        return Batch(
+            args=split_batch(batch.args, r, w), kwargs=split_batch(batch.kwargs, r, w),
+            target=split_batch(batch.target, r, w),
+        )  # fmt: skip
+
+    local = agreed("splitting the batch", slice_of_batch)
+    wrapped = agreed(f"wrapping the model ({mode})", lambda: wrap(model, mode, device))
+    return check(
+        wrapped,
+        local,
+        seed=request.seed,
+        train=request.train,
+        unfreeze=request.unfreeze,
+        thresholds=request.thresholds,
+        verify=False,
+        **loaded_as,
+    )
+
+
+def _load(request: InspectRequest, device: torch.device) -> tuple[torch.nn.Module, Batch, dict[str, Any]]:
+    """The model and batch on ``device``, and what ``check()`` is told about where they came from."""
     if request.example is not None:
         model, batch = get_example(request.example).build(request.seed)
         source, kind = f"example:{request.example}", "example"
@@ -62,24 +129,14 @@ def run_inspect(request: InspectRequest) -> Report:
             model, batch = model.to(device), batch.to(device)
     except (RuntimeError, NotImplementedError, ValueError) as exc:
         raise GradcheckError(f"cannot move the model and batch to --device {device}: {first_line(exc)}") from None
-    return check(
-        model,
-        batch,
-        seed=request.seed,
-        train=request.train,
-        unfreeze=request.unfreeze,
-        thresholds=request.thresholds,
-        verify=request.verify,
-        autocast=request.autocast,
-        steps=request.steps,
-        lr=request.lr,
-        optimizer=request.optimizer,
-        trained=trained,
-        source=source,
-        checkpoint_kind=kind,
-        notes=notes,
-        batch_source=batch_source,
-    )
+    loaded_as: dict[str, Any] = {
+        "trained": trained,
+        "source": source,
+        "checkpoint_kind": kind,
+        "notes": notes,
+        "batch_source": batch_source,
+    }
+    return model, batch, loaded_as
 
 
 def _choose_batch(request: InspectRequest, loaded: LoadedModel) -> tuple[Batch, str]:

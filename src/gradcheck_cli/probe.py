@@ -14,6 +14,21 @@ from torch import nn
 
 from gradcheck_cli.activations import ActivationRecorder, ActivationTotals
 from gradcheck_cli.batch import Batch
+from gradcheck_cli.distributed import (
+    ACT_MAX,
+    ACT_NORM,
+    MAX,
+    MEAN,
+    NONE,
+    PARAM_COUNT,
+    PARAM_MAX,
+    PARAM_NORM,
+    agreed,
+    is_dtensor,
+    local,
+    reduce_pieces,
+)
+from gradcheck_cli.distributed import current as current_sharding
 from gradcheck_cli.errors import BatchError, first_line
 from gradcheck_cli.loss import LossChoice, choose_loss, float_leaves
 from gradcheck_cli.precision import BINS, NON_FINITE_BIN, grouped_histograms
@@ -130,8 +145,15 @@ def probe(
     named = parametrised_modules(model)
     if not any(p.is_floating_point() for _, m in named for p in m.parameters(recurse=False)):
         raise BatchError("the model has no floating-point parameters, so there is no gradient to check")
+    sharding = current_sharding()
     subclass = next(
-        (p for _, m in named for p in m.parameters(recurse=False) if type(p.detach()) is not torch.Tensor), None
+        (
+            p
+            for _, m in named
+            for p in m.parameters(recurse=False)
+            if type(p.detach()) is not torch.Tensor and not (sharding is not None and is_dtensor(p))
+        ),
+        None,
     )
     if subclass is not None:
         raise BatchError(
@@ -151,7 +173,9 @@ def probe(
         _restored_state(model, params, keep_grads),
         torch.random.fork_rng(devices=_cuda_devices(params)),
         torch.enable_grad(),
-        ActivationGradientRecorder(modules if hooks else []) as recorder,
+        ActivationGradientRecorder(
+            modules if hooks else [], batch_rows=_batch_rows(batch) if sharding is not None else None
+        ) as recorder,
         ActivationRecorder(model if hooks else nn.Module()) as activations,
     ):
         torch.manual_seed(seed)
@@ -161,8 +185,11 @@ def probe(
             if p.is_floating_point():
                 p.requires_grad_(True)
         with _autocast(autocast, params):
-            output = _forward(model, batch, seed)
-            loss, choice = choose_loss(output, batch.target, seed)
+            if sharding is None:
+                output = _forward(model, batch, seed)
+                loss, choice = choose_loss(output, batch.target, seed)
+            else:  # a rank whose forward fails must not leave the others waiting in backward's all-reduce
+                output, (loss, choice) = agreed("the forward pass", lambda: _forward_and_loss(model, batch, seed))
         # aminmax, not an inf-norm: that would materialise |output| (51 MB for GPT-2's logits) at the peak
         output_max = [_max_abs(t.detach()) for t in float_leaves(output) if t.numel()]
         del output
@@ -171,6 +198,39 @@ def probe(
         if autocast is None and loss_scale == 1.0:
             return result
         return _unscaled(result, autocast, loss_scale)
+
+
+def _batch_rows(batch: Batch) -> int | None:
+    """Samples in the batch: the leading size of its first tensor input."""
+    for value in (*batch.args, *batch.kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def _summed_over_ranks(
+    recorder: ActivationGradientRecorder,
+) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """Norms of the shared outputs' gradients summed over ranks (one collective), ÷ W like every rank's loss."""
+    sharding = current_sharding()
+    if sharding is None or not recorder.shared:
+        return {}
+    keys = list(recorder.shared)
+    flat = torch.cat([recorder.shared[k].reshape(-1).double() for k in keys])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat = flat / sharding.world
+    out = {}
+    start = 0
+    for key in keys:
+        size = recorder.shared[key].numel()
+        out[key] = norm_and_max_abs(flat[start : start + size].float())
+        start += size
+    return out
+
+
+def _forward_and_loss(model: nn.Module, batch: Batch, seed: int) -> tuple[Any, tuple[torch.Tensor, LossChoice]]:
+    output = _forward(model, batch, seed)
+    return output, choose_loss(output, batch.target, seed)
 
 
 def _max_abs(tensor: torch.Tensor) -> torch.Tensor:
@@ -349,22 +409,38 @@ def _collect(
     """Reduce every norm on the device, then copy them to the host in one synchronisation."""
     float_params = [p for p in params if p.is_floating_point()]
     with_grad = [p for p in float_params if p.grad is not None]
-    grads = [p.grad for p in with_grad if p.grad is not None]
+    grads = [local(p.grad) for p in with_grad if p.grad is not None]
     pieces: list[torch.Tensor] = []
-    pieces += torch._foreach_norm([p.detach() for p in float_params]) if float_params else []
+    kinds: list[str] = []
+
+    def add(tensors: list[torch.Tensor], kind: str) -> None:
+        pieces.extend(tensors)
+        kinds.extend([kind] * len(tensors))
+
+    add(list(torch._foreach_norm([local(p.detach()) for p in float_params])) if float_params else [], PARAM_NORM)
     grad_pairs = [norm_and_max_abs(g) for g in grads]
-    pieces += [l2 for l2, _ in grad_pairs]
-    pieces += [peak for _, peak in grad_pairs]
-    act = [pair for call in recorder.norms for pair in call]
-    pieces += [n for pair in act for n in pair]
-    pieces += output_max
-    pieces.append(loss.reshape(()))
+    add([l2 for l2, _ in grad_pairs], PARAM_NORM)
+    add([peak for _, peak in grad_pairs], PARAM_MAX)
+    shared = _summed_over_ranks(recorder)
+    act = [shared.get((call_id, k), pair) for call_id, call in enumerate(recorder.norms) for k, pair in enumerate(call)]
+    for (call_id, k), (l2, peak) in zip(
+        [(c, k) for c, call in enumerate(recorder.norms) for k in range(len(call))], act, strict=True
+    ):
+        summed = (call_id, k) in shared  # already the whole batch's: nothing more to reduce
+        add([l2], NONE if summed else ACT_NORM)
+        add([peak], NONE if summed else ACT_MAX)
+    add(output_max, MAX)
+    add([loss.reshape(())], MEAN)
     timed = sorted(recorder.time_norms)
-    pieces += [recorder.time_norms[call_id] for call_id in timed]
+    add([recorder.time_norms[call_id] for call_id in timed], ACT_NORM)
     hist = _layer_histograms(named, with_grad, recorder)
-    pieces.append(hist)
+    add([hist], PARAM_COUNT)
     activation_values = activations.device_tensors()
-    pieces += activation_values
+    add(activation_values, MEAN)
+    sharding = current_sharding()
+    if sharding is not None:
+        pieces = reduce_pieces(pieces, kinds, sharding)
+        hist = pieces[kinds.index(PARAM_COUNT)]
     values = to_host(pieces)
 
     cursor = 0
@@ -438,7 +514,7 @@ def _layer_histograms(
     for index, (_, module) in enumerate(named):
         for p in module.parameters(recurse=False):
             owner.setdefault(id(p), index)
-    tensors = [p.grad for p in with_grad if p.grad is not None and not p.grad.is_sparse]
+    tensors = [local(p.grad) for p in with_grad if p.grad is not None and not p.grad.is_sparse]
     groups = [owner[id(p)] for p in with_grad if p.grad is not None and not p.grad.is_sparse]
     for (layer, _), samples in zip(recorder.calls, recorder.samples, strict=True):
         tensors += samples

@@ -80,11 +80,18 @@ class ActivationGradientRecorder(HookStack):
     even after an exception.
     """
 
-    def __init__(self, modules: list[nn.Module], *, samples: bool = True, outputs: bool = False) -> None:
+    def __init__(
+        self, modules: list[nn.Module], *, samples: bool = True, outputs: bool = False, batch_rows: int | None = None
+    ) -> None:
         super().__init__()
         self._modules = modules
         self._keep_samples = samples
         self._keep_outputs = outputs
+        self._rows = batch_rows
+        self.shared: dict[tuple[int, int], torch.Tensor] = {}
+        """With ``batch_rows`` (a rank's slice under DDP/FSDP): copies of output gradients that have no dimension
+        of that size, keyed by (call id, output index). Such an output (a position embedding's) is shared by the
+        whole batch, so its gradient must be summed over ranks, not its norm's squares."""
         self.calls: list[tuple[int, int]] = []
         """(module index, call index of that module) per forward call, in forward order."""
         self.norms: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -126,6 +133,8 @@ class ActivationGradientRecorder(HookStack):
     def _grad_hook(self, call_id: int) -> Any:
         def hook(grad: torch.Tensor | None) -> None:
             if grad is not None and grad.numel():  # cuDNN's fused RNN can hand a None gradient to an output
+                if self._rows is not None and self._rows not in grad.shape:
+                    self.shared[(call_id, len(self.norms[call_id]))] = grad.detach().clone()
                 self.norms[call_id].append(norm_and_max_abs(grad))
                 self.backward_order.append(call_id)
                 if self._keep_samples:
