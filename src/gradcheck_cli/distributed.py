@@ -143,6 +143,28 @@ def _reduce(flat: torch.Tensor, kind: str, world: int) -> torch.Tensor:
     raise ValueError(f"unknown reduction {kind!r}")
 
 
+def summed_over_ranks(
+    recorder: Any, sharding: Sharding | None
+) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """(L2, max |g|) of the shared outputs' gradients (``recorder.shared``: no dimension of the slice's size, like
+    a position embedding's), summed over ranks in one collective and ÷ W like every rank's loss."""
+    if sharding is None or not recorder.shared:
+        return {}
+    from gradcheck_cli.recorder import norm_and_max_abs
+
+    keys = list(recorder.shared)
+    flat = torch.cat([recorder.shared[k].reshape(-1).double() for k in keys])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat = flat / sharding.world
+    out = {}
+    start = 0
+    for key in keys:
+        size = recorder.shared[key].numel()
+        out[key] = norm_and_max_abs(flat[start : start + size].float())
+        start += size
+    return out
+
+
 def all_agree(ok: bool) -> bool:
     """True on every rank only when ``ok`` on every rank (one collective); True without a process group."""
     if not initialized():

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gradcheck_cli import __version__
+from gradcheck_cli.distributed import detect as detect_sharding
 from gradcheck_cli.history_log import Header, HistoryWriter
 from gradcheck_cli.history_rules import STOPPING, Assessment, Baseline, advance, assess
 from gradcheck_cli.probe import module_type, parametrised_modules, supports_module_hooks
@@ -84,6 +85,8 @@ class Watch:
             raise ValueError(f"every must be a positive int (record every N-th step), not {every!r}")
         if on_problem not in POLICIES:
             raise ValueError(f"on_problem must be one of {', '.join(POLICIES)}, not {on_problem!r}")
+        self.sharding = detect_sharding(model)
+        """DDP/FSDP2 inside a process group: every rank records, the numbers are reduced across ranks."""
         self.model = _eager(model)
         self.every = every
         self.on_problem = on_problem
@@ -103,7 +106,8 @@ class Watch:
         self._named = parametrised_modules(self.model)
         self._recorder: StepRecorder | None = None
         self._baseline = Baseline()
-        self._writer = None if self.log_path is None else HistoryWriter(self.log_path)
+        writes = self.log_path is not None and (self.sharding is None or self.sharding.rank == 0)
+        self._writer = HistoryWriter(self.log_path) if writes and self.log_path is not None else None
         self._sentinel: torch.Tensor | None = None
         self._stop = stop
         self._entered = False
@@ -188,7 +192,14 @@ class Watch:
             notes.append("module hooks do not fire on this model (TorchScript, torch.export): parameter gradients only")
         if self.scaler is not None:
             notes.append("gradient numbers are divided by the GradScaler's scale: they read unscaled")
-        notes.append("parameter gradients are read as backward accumulates them: before any clipping")
+        if self.sharding is None:
+            notes.append("parameter gradients are read as backward accumulates them: before any clipping")
+        else:
+            notes.append(
+                f"distributed ({self.sharding.mode}, {self.sharding.world} ranks): parameter gradients are read at "
+                "step() as the framework reduced them (clip after step() to record them unclipped); every norm is "
+                "reduced across ranks to the whole batch's; rank 0 writes the log"
+            )
         return tuple(notes)
 
     def _header(self) -> Header:
@@ -206,7 +217,7 @@ class Watch:
 
     def _arm_if_recorded(self, step: int) -> None:
         if self._recorder is None and self.recorded(step):
-            recorder = StepRecorder(self.model, self._named, self.activation_hooks)
+            recorder = StepRecorder(self.model, self._named, self.activation_hooks, self.sharding)
             recorder.__enter__()
             self._recorder = recorder
 

@@ -27,6 +27,7 @@ from gradcheck_cli.distributed import (
     is_dtensor,
     local,
     reduce_pieces,
+    summed_over_ranks,
 )
 from gradcheck_cli.distributed import current as current_sharding
 from gradcheck_cli.errors import BatchError, first_line
@@ -206,26 +207,6 @@ def _batch_rows(batch: Batch) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return None
-
-
-def _summed_over_ranks(
-    recorder: ActivationGradientRecorder,
-) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
-    """Norms of the shared outputs' gradients summed over ranks (one collective), ÷ W like every rank's loss."""
-    sharding = current_sharding()
-    if sharding is None or not recorder.shared:
-        return {}
-    keys = list(recorder.shared)
-    flat = torch.cat([recorder.shared[k].reshape(-1).double() for k in keys])
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    flat = flat / sharding.world
-    out = {}
-    start = 0
-    for key in keys:
-        size = recorder.shared[key].numel()
-        out[key] = norm_and_max_abs(flat[start : start + size].float())
-        start += size
-    return out
 
 
 def _forward_and_loss(model: nn.Module, batch: Batch, seed: int) -> tuple[Any, tuple[torch.Tensor, LossChoice]]:
@@ -421,7 +402,7 @@ def _collect(
     grad_pairs = [norm_and_max_abs(g) for g in grads]
     add([l2 for l2, _ in grad_pairs], PARAM_NORM)
     add([peak for _, peak in grad_pairs], PARAM_MAX)
-    shared = _summed_over_ranks(recorder)
+    shared = summed_over_ranks(recorder, current_sharding())
     act = [shared.get((call_id, k), pair) for call_id, call in enumerate(recorder.norms) for k, pair in enumerate(call)]
     for (call_id, k), (l2, peak) in zip(
         [(c, k) for c, call in enumerate(recorder.norms) for k in range(len(call))], act, strict=True

@@ -87,7 +87,8 @@ class ActivationGradientRecorder(HookStack):
         self._modules = modules
         self._keep_samples = samples
         self._keep_outputs = outputs
-        self._rows = batch_rows
+        self.rows = batch_rows
+        """Samples in this rank's slice of the batch (under DDP/FSDP), or None."""
         self.shared: dict[tuple[int, int], torch.Tensor] = {}
         """With ``batch_rows`` (a rank's slice under DDP/FSDP): copies of output gradients that have no dimension
         of that size, keyed by (call id, output index). Such an output (a position embedding's) is shared by the
@@ -133,7 +134,7 @@ class ActivationGradientRecorder(HookStack):
     def _grad_hook(self, call_id: int) -> Any:
         def hook(grad: torch.Tensor | None) -> None:
             if grad is not None and grad.numel():  # cuDNN's fused RNN can hand a None gradient to an output
-                if self._rows is not None and self._rows not in grad.shape:
+                if self.rows is not None and self.rows not in grad.shape:
                     self.shared[(call_id, len(self.norms[call_id]))] = grad.detach().clone()
                 self.norms[call_id].append(norm_and_max_abs(grad))
                 self.backward_order.append(call_id)

@@ -17,6 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradcheck_cli.distributed import (
+    ACT_MAX,
+    ACT_NORM,
+    MAX,
+    MEAN,
+    NONE,
+    PARAM_MAX,
+    PARAM_NORM,
+    Sharding,
+    local,
+    reduce_pieces,
+    summed_over_ranks,
+)
 from gradcheck_cli.loss import float_leaves
 from gradcheck_cli.probe import module_type, to_host
 from gradcheck_cli.recorder import ActivationGradientRecorder, HookStack, max_abs, norm_and_max_abs
@@ -74,9 +87,16 @@ class StepLog:
 class StepRecorder(HookStack):
     """Every hook one recorded step needs; all of them are removed when the block exits."""
 
-    def __init__(self, root: nn.Module, named: Sequence[tuple[str, nn.Module]], activation_hooks: bool) -> None:
+    def __init__(
+        self,
+        root: nn.Module,
+        named: Sequence[tuple[str, nn.Module]],
+        activation_hooks: bool,
+        sharding: Sharding | None = None,
+    ) -> None:
         super().__init__()
         self._root = root
+        self._sharding = sharding
         self._named = list(named)
         self._params = _unique_params([m for _, m in self._named])
         self.activation_hooks = activation_hooks
@@ -91,18 +111,20 @@ class StepRecorder(HookStack):
         """How many backward passes accumulated into the step (micro-batches): the most any parameter saw."""
         self._fired: dict[int, int] = {}
         self.root_output_max: list[torch.Tensor] = []
+        self.root_calls = 0
 
     @property
     def params(self) -> list[nn.Parameter]:
         return self._params
 
     def _register(self) -> None:
-        for index, p in enumerate(self._params):
-            if p.requires_grad and p.is_floating_point():
-                self._stack.enter_context(p.register_post_accumulate_grad_hook(self._param_hook(index)))
+        if self._sharding is None:  # DDP/FSDP write the reduced gradient at the end of backward: read it at step()
+            for index, p in enumerate(self._params):
+                if p.requires_grad and p.is_floating_point():
+                    self._stack.enter_context(p.register_post_accumulate_grad_hook(self._param_hook(index)))
         if self.activation_hooks:
             self._stack.enter_context(self.activations)
-            self._stack.enter_context(self._root.register_forward_hook(self._root_hook))
+            self._stack.enter_context(self._root.register_forward_hook(self._root_hook, with_kwargs=True))
 
     def _param_hook(self, index: int) -> Any:
         def hook(p: torch.Tensor) -> None:
@@ -116,9 +138,14 @@ class StepRecorder(HookStack):
 
         return hook
 
-    def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _root_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
+        self.root_calls += 1
+        if self._sharding is not None and self.activations.rows is None:
+            self.activations.rows = next(
+                (int(t.shape[0]) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None
+            )
         peaks = [max_abs(t.detach()) for t in float_leaves(output) if t.numel()]
         if peaks:
             self.root_output_max.append(torch.stack(peaks).max())
@@ -132,17 +159,36 @@ class StepRecorder(HookStack):
     ) -> StepLog:
         """Every number of this step, copied to the host in one synchronisation."""
         recorder = self.activations
+        if self._sharding is not None:
+            self._read_reduced_gradients()
         floats = [p for p in self._params if p.is_floating_point()]
-        pieces: list[torch.Tensor] = list(torch._foreach_norm([p.detach() for p in floats])) if floats else []
+        pieces: list[torch.Tensor] = []
+        kinds: list[str] = []
+
+        def add(tensors: list[torch.Tensor], kind: str) -> None:
+            pieces.extend(tensors)
+            kinds.extend([kind] * len(tensors))
+
+        add(list(torch._foreach_norm([local(p.detach()) for p in floats])) if floats else [], PARAM_NORM)
         grad_ids = sorted(self.param_norms)
-        pieces += [t for i in grad_ids for t in self.param_norms[i]]
-        act = [pair for call in recorder.norms for pair in call]
-        pieces += [t for pair in act for t in pair]
-        pieces += recorder.output_max
-        pieces += self.root_output_max
+        for i in grad_ids:
+            add([self.param_norms[i][0]], PARAM_NORM)
+            add([self.param_norms[i][1]], PARAM_MAX)
+        shared = summed_over_ranks(recorder, self._sharding)
+        keys = [(c, k) for c, call in enumerate(recorder.norms) for k in range(len(call))]
+        act = [shared.get(key, recorder.norms[key[0]][key[1]]) for key in keys]
+        for key, (l2, peak) in zip(keys, act, strict=True):
+            add([l2], NONE if key in shared else ACT_NORM)
+            add([peak], NONE if key in shared else ACT_MAX)
+        add(recorder.output_max, MAX)
+        add(self.root_output_max, MAX)
         extra = {"loss": loss, "scale": scale, "sentinel": loss_sentinel}
         tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
-        pieces += [v.detach().float().mean().reshape(1) for v in tensors.values()]
+        reductions = {"loss": MEAN, "scale": NONE, "sentinel": MAX}
+        for name, value in tensors.items():
+            add([value.detach().float().mean().reshape(1)], reductions[name])
+        if self._sharding is not None and pieces:
+            pieces = reduce_pieces(pieces, kinds, self._sharding)
         values = to_host(pieces) if pieces else []
 
         cursor = 0
@@ -206,6 +252,15 @@ class StepRecorder(HookStack):
             unique_total=math.sqrt(sum(l2 * l2 for l2, _ in grad_of.values())) / divide,
         )
         return _with_origin(log, self._first_bad_backward(recorder, per_call), self._first_bad_parameter(grad_of))
+
+    def _read_reduced_gradients(self) -> None:
+        """Under DDP/FSDP: each parameter's gradient as the framework left it after its reduction (FSDP2: this
+        rank's shard), read at ``step()``; micro-batches are the root module's calls."""
+        for index, p in enumerate(self._params):
+            if p.grad is not None and p.is_floating_point():
+                self.param_order.append(index)
+                self.param_norms[index] = norm_and_max_abs(local(p.grad.detach()))
+        self.backward_passes = self.root_calls
 
     def _first_bad_backward(
         self, recorder: ActivationGradientRecorder, per_call: list[tuple[float, float] | None]

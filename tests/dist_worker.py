@@ -1,0 +1,107 @@
+"""One rank of a distributed test: ``python dist_worker.py MODE TASK OUT`` with torchrun's environment.
+
+MODE: ``single`` (no process group: the reference on the whole batch), ``ddp`` or ``fsdp``. TASK: ``check-mlp``,
+``check-gpt2`` (``check()`` on a wrapped model, each rank on its slice) or ``watch-mlp`` (three training steps
+under ``watch``). Rank 0 (or the single process) writes a JSON summary of what it measured to OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradcheck_cli import check, watch
+from gradcheck_cli.distributed import split_batch
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def mlp_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def gpt2_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 100, (8, 16), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def wrapped(model: nn.Module, mode: str) -> nn.Module:
+    if mode == "single":
+        return model
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from gradcheck_cli.launch import wrap
+
+    return wrap(model, "fsdp", torch.device("cpu"))
+
+
+def layers_of(report: Any) -> dict[str, Any]:
+    return {
+        "layers": [[la.name, la.grad_norm, la.act_grad_norm, la.weight_norm] for la in report.layers],
+        "loss": report.run.loss_value,
+        "status": "healthy" if report.healthy else "unhealthy",
+        "notes": list(report.notes),
+    }
+
+
+def main() -> None:
+    mode, task, out = sys.argv[1:4]
+    if mode != "single":
+        torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank() if mode != "single" else 0
+    world = torch.distributed.get_world_size() if mode != "single" else 1
+    summary: Any
+    if task.startswith("check"):
+        model, batch = (mlp(), mlp_batch()) if task == "check-mlp" else (gpt2(), gpt2_batch())
+        report = check(wrapped(model, mode), split_batch(batch, rank, world), verify=False)
+        summary = layers_of(report)
+    else:
+        model = mlp()
+        net = wrapped(model, mode)
+        x, y = (split_batch(t, rank, world) for t in mlp_batch())
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        summary = []
+        log = out + ".jsonl"
+        with watch(net, every=1, log=log) as w:
+            for _ in range(3):
+                loss = nn.functional.cross_entropy(net(x), y)
+                loss.backward()
+                assessment = w.step(loss)
+                assert assessment is not None
+                summary.append(
+                    {
+                        "total": assessment.total_norm,
+                        "layers": [[la.name, la.grad_norm, la.act_grad_norm] for la in assessment.diagnosis.layers],
+                    }
+                )
+                optimizer.step()
+                optimizer.zero_grad()
+    if rank == 0:
+        with open(out, "w") as handle:
+            json.dump(summary, handle)
+    if mode != "single":
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""gradcheck inside torch.distributed: 2 gloo ranks on CPU give the numbers of one process on the same batch.
+
+Each test starts the ranks as torchrun does (one process per rank with RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT set), so every rank's exit code and stderr are visible; a test that hangs fails by timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from cli_support import CLI_ENV, TESTS_DIR
+
+WORLD = 2
+RANK_TIMEOUT_S = 120
+WORKER = TESTS_DIR / "dist_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(command: Sequence[Any], cwd: Path, world: int = WORLD) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``python COMMAND`` once per rank, as torchrun would, and wait for all of them."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = {
+            **CLI_ENV,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }
+        command_line = [sys.executable, *map(str, command)]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        procs.append(subprocess.Popen(command_line, cwd=cwd, env=env, text=True, **pipes))
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=RANK_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            pytest.fail(f"a rank hung for more than {RANK_TIMEOUT_S} s")
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def single(task: str, tmp_path: Path) -> Any:
+    out = tmp_path / f"single-{task}.json"
+    proc = subprocess.run(
+        [sys.executable, WORKER, "single", task, out], env=CLI_ENV, text=True, capture_output=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text())
+
+
+def sharded(mode: str, task: str, tmp_path: Path) -> Any:
+    out = tmp_path / f"{mode}-{task}.json"
+    procs = launch([WORKER, mode, task, out], tmp_path)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text())
+
+
+def assert_same_layers(reference: list[list[Any]], measured: list[list[Any]], rel: float = 1e-5) -> None:
+    assert [row[0] for row in measured] == [row[0] for row in reference], "names without module./FSDP prefixes"
+    for ref, got in zip(reference, measured, strict=True):
+        for a, b in zip(ref[1:], got[1:], strict=True):
+            assert (a is None) == (b is None), (ref, got)
+            if a is not None:
+                assert b == pytest.approx(a, rel=rel, abs=1e-12), (ref, got)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("task", ["check-mlp", "check-gpt2"])
+def test_check_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, task: str) -> None:
+    reference = single(task, tmp_path)
+    measured = sharded(mode, task, tmp_path)
+    assert_same_layers(reference["layers"], measured["layers"])
+    assert measured["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert measured["status"] == reference["status"]
+    assert any(f"distributed ({mode}, 2 ranks)" in note for note in measured["notes"])
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_watch_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str) -> None:
+    reference = single("watch-mlp", tmp_path)
+    measured = sharded(mode, "watch-mlp", tmp_path)
+    assert len(measured) == len(reference) == 3
+    for ref, got in zip(reference, measured, strict=True):
+        assert got["total"] == pytest.approx(ref["total"], rel=1e-5)
+        assert_same_layers(ref["layers"], got["layers"])
+    logs = sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    assert logs == sorted([f"{mode}-watch-mlp.json.jsonl", "single-watch-mlp.json.jsonl"]), "rank 0 alone writes"
+
+
+# ------------------------------------------------------------------ the CLI under torchrun
+
+
+def _checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "nets.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))\n\n"
+        "class FailsOnRank1(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.net = build()\n"
+        "    def forward(self, x):\n"
+        "        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:\n"
+        "            raise ValueError('rank 1 data is broken')\n"
+        "        return self.net(x)\n"
+    )
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    torch.save({f"net.{k}": v for k, v in net.state_dict().items()}, tmp_path / "wrapped.pt")
+    g = torch.Generator().manual_seed(1)
+    torch.save((torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)), tmp_path / "b.pt")
+    torch.save((torch.randn(7, 8, generator=g), torch.randint(0, 3, (7,), generator=g)), tmp_path / "odd.pt")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_cli_under_torchrun_matches_one_process_and_only_rank_0_writes(tmp_path: Path, mode: str) -> None:
+    _checkpoint(tmp_path)
+    args = ["w.pt", "--model", "nets.py:build", "--input", "b.pt", "--format", "json"]
+    one = subprocess.run(
+        [sys.executable, "-m", "gradcheck_cli", "inspect", *args, "--no-verify"],
+        cwd=tmp_path, env=CLI_ENV, text=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    ranks = launch(["-m", "gradcheck_cli", "inspect", *args, "--distributed", mode, "--timeout", "60"], tmp_path)
+    assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
+    assert ranks[1].stdout == "", "rank 1 writes nothing"
+    reference, measured = json.loads(one.stdout), json.loads(ranks[0].stdout)
+    rows = [[la["name"], la["grad_norm"], la["act_grad_norm"], la["weight_norm"]] for la in reference["layers"]]
+    got = [[la["name"], la["grad_norm"], la["act_grad_norm"], la["weight_norm"]] for la in measured["layers"]]
+    assert_same_layers(rows, got)
+    assert measured["status"] == reference["status"]
+
+
+def test_a_rank_whose_forward_raises_stops_every_rank_with_exit_2(tmp_path: Path) -> None:
+    _checkpoint(tmp_path)
+    ranks = launch(
+        ["-m", "gradcheck_cli", "inspect", "wrapped.pt", "--model", "nets.py:FailsOnRank1", "--input", "b.pt",
+         "--distributed", "ddp", "--timeout", "30"],
+        tmp_path,
+    )  # fmt: skip
+    assert [r.returncode for r in ranks] == [2, 2]
+    assert "error (rank 1): the forward pass raised" in ranks[1].stderr and "rank 1 data is broken" in ranks[1].stderr
+    assert "error (rank 0): the forward pass failed on another rank" in ranks[0].stderr
+    for rank in ranks:
+        assert "Traceback" not in rank.stderr
+        assert rank.stdout == ""
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused_on_every_rank(tmp_path: Path) -> None:
+    _checkpoint(tmp_path)
+    ranks = launch(
+        ["-m", "gradcheck_cli", "inspect", "w.pt", "--model", "nets.py:build", "--input", "odd.pt",
+         "--distributed", "fsdp", "--timeout", "30"],
+        tmp_path,
+    )  # fmt: skip
+    assert [r.returncode for r in ranks] == [2, 2]
+    assert all("7 samples, which do not split evenly over 2 ranks" in r.stderr for r in ranks)
+
+
+def test_distributed_outside_torchrun_says_how_to_launch(tmp_path: Path) -> None:
+    _checkpoint(tmp_path)
+    env = {k: v for k, v in CLI_ENV.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradcheck_cli", "inspect", "w.pt", "--model", "nets.py:build", "--input", "b.pt",
+         "--distributed", "ddp"],
+        cwd=tmp_path, env=env, text=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "torchrun --nproc-per-node N" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_single_process_check_is_unchanged_without_a_process_group() -> None:
+    from gradcheck_cli.distributed import current, detect
+
+    model = nn.Linear(4, 2)
+    assert detect(model) is None and current() is None
+    assert not torch.distributed.is_initialized()
