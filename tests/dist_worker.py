@@ -39,9 +39,9 @@ def mlp_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
 
 
-def gpt2_batch() -> dict[str, torch.Tensor]:
+def gpt2_batch(length: int = 16) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 100, (8, 16), generator=g)
+    ids = torch.randint(0, 100, (8, length), generator=g)
     return {"input_ids": ids, "labels": ids}
 
 
@@ -72,7 +72,10 @@ def main() -> None:
     world = torch.distributed.get_world_size() if mode != "single" else 1
     summary: Any
     if task.startswith("check"):
-        model, batch = (mlp(), mlp_batch()) if task == "check-mlp" else (gpt2(), gpt2_batch())
+        if task == "check-mlp":
+            model, batch = mlp(), mlp_batch()
+        else:  # check-gpt2; check-gpt2-short: sequences as long as each rank's slice (4), so shapes alone mislead
+            model, batch = gpt2(), gpt2_batch(16 if task == "check-gpt2" else 4)
         report = check(wrapped(model, mode), split_batch(batch, rank, world), verify=False)
         summary = layers_of(report)
     else:
@@ -82,11 +85,20 @@ def main() -> None:
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
         summary = []
         log = out + ".jsonl"
-        with watch(net, every=1, log=log) as w:
-            for _ in range(3):
+        # watch-scaler: the AMP loop that unscales before step() (to clip), with a CPU GradScaler
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if task == "watch-scaler" else None
+        with watch(net, every=1, log=log, scaler=scaler) as w:
+            for step in range(3):
                 loss = nn.functional.cross_entropy(net(x), y)
-                loss.backward()
-                assessment = w.step(loss)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                given: torch.Tensor | float = loss
+                if task == "watch-nan" and rank == 1 and step == 1:
+                    given = float("nan")  # a float loss, NaN on one rank only
+                assessment = w.step(given)
                 assert assessment is not None
                 summary.append(
                     {
@@ -94,7 +106,11 @@ def main() -> None:
                         "layers": [[la.name, la.grad_norm, la.act_grad_norm] for la in assessment.diagnosis.layers],
                     }
                 )
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 optimizer.zero_grad()
     if rank == 0:
         with open(out, "w") as handle:

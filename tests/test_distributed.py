@@ -88,7 +88,7 @@ def assert_same_layers(reference: list[list[Any]], measured: list[list[Any]], re
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-@pytest.mark.parametrize("task", ["check-mlp", "check-gpt2"])
+@pytest.mark.parametrize("task", ["check-mlp", "check-gpt2", "check-gpt2-short"])
 def test_check_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, task: str) -> None:
     reference = single(task, tmp_path)
     measured = sharded(mode, task, tmp_path)
@@ -98,16 +98,26 @@ def test_check_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, 
     assert any(f"distributed ({mode}, 2 ranks)" in note for note in measured["notes"])
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_watch_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str) -> None:
-    reference = single("watch-mlp", tmp_path)
-    measured = sharded(mode, "watch-mlp", tmp_path)
+@pytest.mark.parametrize(("mode", "task"), [("ddp", "watch-mlp"), ("fsdp", "watch-mlp"), ("ddp", "watch-scaler")])
+def test_watch_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, task: str) -> None:
+    reference = single(task, tmp_path)
+    measured = sharded(mode, task, tmp_path)
     assert len(measured) == len(reference) == 3
     for ref, got in zip(reference, measured, strict=True):
         assert got["total"] == pytest.approx(ref["total"], rel=1e-5)
         assert_same_layers(ref["layers"], got["layers"])
     logs = sorted(p.name for p in tmp_path.glob("*.jsonl"))
-    assert logs == sorted([f"{mode}-watch-mlp.json.jsonl", "single-watch-mlp.json.jsonl"]), "rank 0 alone writes"
+    assert logs == sorted([f"{mode}-{task}.json.jsonl", f"single-{task}.json.jsonl"]), "rank 0 alone writes"
+
+
+def test_a_nan_float_loss_on_one_rank_is_seen_by_all_without_a_hang(tmp_path: Path) -> None:
+    from gradcheck_cli.history import history_report
+
+    sharded("ddp", "watch-nan", tmp_path)
+    report = history_report(tmp_path / "ddp-watch-nan.json.jsonl")
+    assert report.history is not None
+    onset = next(o for o in report.history.onsets if o.problem == "non_finite")
+    assert onset.step == 1 and "GC017" in onset.codes
 
 
 # ------------------------------------------------------------------ the CLI under torchrun

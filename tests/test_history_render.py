@@ -19,7 +19,8 @@ from torch import nn
 
 from cli_support import Proc, run_many, show
 from gradcheck_cli import watch
-from gradcheck_cli.history import history_report
+from gradcheck_cli.history import history_report, judge
+from gradcheck_cli.history_log import Header, History
 from gradcheck_cli.monitor import GradientWarning
 from gradcheck_cli.render import plot
 from gradcheck_cli.render.html import SCRIPT, render_html, script_hash
@@ -109,7 +110,10 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def reports(logs: dict[str, Path]) -> dict[str, Report]:
-    return {name: history_report(path) for name, path in logs.items()}
+    made = {name: history_report(path) for name, path in logs.items() if name != "empty"}
+    # a log with a header and no record is refused on reading (exit 2); judged anyway, it must still render
+    made["empty"] = judge(History(Header("Sequential", 6369, 5, True, False), (), source=str(logs["empty"])))
+    return made
 
 
 def _history(report: Report) -> TrainingHistory:

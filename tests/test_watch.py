@@ -460,3 +460,118 @@ def test_frozen_layers_below_the_trained_ones_are_not_a_cut_graph() -> None:
                 assert assessment is not None and not assessment.problems, assessment.findings
                 model.zero_grad()
     assert assessment.diagnosis.path.first_layer == "4"
+
+
+# ------------------------------------------------------------------ review findings, pinned
+
+
+def test_a_nan_loss_after_the_last_record_is_still_reported(tmp_path: Path) -> None:
+    model = tanh_mlp()
+    log = tmp_path / "grads.jsonl"
+    x, y = regression_data()
+    with pytest.warns(GradientWarning, match="after the last recorded step"), watch(model, every=50, log=log) as w:
+        for step in range(60):
+            batch = x.clone()
+            if step == 55:
+                batch[0, 0] = math.nan
+            loss = nn.functional.mse_loss(model(batch), y)
+            if not math.isfinite(loss.item()):
+                w.step(loss)
+                break  # the usual guard: the loop stops before the next record
+            loss.backward()
+            w.step(loss)
+            model.zero_grad()
+    report = history_report(log)
+    assert not report.healthy and report.history is not None
+    onset = next(o for o in report.history.onsets if o.problem == "non_finite")
+    assert (onset.step, onset.last_healthy_step) == (55, 50)
+
+
+def test_a_disabled_grad_scaler_does_not_excuse_nan_gradients(tmp_path: Path) -> None:
+    model = tanh_mlp()
+    log = tmp_path / "grads.jsonl"
+    x, y = regression_data()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # GradScaler(enabled=use_amp) with AMP off
+    with warnings.catch_warnings(), watch(model, every=1, log=log, scaler=scaler) as w:
+        warnings.simplefilter("ignore", GradientWarning)
+        for step in range(3):
+            out = model(x)
+            loss = nn.functional.mse_loss(out, y)
+            if step == 2:  # √0 has an infinite derivative: the loss stays finite, its gradient turns NaN
+                loss = loss + (out * 0).abs().sqrt().sum()
+            loss.backward()
+            w.step(loss)
+            model.zero_grad()
+    assert [p.value for p in w.records[2].problems] == ["non_finite"]
+    report = history_report(log)
+    assert "non_finite" in [p.value for p in report.problems], "history agrees with the live verdict"
+    assert not any("GradScaler" in note for note in report.notes)
+
+
+def test_a_run_that_vanishes_throughout_can_still_spike(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(12):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(32, 1))  # default init: vanishing from the start
+    log = tmp_path / "grads.jsonl"
+    x, y = regression_data()
+    with warnings.catch_warnings(), watch(model, every=1, log=log) as w:
+        warnings.simplefilter("ignore", GradientWarning)
+        for step in range(20):
+            if step == 12:
+                with torch.no_grad():
+                    model[-1].weight.mul_(1e4)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            w.step(loss)
+            model.zero_grad()
+    assert "vanishing" in {p.value for a in list(w.records)[:12] for p in a.problems}
+    report = history_report(log)
+    assert report.history is not None
+    onsets = {o.problem: o for o in report.history.onsets}
+    assert onsets["exploding"].step == 12 and onsets["vanishing"].step == 0
+    assert report.history.clip_max_norm is not None, "the vanishing records are calm enough for the median"
+
+
+def test_entering_the_same_watch_again_continues_one_run(tmp_path: Path) -> None:
+    model = tanh_mlp()
+    log = tmp_path / "grads.jsonl"
+    w = watch(model, every=1, log=log)
+    for _epoch in range(3):
+        with w:
+            train(model, w, 2)
+    history = read_history(log)
+    assert history.earlier_runs == 0
+    assert [r.step for r in history.records] == list(range(6))
+
+
+def test_step_without_backward_says_so() -> None:
+    model = tanh_mlp()
+    with watch(model, every=1) as w:
+        assessment = w.step()
+    assert assessment is not None
+    assert [f.code for f in assessment.findings] == ["GC005"]
+    assert "no gradient reached the model since the previous step()" in assessment.findings[0].message
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        '{"kind": "header", "format": "gradcheck-history", "version": "2"}',
+        '{"kind": "header", "format": "gradcheck-history", "version": 1, "every": null}',
+    ],
+)
+def test_a_damaged_header_is_an_input_error(tmp_path: Path, header: str) -> None:
+    path = tmp_path / "grads.jsonl"
+    path.write_text(header + "\n")
+    proc = run_cli(["history", path], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_log_without_records_is_not_a_passing_gate(tmp_path: Path) -> None:
+    path = tmp_path / "grads.jsonl"
+    with watch(tanh_mlp(), every=5, log=path):
+        pass  # the job died before its first recorded step
+    proc = run_cli(["history", path], cwd=tmp_path)
+    assert proc.returncode == 2 and "holds no recorded step yet" in proc.stderr

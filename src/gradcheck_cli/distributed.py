@@ -44,6 +44,8 @@ ACT_NORM = "act_norm"
 ACT_MAX = "act_max"
 MAX = "max"
 MEAN = "mean"
+FIRST = "first"
+"""A step index or -1: the smallest non-negative one over ranks (the first step any rank saw)."""
 NONE = "none"
 """Already the whole batch's (a shared output's gradient, summed over ranks)."""
 
@@ -91,6 +93,15 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def data_parallel() -> Sharding | None:
+    """Inside a process group of several ranks, a model that is neither DDP- nor FSDP2-wrapped here is taken as
+    one replica of data-parallel training (watch(model.module), or a watch made before wrapping): the loop's
+    forward still goes through the user's DDP, so its gradients are reduced and its activations per rank."""
+    if not initialized() or torch.distributed.get_world_size() < 2:
+        return None
+    return Sharding("ddp", torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
 def detect(model: nn.Module) -> Sharding | None:
     """DDP-wrapped or FSDP2-sharded model inside an initialised process group; None otherwise."""
     if not initialized():
@@ -105,6 +116,7 @@ def detect(model: nn.Module) -> Sharding | None:
 
 def reduce_pieces(pieces: Sequence[torch.Tensor], kinds: Sequence[str], sharding: Sharding) -> list[torch.Tensor]:
     """Each piece reduced over the ranks by its kind: at most one collective per kind present."""
+    _same_everywhere(len(pieces), "numbers measured")
     out = list(pieces)
     groups: dict[str, list[int]] = {}
     for index, kind in enumerate(kinds):
@@ -136,6 +148,10 @@ def _reduce(flat: torch.Tensor, kind: str, world: int) -> torch.Tensor:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         peak = torch.where(nan > 0, torch.full_like(peak, math.nan), peak)
         return peak / world if kind == ACT_MAX else peak
+    if kind == FIRST:
+        seen = torch.where(flat < 0, torch.full_like(flat, math.inf), flat)
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+        return torch.where(torch.isinf(seen), torch.full_like(seen, -1.0), seen)
     if kind in (MEAN, PARAM_COUNT):
         total = flat.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -143,12 +159,29 @@ def _reduce(flat: torch.Tensor, kind: str, world: int) -> torch.Tensor:
     raise ValueError(f"unknown reduction {kind!r}")
 
 
+def _same_everywhere(count: int, what: str) -> None:
+    """One small collective: every rank must send the same number of values, or the data collectives that
+    follow would mismatch (a crash or a hang); a clear error instead."""
+    both = torch.tensor([float(count), -float(count)], dtype=torch.float64)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    if both[0].item() != -both[1].item():
+        from gradcheck_cli.errors import GradcheckError
+
+        raise GradcheckError(
+            f"the ranks disagree on the {what} ({int(both[0].item())} on one, {int(-both[1].item())} on another): "
+            "every rank must run the same model on an equal slice of the batch"
+        )
+
+
 def summed_over_ranks(
     recorder: Any, sharding: Sharding | None
 ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
     """(L2, max |g|) of the shared outputs' gradients (``recorder.shared``: no dimension of the slice's size, like
     a position embedding's), summed over ranks in one collective and ÷ W like every rank's loss."""
-    if sharding is None or not recorder.shared:
+    if sharding is None:
+        return {}
+    _same_everywhere(len(recorder.shared), "outputs shared by the whole batch")
+    if not recorder.shared:
         return {}
     from gradcheck_cli.recorder import norm_and_max_abs
 

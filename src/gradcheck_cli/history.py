@@ -18,9 +18,10 @@ import torch
 
 from gradcheck_cli import __version__
 from gradcheck_cli.history_log import History, read_history
-from gradcheck_cli.history_rules import Assessment, Baseline, advance, assess, healthy
+from gradcheck_cli.history_rules import STOPPING, Assessment, Baseline, advance, assess
 from gradcheck_cli.report import Finding, PathSummary, Problem, Recommendation, Report, RunInfo, Severity
 from gradcheck_cli.report_sections import Onset, StepRecord, TrainingHistory
+from gradcheck_cli.rule_codes import TRAINING_LOSS_NON_FINITE
 from gradcheck_cli.rules import Thresholds
 from gradcheck_cli.watch_hooks import StepLog
 
@@ -38,10 +39,15 @@ def judge(history: History, thresholds: Thresholds | None = None) -> Report:
     records = history.records
     assessments = _assess_all(records, history.header.scaler, limits)
     onsets = _onsets(records, assessments)
+    tail = _tail_onset(history, assessments, onsets)
+    if tail is not None:
+        onsets.append(tail)
     first = min(onsets, key=_onset_order) if onsets else None
     focus = _focus(assessments, first)
-    before = [a for a in assessments if first is None or a.step < first.step]
-    healthy_norms = [a.total_norm for a in before if healthy(a) and a.total_norm > 0]
+    blowups = [o for o in onsets if o.problem != Problem.VANISHING.value]
+    cut = min(o.step for o in blowups) if blowups else None
+    before = [a for a in assessments if cut is None or a.step < cut]
+    healthy_norms = [a.total_norm for a in before if calm(a) and a.total_norm > 0]
     median = statistics.median(healthy_norms) if healthy_norms else None
     clip = _two_digits(CLIP_FACTOR * median) if median else None
     trace = TrainingHistory(
@@ -55,7 +61,7 @@ def judge(history: History, thresholds: Thresholds | None = None) -> Report:
         problem_steps=tuple((a.step, tuple(p.value for p in a.problems)) for a in assessments if a.problems),
         gain_first=_gain(assessments[0]) if assessments else None,
         gain_last=_gain(assessments[-1]) if assessments else None,
-        gain_trend=_trend([(a.step, _gain(a)) for a in before if healthy(a)]),
+        gain_trend=_trend([(a.step, _gain(a)) for a in before if calm(a)]),
         healthy_norm_median=median,
         healthy_norm_max=max(healthy_norms) if healthy_norms else None,
         clip_max_norm=clip,
@@ -63,6 +69,18 @@ def judge(history: History, thresholds: Thresholds | None = None) -> Report:
         skipped_lines=history.skipped_lines,
     )
     findings = _findings(focus, onsets, assessments)
+    if tail is not None:
+        findings.append(
+            Finding(
+                TRAINING_LOSS_NON_FINITE.code,
+                TRAINING_LOSS_NON_FINITE.name,
+                Severity.ERROR,
+                Problem.NON_FINITE,
+                None,
+                tail.message,
+                {"step": tail.step, "onset_step": tail.step},
+            )
+        )
     notes = list(history.header.notes) + _notes(history, records)
     last_loss = next((r.loss for r in reversed(records) if r.loss is not None), math.nan)
     run = RunInfo(
@@ -87,7 +105,7 @@ def judge(history: History, thresholds: Thresholds | None = None) -> Report:
         layers=diagnosis.layers if diagnosis else (),
         path=diagnosis.path if diagnosis else _empty_path(),
         findings=tuple(findings),
-        recommendations=tuple(_recommendations(trace, onsets, assessments)),
+        recommendations=tuple(_recommendations(trace, onsets, assessments, history.header.scaler)),
         notes=tuple(notes),
         thresholds=limits.as_dict(),
         history=trace,
@@ -98,6 +116,22 @@ def _onset_order(onset: Onset) -> tuple[int, int]:
     """Earliest first; at the same step a spike or NaN/Inf before vanishing, which a blow-up brings along
     (tanh and sigmoid saturate after one huge step, and the gradient behind them underflows)."""
     return onset.step, 1 if onset.problem == Problem.VANISHING.value else 0
+
+
+def _tail_onset(history: History, assessments: Sequence[Assessment], onsets: Sequence[Onset]) -> Onset | None:
+    """The loss went NaN/Inf after the last record (the watch read it when it closed)."""
+    step = history.tail_non_finite_step
+    if step is None or any(o.problem == Problem.NON_FINITE.value and o.step <= step for o in onsets):
+        return None
+    last = next((a.step for a in reversed(assessments) if not a.problems and a.step < step), None)
+    return Onset(
+        problem=Problem.NON_FINITE.value,
+        step=step,
+        last_healthy_step=last,
+        codes=(TRAINING_LOSS_NON_FINITE.code,),
+        layers=(),
+        message=f"the loss was NaN/Inf at step {step}, after the last recorded step",
+    )
 
 
 def _verdict(onsets: Sequence[Onset]) -> str:
@@ -117,7 +151,7 @@ def _assess_all(records: Sequence[StepLog], scaler: bool, limits: Thresholds) ->
     baseline = Baseline()
     out = []
     for record in records:
-        assessment = assess(record, baseline, scaler=scaler, thresholds=limits)
+        assessment = assess(record, baseline, scaler=record.scale is not None, thresholds=limits)
         advance(baseline, record, assessment)
         out.append(assessment)
     return out
@@ -147,7 +181,9 @@ def _onsets(records: Sequence[StepLog], assessments: Sequence[Assessment]) -> li
             layers = [name for name, _ in grown] + layers
         last_bad = max(i for i, a in enumerate(assessments) if problem in a.problems)
         after = assessments[last_bad + 1 :]
-        resolved = after[0].step if after and not any(a.problems for a in after) else None
+        # NaN/Inf records cannot show vanishing (the path is not followed through them): they do not repair it
+        gone = not any(problem in a.problems or Problem.NON_FINITE in a.problems for a in after)
+        resolved = after[0].step if after and gone else None
         onsets.append(
             Onset(
                 problem=problem.value,
@@ -192,7 +228,9 @@ def _findings(focus: Assessment | None, onsets: Sequence[Onset], assessments: Se
     findings: list[Finding] = []
     seen: set[tuple[str, str | None]] = set()
     for onset in sorted(onsets, key=_onset_order):
-        at = next(a for a in assessments if onset.problem in {p.value for p in a.problems})
+        at = next((a for a in assessments if onset.problem in {p.value for p in a.problems}), None)
+        if at is None:  # the loss went NaN/Inf after the last record: its finding is added by the caller
+            continue
         for f in at.findings:
             key = (f.code, f.layer)
             if key in seen or (f.problem is not None and f.problem.value != onset.problem):
@@ -216,7 +254,7 @@ def _findings(focus: Assessment | None, onsets: Sequence[Onset], assessments: Se
 
 
 def _recommendations(
-    trace: TrainingHistory, onsets: Sequence[Onset], assessments: Sequence[Assessment]
+    trace: TrainingHistory, onsets: Sequence[Onset], assessments: Sequence[Assessment], scaler: bool
 ) -> list[Recommendation]:
     problems = {o.problem for o in onsets}
     out: list[Recommendation] = []
@@ -227,7 +265,7 @@ def _recommendations(
             (a.total_norm for a in assessments if a.step >= onset.step and math.isfinite(a.total_norm)), default=None
         )
         peak_text = f", and reached {peak:.3g} from step {onset.step} on" if peak is not None else ""
-        before = [a.total_norm for a in assessments if a.step < onset.step and healthy(a)]
+        before = [a.total_norm for a in assessments if a.step < onset.step and calm(a)]
         cut = sum(1 for n in before if n > trace.clip_max_norm)
         cut_text = (
             f"; it would have clipped {cut} of the {len(before)} healthy records too (larger early norms)"
@@ -243,12 +281,7 @@ def _recommendations(
                     f"(max {trace.healthy_norm_max:.3g}) over the healthy records{peak_text}; clipping at 2× the "
                     f"healthy median bounds the step size of a spike{cut_text}"
                 ),
-                snippet=(
-                    "loss.backward()\n"
-                    "scaler.unscale_(optimizer)  # with a GradScaler only: clip unscaled gradients\n"
-                    f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={trace.clip_max_norm:g})\n"
-                    "optimizer.step()"
-                ),
+                snippet=_clip_snippet(trace.clip_max_norm, scaler),
                 addresses=tuple(Problem(p) for p in sorted(blowup)),
             )
         )
@@ -272,6 +305,25 @@ def _recommendations(
             )
         )
     return out
+
+
+def _clip_snippet(max_norm: float, scaler: bool) -> str:
+    if scaler:
+        return (
+            "scaler.scale(loss).backward()\n"
+            "scaler.unscale_(optimizer)  # clip the unscaled gradients\n"
+            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})\n"
+            "scaler.step(optimizer)\n"
+            "scaler.update()"
+        )
+    return (
+        f"loss.backward()\ntorch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})\noptimizer.step()"
+    )
+
+
+def calm(assessment: Assessment) -> bool:
+    """No spike and no NaN/Inf (vanishing allowed): a record the healthy statistics may use."""
+    return not (set(assessment.problems) & STOPPING) and math.isfinite(assessment.total_norm)
 
 
 def _notes(history: History, records: Sequence[StepLog]) -> list[str]:

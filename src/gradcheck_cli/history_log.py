@@ -54,6 +54,8 @@ class History:
     """Lines that could not be read (a crash mid-write truncates the last one)."""
     source: str = ""
     extra_notes: tuple[str, ...] = field(default_factory=tuple)
+    tail_non_finite_step: int | None = None
+    """The loss was NaN/Inf at this step, after the last record (written when the watch closed)."""
 
 
 def _number(value: float | None) -> float | str | None:
@@ -143,8 +145,17 @@ class HistoryWriter:
         self._file = self.path.open("a", encoding="utf-8")
         self._write(header_line(header))
 
+    def reopen(self) -> None:
+        """Continue the same run (the same Watch entered again): no new header."""
+        if self._file is None:
+            self._file = self.path.open("a", encoding="utf-8")
+
     def write(self, log: StepLog, verdict: dict[str, Any]) -> None:
         self._write(record_line(log, verdict))
+
+    def write_tail(self, step: int) -> None:
+        """The loss went NaN/Inf after the last record (read when the watch closed)."""
+        self._write(json.dumps({"kind": "tail", "loss_non_finite_step": step}))
 
     def _write(self, line: str) -> None:
         if self._file is None:
@@ -183,7 +194,7 @@ def read_history(path: Path) -> History:
             continue
         if entry.get("kind") == "header" and entry.get("format") == FORMAT:
             runs.append((entry, []))
-        elif entry.get("kind") == "record" and runs:
+        elif entry.get("kind") in ("record", "tail") and runs:
             runs[-1][1].append(entry)
         else:
             skipped += 1
@@ -193,21 +204,52 @@ def read_history(path: Path) -> History:
             "`with gradcheck_cli.watch(model, log=...)`"
         )
     head, entries = runs[-1]
-    if head.get("version", VERSION) > VERSION:
+    try:
+        header = _header(head)
+    except (TypeError, ValueError):
+        raise HistoryError(
+            f"{path}: the header line of the last run is damaged; write the log again with watch()"
+        ) from None
+    if header_version(head) > VERSION:
         raise HistoryError(f"{path} was written by a newer gradcheck (history version {head['version']}); upgrade")
     records: list[StepLog] = []
     verdicts: list[dict[str, Any]] = []
+    tail = None
     for entry in entries:
+        if entry.get("kind") == "tail":
+            value = entry.get("loss_non_finite_step")
+            tail = int(value) if isinstance(value, int) else tail
+            continue
         try:
             records.append(_record(entry))
         except (KeyError, TypeError, ValueError):
             skipped += 1
             continue
         verdicts.append({"status": entry.get("status"), "problems": entry.get("problems", [])})
-    header = Header(
+    if not records and tail is None:
+        raise HistoryError(
+            f"{path} holds no recorded step yet: watch() writes the first record at the first recorded w.step()"
+        )
+    return History(
+        header, tuple(records), tuple(verdicts), len(runs) - 1, skipped, str(path), tail_non_finite_step=tail
+    )
+
+
+def header_version(head: dict[str, Any]) -> int:
+    version = head.get("version", VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise HistoryError(f"the history header's version {version!r} is not a number; write the log again")
+    return version
+
+
+def _header(head: dict[str, Any]) -> Header:
+    every = head.get("every", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError("every")
+    return Header(
         model=str(head.get("model", "?")),
         parameters=int(head.get("parameters", 0)),
-        every=int(head.get("every", 1)),
+        every=every,
         activation_hooks=bool(head.get("activation_gradients", True)),
         scaler=bool(head.get("grad_scaler", False)),
         notes=tuple(str(n) for n in head.get("notes", [])),
@@ -215,7 +257,6 @@ def read_history(path: Path) -> History:
         gradcheck_version=str(head.get("gradcheck_version", "")),
         torch_version=str(head.get("torch_version", "")),
     )
-    return History(header, tuple(records), tuple(verdicts), len(runs) - 1, skipped, str(path))
 
 
 def _record(entry: dict[str, Any]) -> StepLog:

@@ -15,6 +15,7 @@ row is a divergence (GC018), dated from the first of them. The calibration of ``
 
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from gradcheck_cli.loss import LossChoice
 from gradcheck_cli.probe import LayerMeasure, Norm, ProbeResult
 from gradcheck_cli.report import Finding, Problem, Severity
 from gradcheck_cli.rule_codes import (
+    NO_GRADIENT,
     NON_FINITE_GRADIENT,
     TRAINING_LOSS_DIVERGENCE,
     TRAINING_LOSS_NON_FINITE,
@@ -71,20 +73,22 @@ class Assessment:
 
 @dataclass
 class Baseline:
-    """What the healthy records so far say is normal; ``advance`` moves it on by one record."""
+    """What the healthy records so far say is normal; ``advance`` moves it on by one record. Bounded: the last
+    ``WINDOW`` norms and losses, the running peak and the first loss."""
 
-    norms: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
+    norms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=WINDOW))
+    losses: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=WINDOW))
+    peak: float = 0.0
+    """The largest total norm of a healthy record so far."""
+    first_loss: float | None = None
     rising: list[int] = field(default_factory=list)
     """Steps of the records just before this one whose loss was above ``LOSS_RISE`` × the median."""
 
     def reference_norm(self) -> float | None:
-        recent = self.norms[-WINDOW:]
-        return statistics.median(recent) if len(recent) >= MIN_REFERENCE else None
+        return statistics.median(self.norms) if len(self.norms) >= MIN_REFERENCE else None
 
     def reference_loss(self) -> float | None:
-        recent = self.losses[-WINDOW:]
-        return statistics.median(recent) if len(recent) >= MIN_REFERENCE else None
+        return statistics.median(self.losses) if len(self.losses) >= MIN_REFERENCE else None
 
 
 def loss_risen(log: StepLog, baseline: Baseline) -> bool:
@@ -94,7 +98,7 @@ def loss_risen(log: StepLog, baseline: Baseline) -> bool:
     loss = log.loss
     if reference is None or reference <= 0 or loss is None or not math.isfinite(loss):
         return False
-    first = baseline.losses[0]
+    first = baseline.first_loss if baseline.first_loss is not None else reference
     regained = first <= reference or loss - reference >= REGAINED * (first - reference)
     return loss > LOSS_RISE * reference and regained
 
@@ -103,10 +107,15 @@ def advance(baseline: Baseline, log: StepLog, assessment: Assessment) -> None:
     """Count the record into the baseline when it was healthy; keep the run of risen losses."""
     risen = loss_risen(log, baseline)
     baseline.rising = [*baseline.rising, log.step] if risen else []
-    if healthy(assessment) and not risen:
+    # a vanishing record still counts: a run that vanishes throughout must still be able to spike or diverge
+    calm = not (set(assessment.problems) & STOPPING) and math.isfinite(assessment.total_norm)
+    if calm and not risen:
         baseline.norms.append(assessment.total_norm)
+        baseline.peak = max(baseline.peak, assessment.total_norm)
         if log.loss is not None and math.isfinite(log.loss):
             baseline.losses.append(log.loss)
+            if baseline.first_loss is None:
+                baseline.first_loss = log.loss
 
 
 def probe_result(log: StepLog) -> ProbeResult:
@@ -142,7 +151,7 @@ def probe_result(log: StepLog) -> ProbeResult:
     return ProbeResult(
         layers=layers,
         call_order=tuple(order),
-        activation_hooks=log.activation_hooks and bool(order),
+        activation_hooks=log.activation_hooks,
         loss=TRAINING_LOSS,
         loss_value=loss,
         mode="train",
@@ -164,12 +173,25 @@ def assess(
     """Apply ``inspect``'s rules to the record, then the rules over time against the healthy records before it."""
     diagnosis = diagnose(probe_result(log), thresholds)
     findings = list(diagnosis.findings)
+    if all(layer.grad is None and all(c is None for c in layer.calls) for layer in log.layers):
+        findings = [
+            Finding(
+                NO_GRADIENT.code,
+                NO_GRADIENT.name,
+                Severity.WARNING,
+                None,
+                None,
+                f"step {log.step}: no gradient reached the model since the previous step(); call w.step() after "
+                "loss.backward() and before optimizer.zero_grad()",
+                {"step": log.step},
+            )
+        ]
     if scaler:
         findings = [_handled_overflow(f, log) for f in findings]
     total = log.total_norm
     reference = baseline.reference_norm()
-    recent = baseline.norms[-WINDOW:]
-    peak = max(baseline.norms, default=0.0)
+    recent = list(baseline.norms)
+    peak = baseline.peak
     if reference is not None and reference > 0 and math.isfinite(total) and total > max(SPIKE * reference, PEAK * peak):
         findings.append(
             Finding(

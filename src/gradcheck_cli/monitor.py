@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from gradcheck_cli import __version__
+from gradcheck_cli.distributed import FIRST, data_parallel, reduce_pieces
 from gradcheck_cli.distributed import detect as detect_sharding
 from gradcheck_cli.history_log import Header, HistoryWriter
 from gradcheck_cli.history_rules import STOPPING, Assessment, Baseline, advance, assess
@@ -85,7 +85,7 @@ class Watch:
             raise ValueError(f"every must be a positive int (record every N-th step), not {every!r}")
         if on_problem not in POLICIES:
             raise ValueError(f"on_problem must be one of {', '.join(POLICIES)}, not {on_problem!r}")
-        self.sharding = detect_sharding(model)
+        self.sharding = detect_sharding(model) or data_parallel()
         """DDP/FSDP2 inside a process group: every rank records, the numbers are reduced across ranks."""
         self.model = _eager(model)
         self.every = every
@@ -111,12 +111,16 @@ class Watch:
         self._sentinel: torch.Tensor | None = None
         self._stop = stop
         self._entered = False
+        self._opened = False
 
     # ------------------------------------------------------------------ the block
 
     def __enter__(self) -> Watch:
-        if self._writer is not None:
-            self._writer.open(self._header())
+        if self._writer is not None and not self._opened:
+            self._writer.open(self._header())  # once per Watch: entering it again (each epoch) continues the run
+            self._opened = True
+        elif self._writer is not None:
+            self._writer.reopen()
         self._entered = True
         self._arm_if_recorded(self._step)
         return self
@@ -128,11 +132,34 @@ class Watch:
         return exc_type is not None and issubclass(exc_type, StopTraining)
 
     def close(self) -> None:
-        """Remove every hook and close the log (the ``with`` block does this on exit)."""
+        """Remove every hook and close the log (the ``with`` block does this on exit).
+
+        A NaN/Inf loss after the last record (a loop that breaks on it) is read here, logged and warned about.
+        """
         self._disarm()
+        try:
+            self._tail()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+            self._entered = False
+
+    def _tail(self) -> None:
+        if self._sentinel is None:
+            return
+        sentinel, self._sentinel = self._sentinel, None
+        if self.sharding is not None:
+            sentinel = reduce_pieces([sentinel.reshape(1).double()], [FIRST], self.sharding)[0]
+        first = int(sentinel.reshape(-1)[0].item())
+        if first < 0:
+            return
         if self._writer is not None:
-            self._writer.close()
-        self._entered = False
+            self._writer.write_tail(first)
+        if Problem.NON_FINITE not in self.onsets:
+            self.onsets[Problem.NON_FINITE] = first
+            warnings.warn(
+                f"gradcheck: the loss was NaN/Inf at step {first}, after the last recorded step", GradientWarning, 3
+            )
 
     @property
     def armed(self) -> bool:
@@ -190,7 +217,7 @@ class Watch:
             )
         elif not self.activation_hooks:
             notes.append("module hooks do not fire on this model (TorchScript, torch.export): parameter gradients only")
-        if self.scaler is not None:
+        if scale_of(self.scaler) is not None:
             notes.append("gradient numbers are divided by the GradScaler's scale: they read unscaled")
         if self.sharding is None:
             notes.append("parameter gradients are read as backward accumulates them: before any clipping")
@@ -208,7 +235,7 @@ class Watch:
             parameters=sum(p.numel() for p in self.model.parameters()),
             every=self.every,
             activation_hooks=self.activation_hooks,
-            scaler=self.scaler is not None,
+            scaler=scale_of(self.scaler) is not None,
             notes=self.notes,
             started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             gradcheck_version=__version__,
@@ -228,10 +255,10 @@ class Watch:
 
     def _watch_loss(self, loss: torch.Tensor | float | None, index: int) -> None:
         """Between records: remember the first step whose loss was NaN/Inf, on the device, without a sync."""
-        if not isinstance(loss, torch.Tensor):
-            if loss is not None and not math.isfinite(float(loss)) and self._sentinel is None:
-                self._sentinel = torch.tensor(index)
+        if loss is None:
             return
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss))
         with torch.no_grad():
             bad = ~torch.isfinite(loss.detach()).all()
             if self._sentinel is None:
@@ -240,27 +267,29 @@ class Watch:
             self._sentinel = torch.where(fresh, torch.full_like(self._sentinel, index), self._sentinel)
 
     def _scale(self) -> torch.Tensor | float | None:
-        scaler = self.scaler
-        if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):
-            return None
-        tensor = getattr(scaler, "_scale", None)
-        if isinstance(tensor, torch.Tensor):
-            return tensor
-        return float(scaler.get_scale())
+        return scale_of(self.scaler)
+
+    def _param_grads_scaled(self) -> bool:
+        """Whether the parameter gradients read now still carry the loss scale. Hooks read them during
+        backward (scaled); under DDP/FSDP they are read at ``step()``, after a ``scaler.unscale_`` if any."""
+        if self.sharding is None:
+            return True
+        states = getattr(self.scaler, "_per_optimizer_states", None) or {}
+        return not any(getattr(state.get("stage"), "name", "") == "UNSCALED" for state in states.values())
 
     def _read(self, index: int, loss: torch.Tensor | float | None) -> StepLog:
         recorder = self._recorder
         assert recorder is not None
         self._recorder = None
         try:
-            log = recorder.read(index, loss, self._scale(), self._sentinel)
+            log = recorder.read(index, loss, self._scale(), self._sentinel, param_scaled=self._param_grads_scaled())
         finally:
             recorder.__exit__(None, None, None)
         self._sentinel = None
         return log
 
     def _judge(self, log: StepLog) -> Assessment:
-        assessment = assess(log, self._baseline, scaler=self._scale() is not None, thresholds=self.thresholds)
+        assessment = assess(log, self._baseline, scaler=log.scale is not None, thresholds=self.thresholds)
         advance(self._baseline, log, assessment)
         self.records.append(assessment)
         if self._writer is not None:
@@ -285,6 +314,16 @@ class Watch:
             self._stop(assessment)
             return
         raise StopTraining(message)
+
+
+def scale_of(scaler: Any) -> torch.Tensor | float | None:
+    """The loss scale of an enabled GradScaler (its device tensor when it has one), else None."""
+    if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):
+        return None
+    tensor = getattr(scaler, "_scale", None)
+    if isinstance(tensor, torch.Tensor):
+        return tensor
+    return float(scaler.get_scale())
 
 
 def verdict(assessment: Assessment) -> dict[str, Any]:

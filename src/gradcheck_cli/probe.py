@@ -33,7 +33,7 @@ from gradcheck_cli.distributed import current as current_sharding
 from gradcheck_cli.errors import BatchError, first_line
 from gradcheck_cli.loss import LossChoice, choose_loss, float_leaves
 from gradcheck_cli.precision import BINS, NON_FINITE_BIN, grouped_histograms
-from gradcheck_cli.recorder import ActivationGradientRecorder, norm_and_max_abs
+from gradcheck_cli.recorder import ActivationGradientRecorder, max_abs, norm_and_max_abs
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def probe(
             else:  # a rank whose forward fails must not leave the others waiting in backward's all-reduce
                 output, (loss, choice) = agreed("the forward pass", lambda: _forward_and_loss(model, batch, seed))
         # aminmax, not an inf-norm: that would materialise |output| (51 MB for GPT-2's logits) at the peak
-        output_max = [_max_abs(t.detach()) for t in float_leaves(output) if t.numel()]
+        output_max = [max_abs(t.detach()) for t in float_leaves(output) if t.numel()]
         del output
         _backward(loss * loss_scale if loss_scale != 1.0 else loss)
         result = _collect(named, params, frozen, recorder, activations, choice, loss.detach(), output_max, hooks, mode)
@@ -212,12 +212,6 @@ def _batch_rows(batch: Batch) -> int | None:
 def _forward_and_loss(model: nn.Module, batch: Batch, seed: int) -> tuple[Any, tuple[torch.Tensor, LossChoice]]:
     output = _forward(model, batch, seed)
     return output, choose_loss(output, batch.target, seed)
-
-
-def _max_abs(tensor: torch.Tensor) -> torch.Tensor:
-    """max |element| as a 0-dim device tensor, NaN-propagating, without a full-size temporary."""
-    low, high = torch.aminmax(tensor)
-    return torch.maximum(high, low.neg())
 
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -90,9 +90,10 @@ class ActivationGradientRecorder(HookStack):
         self.rows = batch_rows
         """Samples in this rank's slice of the batch (under DDP/FSDP), or None."""
         self.shared: dict[tuple[int, int], torch.Tensor] = {}
-        """With ``batch_rows`` (a rank's slice under DDP/FSDP): copies of output gradients that have no dimension
-        of that size, keyed by (call id, output index). Such an output (a position embedding's) is shared by the
-        whole batch, so its gradient must be summed over ranks, not its norm's squares."""
+        """With ``batch_rows`` (a rank's slice under DDP/FSDP, more than one sample): copies of the gradients of
+        outputs with a leading size of 1 (or none), keyed by (call id, output index). Such an output (a position
+        embedding's (1, T, H)) is broadcast over the batch, so its gradient must be summed over ranks, not its
+        norm's squares."""
         self.calls: list[tuple[int, int]] = []
         """(module index, call index of that module) per forward call, in forward order."""
         self.norms: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -134,7 +135,7 @@ class ActivationGradientRecorder(HookStack):
     def _grad_hook(self, call_id: int) -> Any:
         def hook(grad: torch.Tensor | None) -> None:
             if grad is not None and grad.numel():  # cuDNN's fused RNN can hand a None gradient to an output
-                if self.rows is not None and self.rows not in grad.shape:
+                if self.rows is not None and (grad.dim() == 0 or (grad.shape[0] == 1 and self.rows > 1)):
                     self.shared[(call_id, len(self.norms[call_id]))] = grad.detach().clone()
                 self.norms[call_id].append(norm_and_max_abs(grad))
                 self.backward_order.append(call_id)

@@ -20,6 +20,7 @@ from torch import nn
 from gradcheck_cli.distributed import (
     ACT_MAX,
     ACT_NORM,
+    FIRST,
     MAX,
     MEAN,
     NONE,
@@ -156,9 +157,20 @@ class StepRecorder(HookStack):
         loss: torch.Tensor | float | None,
         scale: torch.Tensor | float | None,
         loss_sentinel: torch.Tensor | None,
+        *,
+        param_scaled: bool = True,
     ) -> StepLog:
-        """Every number of this step, copied to the host in one synchronisation."""
+        """Every number of this step, copied to the host in one synchronisation.
+
+        ``param_scaled``: whether the parameter gradients still carry ``scale`` (not after ``scaler.unscale_``
+        under DDP/FSDP, where they are read now); activation gradients always do (taken during backward).
+        """
         recorder = self.activations
+        if self._sharding is not None:  # every rank must send the same values: a loss and a NaN marker always
+            if loss is not None and not isinstance(loss, torch.Tensor):
+                loss = torch.tensor(float(loss))
+            if loss_sentinel is None:
+                loss_sentinel = torch.full((), -1, dtype=torch.int64)
         if self._sharding is not None:
             self._read_reduced_gradients()
         floats = [p for p in self._params if p.is_floating_point()]
@@ -184,7 +196,7 @@ class StepRecorder(HookStack):
         add(self.root_output_max, MAX)
         extra = {"loss": loss, "scale": scale, "sentinel": loss_sentinel}
         tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
-        reductions = {"loss": MEAN, "scale": NONE, "sentinel": MAX}
+        reductions = {"loss": MEAN, "scale": NONE, "sentinel": FIRST}
         for name, value in tensors.items():
             add([value.detach().float().mean().reshape(1)], reductions[name])
         if self._sharding is not None and pieces:
@@ -211,6 +223,7 @@ class StepRecorder(HookStack):
 
         scale_value = number.get("scale")
         divide = scale_value if scale_value and scale_value > 0 else 1.0
+        param_divide = divide if param_scaled else 1.0
         per_call: list[tuple[float, float] | None] = []
         offset = 0
         for call in recorder.norms:
@@ -234,7 +247,7 @@ class StepRecorder(HookStack):
                     params=sum(p.numel() for p in module.parameters(recurse=False)),
                     frozen=bool(own) and not any(p.requires_grad for p in own),
                     weight_norm=math.sqrt(sum(weight_of[id(p)] ** 2 for p in own)),
-                    grad=_combine(pairs, divide),
+                    grad=_combine(pairs, param_divide),
                     calls=tuple(folded[layer_index]),
                     output_max=_peak(outs) if outs else None,
                 )
@@ -249,7 +262,7 @@ class StepRecorder(HookStack):
             scale=scale_value,
             output_max=_peak(root_out) if root_out else None,
             loss_non_finite_step=_sentinel_step(number.get("sentinel")),
-            unique_total=math.sqrt(sum(l2 * l2 for l2, _ in grad_of.values())) / divide,
+            unique_total=math.sqrt(sum(l2 * l2 for l2, _ in grad_of.values())) / param_divide,
         )
         return _with_origin(log, self._first_bad_backward(recorder, per_call), self._first_bad_parameter(grad_of))
 

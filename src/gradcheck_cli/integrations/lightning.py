@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - the older package name
 
 from gradcheck_cli.history_rules import Assessment
 from gradcheck_cli.integrations import scalars
-from gradcheck_cli.monitor import POLICIES, GradientProblemError, Watch
+from gradcheck_cli.monitor import POLICIES, GradientProblemError, Watch, scale_of
 from gradcheck_cli.rules import Thresholds
 
 __all__ = ["GradcheckCallback"]
@@ -137,7 +137,7 @@ class GradcheckCallback(Callback):
         if self.watch is None:
             return
         value = loss.detach().float().sum()
-        scale = _scale(self._scaler)
+        scale = scale_of(self._scaler)
         if scale is not None:
             value = (value / scale).reshape(())  # Lightning hands this hook the loss multiplied by the scale
         self._loss = value if self._loss is None else self._loss + value
@@ -154,16 +154,6 @@ class GradcheckCallback(Callback):
             raise
         if result is not None:
             _log(trainer, result)
-
-
-def _scale(scaler: Any) -> torch.Tensor | float | None:
-    """The GradScaler's current scale (a device tensor, no synchronisation), None without an enabled one."""
-    if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):
-        return None
-    tensor = getattr(scaler, "_scale", None)
-    if isinstance(tensor, torch.Tensor):
-        return tensor
-    return float(scaler.get_scale())
 
 
 def _log(trainer: Trainer, assessment: Assessment) -> None:
