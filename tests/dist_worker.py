@@ -8,6 +8,7 @@ under ``watch``). Rank 0 (or the single process) writes a JSON summary of what i
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -116,8 +117,14 @@ def main() -> None:
         with open(out, "w") as handle:
             json.dump(summary, handle)
     if mode != "single":
+        torch.distributed.barrier()  # no rank tears the group down while another still talks to it
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # gloo in torch 2.13 can abort a rank during interpreter teardown after all work is done ("terminate called
+    # without an active exception"); the CLI skips that teardown after --distributed runs, and so does this worker
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

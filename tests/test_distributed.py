@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -210,3 +211,33 @@ def test_single_process_check_is_unchanged_without_a_process_group() -> None:
     model = nn.Linear(4, 2)
     assert detect(model) is None and current() is None
     assert not torch.distributed.is_initialized()
+
+
+def test_fsdp_reads_a_dcp_checkpoint_shard_by_shard_and_matches_one_process(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    _checkpoint(tmp_path)
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        dcp.save(net.state_dict(), checkpoint_id=str(tmp_path / "ckpt"))
+    args = ["ckpt", "--model", "nets.py:build", "--input", "b.pt", "--format", "json"]
+    one = subprocess.run(
+        [sys.executable, "-m", "gradcheck_cli", "inspect", *args, "--no-verify"],
+        cwd=tmp_path, env=CLI_ENV, text=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    ranks = launch(["-m", "gradcheck_cli", "inspect", *args, "--distributed", "fsdp", "--timeout", "60"], tmp_path)
+    assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
+    reference, measured = json.loads(one.stdout), json.loads(ranks[0].stdout)
+    rows = [[la["name"], la["grad_norm"], la["act_grad_norm"], la["weight_norm"]] for la in reference["layers"]]
+    got = [[la["name"], la["grad_norm"], la["act_grad_norm"], la["weight_norm"]] for la in measured["layers"]]
+    assert_same_layers(rows, got)
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        saved, built = (float(m[0].weight.norm().hypot(m[0].bias.norm())) for m in (net, fresh))
+    assert got[0][3] == pytest.approx(saved, rel=1e-5), "the checkpoint's weights, not the factory's"
+    assert got[0][3] != pytest.approx(built, rel=1e-3)
+    assert "each rank read only its own shards of the checkpoint" in measured["notes"]

@@ -47,6 +47,7 @@ def process_group(device: torch.device, timeout: float) -> Iterator[torch.device
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     try:
         yield device
+        torch.distributed.barrier()  # every rank done before any tears the group down
     except RuntimeError as exc:
         if not _collective_failure(exc):
             raise

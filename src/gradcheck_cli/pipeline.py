@@ -60,6 +60,8 @@ def _run(request: InspectRequest, device: torch.device) -> Report:
     if request.distributed is not None:
         from gradcheck_cli.distributed import agreed
 
+        if request.distributed == "fsdp" and _is_dcp(request.checkpoint):
+            return _check_sharded_dcp(request, device)
         model, batch, loaded_as = agreed("loading the model and the batch", lambda: _load(request, device))
         return _check_distributed(request, model, batch, loaded_as, device)
     model, batch, loaded_as = _load(request, device)
@@ -77,6 +79,46 @@ def _run(request: InspectRequest, device: torch.device) -> Report:
         optimizer=request.optimizer,
         **loaded_as,
     )
+
+
+def _is_dcp(path: Path | None) -> bool:
+    from gradcheck_cli.loaders.sniff import Kind, sniff
+
+    return path is not None and path.is_dir() and sniff(path) is Kind.DCP
+
+
+def _check_sharded_dcp(request: InspectRequest, device: torch.device) -> Report:
+    """FSDP2 over a DCP directory: shard the architecture first, then each rank reads only its own shards."""
+    from gradcheck_cli.distributed import agreed, split_batch
+    from gradcheck_cli.launch import rank, world, wrap
+    from gradcheck_cli.loaders.dcp import load_dcp_sharded
+
+    assert request.checkpoint is not None
+    path = request.checkpoint
+
+    def load() -> tuple[torch.nn.Module, torch.nn.Module, LoadedModel]:
+        return load_dcp_sharded(
+            path, model_spec=request.model_spec, trust=request.trust,
+            shard=lambda module: wrap(module.to(device), "fsdp", device),
+        )  # fmt: skip
+
+    wrapped, _module, loaded = agreed("loading the sharded checkpoint", load)
+
+    def local_batch() -> tuple[Batch, str]:
+        whole, source = _choose_batch(request, loaded)
+        r, w = rank(), world()
+        part = Batch(
+            args=split_batch(whole.args, r, w), kwargs=split_batch(whole.kwargs, r, w),
+            target=split_batch(whole.target, r, w),
+        )  # fmt: skip
+        return part.to(device), source
+
+    batch, batch_source = agreed("loading and splitting the batch", local_batch)
+    return check(
+        wrapped, batch, seed=request.seed, train=request.train, unfreeze=request.unfreeze,
+        thresholds=request.thresholds, verify=False, trained=loaded.trained, source=str(path),
+        checkpoint_kind=loaded.kind, notes=loaded.notes, batch_source=batch_source,
+    )  # fmt: skip
 
 
 def _check_distributed(

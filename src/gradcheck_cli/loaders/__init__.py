@@ -15,7 +15,7 @@ __all__ = ["Kind", "LoadedModel", "load_checkpoint"]
 
 
 def load_checkpoint(path: Path, *, model_spec: str | None, trust: bool) -> LoadedModel:
-    """Load ``path`` (a file or a Hugging Face directory) into a CPU module.
+    """Load ``path`` (a file, a Hugging Face directory or a DCP directory) into a CPU module.
 
     Raises :class:`~gradcheck_cli.errors.GradcheckError` subclasses with one line saying what to do.
     """
@@ -36,6 +36,10 @@ def load_checkpoint(path: Path, *, model_spec: str | None, trust: bool) -> Loade
         from gradcheck_cli.loaders.exported import load_exported
 
         return load_exported(path, trust=trust)
+    if kind is Kind.DCP:
+        from gradcheck_cli.loaders.dcp import load_dcp_directory
+
+        return load_dcp_directory(path, model_spec=model_spec, trust=trust)
     from gradcheck_cli.loaders.hf_dir import load_hf_directory
 
     return load_hf_directory(path, trust=trust)

@@ -14,6 +14,10 @@ LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 PICKLE_PROTOCOL = b"\x80"
 """Legacy (non-zip) torch files are a sequence of pickles, each starting with the PROTO opcode."""
 SAFETENSORS_MAX_HEADER = 100_000_000
+DCP_METADATA = ".metadata"
+"""The pickled global metadata of a ``torch.distributed.checkpoint`` directory, written last by rank 0."""
+DCP_SHARD_SUFFIX = ".distcp"
+"""The shard files of a DCP directory (``__<rank>_<n>.distcp``), one or more per rank."""
 
 
 class Kind(str, Enum):
@@ -29,6 +33,8 @@ class Kind(str, Enum):
     SAFETENSORS = "safetensors"
     HF_DIRECTORY = "huggingface"
     """A Hugging Face ``save_pretrained`` directory (``config.json`` + weights)."""
+    DCP = "dcp"
+    """A ``torch.distributed.checkpoint`` directory (``.metadata`` + ``*.distcp`` shards)."""
 
 
 def sniff(path: Path) -> Kind:
@@ -36,11 +42,13 @@ def sniff(path: Path) -> Kind:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
+        if _is_dcp_directory(path):
+            return Kind.DCP
         if (path / "config.json").is_file():
             return Kind.HF_DIRECTORY
         raise CheckpointError(
-            f"{path} is a directory without config.json; pass a checkpoint file or a Hugging Face "
-            "save_pretrained directory"
+            f"{path} is a directory without config.json or DCP .metadata; pass a checkpoint file, a Hugging Face "
+            "save_pretrained directory or a torch.distributed.checkpoint directory"
         )
     try:
         with path.open("rb") as handle:
@@ -61,6 +69,23 @@ def sniff(path: Path) -> Kind:
         f"{path} is not a PyTorch checkpoint (not a torch zip archive, legacy torch pickle, TorchScript, "
         ".pt2 or safetensors file)"
     )
+
+
+def _is_dcp_directory(path: Path) -> bool:
+    """DCP shard files, or (without config.json) a pickled ``.metadata``: a DCP directory, complete or not.
+
+    Shards without ``.metadata`` still count, so that the loader can say the save did not finish.
+    """
+    if any(p.is_file() for p in path.glob(f"*{DCP_SHARD_SUFFIX}")):
+        return True
+    metadata = path / DCP_METADATA
+    if not metadata.is_file() or (path / "config.json").is_file():
+        return False
+    try:
+        with metadata.open("rb") as handle:
+            return handle.read(1) == PICKLE_PROTOCOL
+    except OSError:
+        return False
 
 
 def _zip_kind(path: Path) -> Kind:
