@@ -16,7 +16,7 @@ class LoadedModel:
     module: nn.Module
     kind: str
     """``pickled_module``, ``state_dict``, ``training_checkpoint``, ``torchscript``, ``exported_program``,
-    ``safetensors`` or ``huggingface``."""
+    ``safetensors``, ``huggingface`` or ``dcp``."""
     notes: tuple[str, ...] = ()
     """What the loader had to do or could not do, in plain words (carried into the report)."""
     example_batch: Batch | None = None

@@ -83,17 +83,20 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], allow
     tolerated = set(allowed_missing)
     missing = [k for k in own if k not in state and k not in tolerated]
     unexpected = [k for k in state if k not in own]
-    mismatch = next((k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)), None)
+    mismatch = next((k for k in own if k in state and _shape(own[k]) != _shape(state[k])), None)
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s) (first: {missing[0]})")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
     if mismatch:
-        parts.append(
-            f"shape mismatch at {mismatch}: checkpoint {list(state[mismatch].shape)}, model {list(own[mismatch].shape)}"
-        )
+        parts.append(f"shape mismatch at {mismatch}: checkpoint {_shape(state[mismatch])}, model {_shape(own[mismatch])}")
     return "; ".join(parts)
+
+
+def _shape(value: object) -> list[int] | None:
+    """A tensor's shape; None for what a state_dict may hold besides tensors (a module's ``_extra_state``)."""
+    return list(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
