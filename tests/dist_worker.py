@@ -35,6 +35,29 @@ def gpt2() -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
+class LastState(nn.Module):
+    """Classifies from an LSTM's final hidden state h_n (layers, B, H): per sample, with a leading size of 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(x.transpose(0, 1))  # (B, T, 8) → time-first
+        return self.head(h[-1])
+
+
+def lstm() -> nn.Module:
+    torch.manual_seed(0)
+    return LastState()
+
+
+def lstm_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(8, 5, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
 def mlp_batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -75,6 +98,8 @@ def main() -> None:
     if task.startswith("check"):
         if task == "check-mlp":
             model, batch = mlp(), mlp_batch()
+        elif task == "check-lstm":
+            model, batch = lstm(), lstm_batch()
         else:  # check-gpt2; check-gpt2-short: sequences as long as each rank's slice (4), so shapes alone mislead
             model, batch = gpt2(), gpt2_batch(16 if task == "check-gpt2" else 4)
         report = check(wrapped(model, mode), split_batch(batch, rank, world), verify=False)

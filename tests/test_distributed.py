@@ -89,7 +89,7 @@ def assert_same_layers(reference: list[list[Any]], measured: list[list[Any]], re
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-@pytest.mark.parametrize("task", ["check-mlp", "check-gpt2", "check-gpt2-short"])
+@pytest.mark.parametrize("task", ["check-mlp", "check-gpt2", "check-gpt2-short", "check-lstm"])
 def test_check_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, task: str) -> None:
     reference = single(task, tmp_path)
     measured = sharded(mode, task, tmp_path)

@@ -6,6 +6,7 @@ so ``gradcheck --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -315,13 +316,13 @@ def inspect(
             )
         )
     report = policy.apply(report)
-    if distributed is not None and _rank() != 0:  # every rank built the same report: rank 0 writes it
-        raise typer.Exit(ExitCode.PROBLEMS if gate.fails(report) and not exit_zero else ExitCode.OK)
-    if baseline is not None:
+    if baseline is not None:  # every rank compares (reading only), so all of them exit alike
         from gradcheck_cli.baseline import DEFAULT_TOLERANCE, compare
 
         allowed = tolerance if tolerance is not None else float(settings.get("tolerance", DEFAULT_TOLERANCE))
         report = compare(report, baseline, allowed, policy.keeps, policy.layer_ignored)
+    if distributed is not None and _rank() != 0:  # every rank built the same report: rank 0 writes it
+        raise typer.Exit(ExitCode.PROBLEMS if gate.fails(report) and not exit_zero else ExitCode.OK)
     if write_baseline is not None:
         from gradcheck_cli.baseline import write_baseline as store
 
@@ -679,9 +680,10 @@ def _exit(code: int) -> NoReturn:
     """``sys.exit``; after a ``--distributed`` run, without the interpreter's teardown: gloo in torch 2.13 can
     abort a rank on the way out ("terminate called without an active exception") after all work is done,
     which would turn its exit code into a signal."""
-    if "--distributed" in sys.argv[1:]:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if any(arg == "--distributed" or arg.startswith("--distributed=") for arg in sys.argv[1:]):
+        with contextlib.suppress(OSError):  # a closed pipe must not turn the exit into a traceback
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
 

@@ -48,6 +48,7 @@ FIRST = "first"
 """A step index or -1: the smallest non-negative one over ranks (the first step any rank saw)."""
 NONE = "none"
 """Already the whole batch's (a shared output's gradient, summed over ranks)."""
+KINDS = (PARAM_NORM, PARAM_MAX, PARAM_COUNT, ACT_NORM, ACT_MAX, MAX, MEAN, FIRST, NONE)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,13 @@ def sharded(sharding: Sharding | None) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: the current CUDA device under NCCL, else the CPU (gloo)."""
+    if initialized() and "nccl" in str(torch.distributed.get_backend()).lower() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def initialized() -> bool:
     return bool(torch.distributed.is_available() and torch.distributed.is_initialized())
 
@@ -94,9 +102,9 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def data_parallel() -> Sharding | None:
-    """Inside a process group of several ranks, a model that is neither DDP- nor FSDP2-wrapped here is taken as
-    one replica of data-parallel training (watch(model.module), or a watch made before wrapping): the loop's
-    forward still goes through the user's DDP, so its gradients are reduced and its activations per rank."""
+    """Inside a process group of several ranks, a module taken as one replica of data-parallel training
+    (``watch(model.module, data_parallel=True)``, the Lightning and HF callbacks): the loop's forward still goes
+    through the user's DDP, so its gradients are reduced and its activations are per rank."""
     if not initialized() or torch.distributed.get_world_size() < 2:
         return None
     return Sharding("ddp", torch.distributed.get_rank(), torch.distributed.get_world_size())
@@ -116,20 +124,21 @@ def detect(model: nn.Module) -> Sharding | None:
 
 def reduce_pieces(pieces: Sequence[torch.Tensor], kinds: Sequence[str], sharding: Sharding) -> list[torch.Tensor]:
     """Each piece reduced over the ranks by its kind: at most one collective per kind present."""
-    _same_everywhere(len(pieces), "numbers measured")
+    _same_everywhere([len(pieces), *(sum(1 for k in kinds if k == kind) for kind in KINDS)], "numbers measured")
     out = list(pieces)
+    device = collective_device()
     groups: dict[str, list[int]] = {}
     for index, kind in enumerate(kinds):
         groups.setdefault(kind, []).append(index)
     for kind, indices in groups.items():
         if kind == NONE or (sharding.mode == "ddp" and kind in (PARAM_NORM, PARAM_MAX)):
             continue  # identical on every rank (DDP's all-reduce, or summed already)
-        flat = torch.cat([out[i].detach().reshape(-1).double() for i in indices])
+        flat = torch.cat([out[i].detach().reshape(-1).double().to(device) for i in indices])
         reduced = _reduce(flat, kind, sharding.world)
         start = 0
         for i in indices:
             size = out[i].numel()
-            out[i] = reduced[start : start + size].reshape(out[i].shape).to(out[i].dtype)
+            out[i] = reduced[start : start + size].reshape(out[i].shape).to(dtype=out[i].dtype, device=out[i].device)
             start += size
     return out
 
@@ -159,17 +168,19 @@ def _reduce(flat: torch.Tensor, kind: str, world: int) -> torch.Tensor:
     raise ValueError(f"unknown reduction {kind!r}")
 
 
-def _same_everywhere(count: int, what: str) -> None:
-    """One small collective: every rank must send the same number of values, or the data collectives that
-    follow would mismatch (a crash or a hang); a clear error instead."""
-    both = torch.tensor([float(count), -float(count)], dtype=torch.float64)
+def _same_everywhere(counts: Sequence[int], what: str) -> None:
+    """One small collective: every rank must send the same numbers of values of each kind, or the data
+    collectives that follow would mismatch (a crash or a hang); a clear error instead."""
+    values = [float(c) for c in counts]
+    both = torch.tensor([*values, *(-v for v in values)], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
-    if both[0].item() != -both[1].item():
+    high, low = both[: len(values)].tolist(), [-v for v in both[len(values) :].tolist()]
+    if high != low:
         from gradcheck_cli.errors import GradcheckError
 
         raise GradcheckError(
-            f"the ranks disagree on the {what} ({int(both[0].item())} on one, {int(-both[1].item())} on another): "
-            "every rank must run the same model on an equal slice of the batch"
+            f"the ranks disagree on the {what} ({int(high[0])} on one, {int(low[0])} on another): every rank must "
+            "run the same model on an equal slice of the batch"
         )
 
 
@@ -180,13 +191,13 @@ def summed_over_ranks(
     a position embedding's), summed over ranks in one collective and ÷ W like every rank's loss."""
     if sharding is None:
         return {}
-    _same_everywhere(len(recorder.shared), "outputs shared by the whole batch")
+    _same_everywhere([len(recorder.shared)], "outputs shared by the whole batch")
     if not recorder.shared:
         return {}
     from gradcheck_cli.recorder import norm_and_max_abs
 
     keys = list(recorder.shared)
-    flat = torch.cat([recorder.shared[k].reshape(-1).double() for k in keys])
+    flat = torch.cat([recorder.shared[k].reshape(-1).double().to(collective_device()) for k in keys])
     torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
     flat = flat / sharding.world
     out = {}
@@ -202,7 +213,7 @@ def all_agree(ok: bool) -> bool:
     """True on every rank only when ``ok`` on every rank (one collective); True without a process group."""
     if not initialized():
         return ok
-    flag = torch.tensor([0.0 if ok else 1.0])
+    flag = torch.tensor([0.0 if ok else 1.0], device=collective_device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.SUM)
     return bool(flag.item() == 0.0)
 

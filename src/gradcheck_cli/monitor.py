@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from gradcheck_cli import __version__
-from gradcheck_cli.distributed import FIRST, data_parallel, reduce_pieces
+from gradcheck_cli.distributed import FIRST, reduce_pieces
+from gradcheck_cli.distributed import data_parallel as replica
 from gradcheck_cli.distributed import detect as detect_sharding
 from gradcheck_cli.history_log import Header, HistoryWriter
 from gradcheck_cli.history_rules import STOPPING, Assessment, Baseline, advance, assess
@@ -78,14 +79,16 @@ class Watch:
         thresholds: Thresholds | None = None,
         start: int = 0,
         stop: Callable[[Assessment], None] | None = None,
+        data_parallel: bool = False,
     ) -> None:
+        assume_data_parallel = data_parallel
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() needs a torch.nn.Module, not {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int (record every N-th step), not {every!r}")
         if on_problem not in POLICIES:
             raise ValueError(f"on_problem must be one of {', '.join(POLICIES)}, not {on_problem!r}")
-        self.sharding = detect_sharding(model) or data_parallel()
+        self.sharding = detect_sharding(model) or (replica() if assume_data_parallel else None)
         """DDP/FSDP2 inside a process group: every rank records, the numbers are reduced across ranks."""
         self.model = _eager(model)
         self.every = every
@@ -128,28 +131,34 @@ class Watch:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
-        self.close()
+        # an error on this rank alone must not start a collective the others never join
+        symmetric = exc_type is None or issubclass(exc_type, (StopTraining, GradientProblemError))
+        self.close(failed=not symmetric)
         return exc_type is not None and issubclass(exc_type, StopTraining)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         """Remove every hook and close the log (the ``with`` block does this on exit).
 
-        A NaN/Inf loss after the last record (a loop that breaks on it) is read here, logged and warned about.
+        A NaN/Inf loss after the last record (a loop that breaks on it) is read here, logged and warned about;
+        under a process group every rank reduces it together, unless ``failed`` (closing because of an error
+        on this rank): then it is read locally, without a collective.
         """
         self._disarm()
         try:
-            self._tail()
+            if self._entered:
+                self._tail(collective=not failed)
         finally:
             if self._writer is not None:
                 self._writer.close()
             self._entered = False
 
-    def _tail(self) -> None:
-        if self._sentinel is None:
-            return
+    def _tail(self, *, collective: bool) -> None:
         sentinel, self._sentinel = self._sentinel, None
-        if self.sharding is not None:
-            sentinel = reduce_pieces([sentinel.reshape(1).double()], [FIRST], self.sharding)[0]
+        if self.sharding is not None and collective:  # every rank takes part, with -1 when it saw no NaN
+            mine = torch.full((1,), -1.0) if sentinel is None else sentinel.reshape(1).double()
+            sentinel = reduce_pieces([mine], [FIRST], self.sharding)[0]
+        if sentinel is None:
+            return
         first = int(sentinel.reshape(-1)[0].item())
         if first < 0:
             return
@@ -275,7 +284,8 @@ class Watch:
         if self.sharding is None:
             return True
         states = getattr(self.scaler, "_per_optimizer_states", None) or {}
-        return not any(getattr(state.get("stage"), "name", "") == "UNSCALED" for state in states.values())
+        done = ("UNSCALED", "STEPPED")  # scaler.unscale_() (or scaler.step()) has divided the scale out
+        return not any(getattr(state.get("stage"), "name", "") in done for state in states.values())
 
     def _read(self, index: int, loss: torch.Tensor | float | None) -> StepLog:
         recorder = self._recorder
@@ -360,6 +370,7 @@ def watch(
     scaler: Any = None,
     thresholds: Thresholds | None = None,
     start: int = 0,
+    data_parallel: bool = False,
 ) -> Watch:
     """Watch ``model``'s gradients inside a training loop, every ``every``-th step.
 
@@ -367,6 +378,11 @@ def watch(
     it). ``on_problem``: ``warn`` (a :class:`GradientWarning`, default), ``raise``
     (:class:`GradientProblemError`) or ``stop`` (ends the ``with`` block cleanly) at the first record
     with NaN/Inf or exploding gradients. ``scaler``: the ``torch.amp.GradScaler`` the loop uses, so
-    norms read unscaled. ``start``: the index of the first step (when resuming).
+    norms read unscaled. ``start``: the index of the first step (when resuming). ``data_parallel``: inside a
+    process group, take an unwrapped module as one DDP replica (every rank must then call ``step()``); a DDP- or
+    FSDP2-wrapped model is recognised without it.
     """
-    return Watch(model, every=every, log=log, on_problem=on_problem, scaler=scaler, thresholds=thresholds, start=start)
+    return Watch(
+        model, every=every, log=log, on_problem=on_problem, scaler=scaler, thresholds=thresholds, start=start,
+        data_parallel=data_parallel,
+    )  # fmt: skip

@@ -91,18 +91,17 @@ def _check_sharded_dcp(request: InspectRequest, device: torch.device) -> Report:
     """FSDP2 over a DCP directory: shard the architecture first, then each rank reads only its own shards."""
     from gradcheck_cli.distributed import agreed, split_batch
     from gradcheck_cli.launch import rank, world, wrap
-    from gradcheck_cli.loaders.dcp import load_dcp_sharded
+    from gradcheck_cli.loaders.dcp import load_dcp_sharded, plan_dcp_sharded
 
     assert request.checkpoint is not None
     path = request.checkpoint
-
-    def load() -> tuple[torch.nn.Module, torch.nn.Module, LoadedModel]:
-        return load_dcp_sharded(
-            path, model_spec=request.model_spec, trust=request.trust,
-            shard=lambda module: wrap(module.to(device), "fsdp", device),
-        )  # fmt: skip
-
-    wrapped, _module, loaded = agreed("loading the sharded checkpoint", load)
+    plan = agreed(
+        "reading the checkpoint", lambda: plan_dcp_sharded(path, model_spec=request.model_spec, trust=request.trust)
+    )
+    wrapped, loaded = agreed(
+        "loading the sharded checkpoint",
+        lambda: load_dcp_sharded(plan, trust=request.trust, shard=lambda m: wrap(m.to(device), "fsdp", device)),
+    )
 
     def local_batch() -> tuple[Batch, str]:
         whole, source = _choose_batch(request, loaded)

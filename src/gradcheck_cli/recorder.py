@@ -38,6 +38,19 @@ def max_abs(tensor: torch.Tensor) -> torch.Tensor:
     return torch.maximum(high, low.neg())
 
 
+def broadcast_over_batch(grad: torch.Tensor, rows: int, module: nn.Module) -> bool:
+    """Whether an output is shared by the whole batch rather than one row per sample (a rank's slice has
+    ``rows`` samples): a scalar; a leading size of 1 ((1, T, H) position embeddings) unless it is a recurrent
+    module's state ((layers, B, H)); no dimension of the slice's size at all ((T, H) position embeddings)."""
+    if grad.dim() == 0:
+        return True
+    if isinstance(module, nn.RNNBase) or grad.shape[0] == rows:
+        return False
+    if grad.shape[0] == 1:
+        return True
+    return rows not in grad.shape[1:]
+
+
 _Hooks = TypeVar("_Hooks", bound="HookStack")
 
 
@@ -90,10 +103,9 @@ class ActivationGradientRecorder(HookStack):
         self.rows = batch_rows
         """Samples in this rank's slice of the batch (under DDP/FSDP), or None."""
         self.shared: dict[tuple[int, int], torch.Tensor] = {}
-        """With ``batch_rows`` (a rank's slice under DDP/FSDP, more than one sample): copies of the gradients of
-        outputs with a leading size of 1 (or none), keyed by (call id, output index). Such an output (a position
-        embedding's (1, T, H)) is broadcast over the batch, so its gradient must be summed over ranks, not its
-        norm's squares."""
+        """With ``batch_rows`` (a rank's slice under DDP/FSDP): copies of the gradients of outputs broadcast over
+        the batch (:func:`broadcast_over_batch`), keyed by (call id, output index). Such an output (a position
+        embedding's) is shared by every sample, so its gradient must be summed over ranks, not its norm's squares."""
         self.calls: list[tuple[int, int]] = []
         """(module index, call index of that module) per forward call, in forward order."""
         self.norms: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -135,7 +147,8 @@ class ActivationGradientRecorder(HookStack):
     def _grad_hook(self, call_id: int) -> Any:
         def hook(grad: torch.Tensor | None) -> None:
             if grad is not None and grad.numel():  # cuDNN's fused RNN can hand a None gradient to an output
-                if self.rows is not None and (grad.dim() == 0 or (grad.shape[0] == 1 and self.rows > 1)):
+                module = self._modules[self.calls[call_id][0]]
+                if self.rows is not None and broadcast_over_batch(grad, self.rows, module):
                     self.shared[(call_id, len(self.norms[call_id]))] = grad.detach().clone()
                 self.norms[call_id].append(norm_and_max_abs(grad))
                 self.backward_order.append(call_id)

@@ -27,6 +27,7 @@ from gradcheck_cli.distributed import (
     PARAM_MAX,
     PARAM_NORM,
     Sharding,
+    collective_device,
     local,
     reduce_pieces,
     summed_over_ranks,
@@ -168,9 +169,9 @@ class StepRecorder(HookStack):
         recorder = self.activations
         if self._sharding is not None:  # every rank must send the same values: a loss and a NaN marker always
             if loss is not None and not isinstance(loss, torch.Tensor):
-                loss = torch.tensor(float(loss))
+                loss = torch.tensor(float(loss), device=collective_device())
             if loss_sentinel is None:
-                loss_sentinel = torch.full((), -1, dtype=torch.int64)
+                loss_sentinel = torch.full((), -1, dtype=torch.int64, device=collective_device())
         if self._sharding is not None:
             self._read_reduced_gradients()
         floats = [p for p in self._params if p.is_floating_point()]

@@ -119,6 +119,7 @@ class GradcheckTrainerCallback(TrainerCallback):
             thresholds=self.thresholds,
             start=state.global_step + 1,
             stop=self._request_stop,
+            data_parallel=True,  # the callback runs on every rank of a DDP run
         )
         watch.__enter__()
         self.watch = watch
@@ -131,13 +132,14 @@ class GradcheckTrainerCallback(TrainerCallback):
     ) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Remove every hook, close the history and the TensorBoard writer; safe to call more than once."""
+    def close(self, *, failed: bool = False) -> None:
+        """Remove every hook, close the history and the TensorBoard writer; safe to call more than once.
+        ``failed``: closing because of an error on this rank (no collective with the other ranks)."""
         if self._loss_hook is not None:
             self._loss_hook.remove()
             self._loss_hook = None
         if self.watch is not None:
-            self.watch.close()
+            self.watch.close(failed=failed)
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -145,7 +147,7 @@ class GradcheckTrainerCallback(TrainerCallback):
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown may have torn down what close() needs
-            self.close()
+            self.close(failed=True)  # never a collective from the garbage collector
 
     # ------------------------------------------------------------------ each step
 
@@ -171,7 +173,7 @@ class GradcheckTrainerCallback(TrainerCallback):
             self.close()
             raise
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
         if self._stop_requested:
             control.should_training_stop = True

@@ -106,6 +106,7 @@ class GradcheckCallback(Callback):
             thresholds=self.thresholds,
             start=trainer.global_step,
             stop=stop,
+            data_parallel=True,  # the callback runs on every rank of a DDP run
         )
         watch.__enter__()
         self.watch = watch
@@ -116,15 +117,16 @@ class GradcheckCallback(Callback):
         self.close()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.close()
+        self.close(failed=not isinstance(exception, GradientProblemError))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Remove the hooks and close the history; safe to call more than once."""
+    def close(self, *, failed: bool = False) -> None:
+        """Remove the hooks and close the history; safe to call more than once. ``failed``: closing because of
+        an error on this rank (no collective with the other ranks)."""
         if self.watch is not None:
-            self.watch.close()
+            self.watch.close(failed=failed)
         self._loss = None
 
     # ------------------------------------------------------------------ each step

@@ -482,11 +482,18 @@ def _unread_note(entries: Mapping[str, Any], accounted: set[str]) -> tuple[str, 
     )
 
 
-def load_dcp_sharded(
-    path: Path, *, model_spec: str | None, trust: bool, shard: Callable[[nn.Module], nn.Module]
-) -> tuple[nn.Module, nn.Module, LoadedModel]:
-    """Under torchrun with FSDP2: build the architecture, shard it (``shard``), then let every rank read only
-    its own pieces of the checkpoint into its shards. Returns (wrapped, module, LoadedModel of the module)."""
+@dataclasses.dataclass(frozen=True)
+class ShardedPlan:
+    """What every rank checks on its own before any collective: the metadata, the shards, the architecture."""
+
+    path: Path
+    metadata: Any
+    model: nn.Module
+    match: KeyMatch
+
+
+def plan_dcp_sharded(path: Path, *, model_spec: str | None, trust: bool) -> ShardedPlan:
+    """The rank-local part of a sharded load (no collective): read and check everything, build the model."""
     metadata = read_metadata(path, trust=trust)
     check_shards(path, metadata)
     entries: Mapping[str, Any] = metadata.state_dict_metadata
@@ -498,12 +505,20 @@ def load_dcp_sharded(
             "--model package.module:factory (or path/to/file.py:factory)"
         )
     model = build_model(model_spec)
-    match = match_keys(metadata, model, model.state_dict(), path)
+    return ShardedPlan(path, metadata, model, match_keys(metadata, model, model.state_dict(), path))
+
+
+def load_dcp_sharded(
+    plan: ShardedPlan, *, trust: bool, shard: Callable[[nn.Module], nn.Module]
+) -> tuple[nn.Module, LoadedModel]:
+    """Under torchrun with FSDP2, after every rank's plan succeeded: shard the architecture (``shard``), then
+    every rank reads only its own pieces of the checkpoint into its shards (``dcp.load``'s collectives)."""
+    path, metadata, model, match = plan.path, plan.metadata, plan.model, plan.match
     wrapped = shard(model)
     own = model.state_dict()  # after fully_shard: DTensor shards of this rank
     targets = {match.source[k]: (v.detach() if isinstance(v, torch.Tensor) else None) for k, v in own.items()}
-    load_into(path, metadata, targets, trust=trust, no_dist=False)  # each rank reads its shards in place
+    load_into(path, metadata, targets, trust=trust, no_dist=False)
     trained, counters, step_notes = _training_evidence(path, metadata, match, trust=trust)
-    unread = _unread_note(entries, {*targets, *match.optimizer, *counters})
+    unread = _unread_note(metadata.state_dict_metadata, {*targets, *match.optimizer, *counters})
     notes = (*match.notes, *step_notes, *unread, "each rank read only its own shards of the checkpoint")
-    return wrapped, model, LoadedModel(model, "dcp", notes, trained=trained)
+    return wrapped, LoadedModel(model, "dcp", notes, trained=trained)

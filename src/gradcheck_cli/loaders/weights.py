@@ -90,7 +90,9 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], allow
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
     if mismatch:
-        parts.append(f"shape mismatch at {mismatch}: checkpoint {_shape(state[mismatch])}, model {_shape(own[mismatch])}")
+        parts.append(
+            f"shape mismatch at {mismatch}: checkpoint {_shape(state[mismatch])}, model {_shape(own[mismatch])}"
+        )
     return "; ".join(parts)
 
 
