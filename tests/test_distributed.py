@@ -241,3 +241,17 @@ def test_fsdp_reads_a_dcp_checkpoint_shard_by_shard_and_matches_one_process(tmp_
     assert got[0][3] == pytest.approx(saved, rel=1e-5), "the checkpoint's weights, not the factory's"
     assert got[0][3] != pytest.approx(built, rel=1e-3)
     assert "each rank read only its own shards of the checkpoint" in measured["notes"]
+
+
+def test_under_the_real_torchrun_launcher(tmp_path: Path) -> None:
+    _checkpoint(tmp_path)
+    port = str(_free_port())
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+         "-m", "gradcheck_cli", "inspect", "w.pt", "--model", "nets.py:build", "--input", "b.pt",
+         "--distributed", "fsdp", "--format", "json", "--timeout", "60"],
+        cwd=tmp_path, env=CLI_ENV, text=True, capture_output=True, timeout=RANK_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # one JSON object: rank 1 printed nothing
+    assert report["status"] == "healthy" and len(report["layers"]) == 3
