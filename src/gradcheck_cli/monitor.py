@@ -28,6 +28,7 @@ from gradcheck_cli.history_log import Header, HistoryWriter
 from gradcheck_cli.history_rules import STOPPING, Assessment, Baseline, advance, assess
 from gradcheck_cli.probe import module_type, parametrised_modules, supports_module_hooks
 from gradcheck_cli.report import Problem, Severity
+from gradcheck_cli.rule_codes import TRAINING_LOSS_NON_FINITE
 from gradcheck_cli.rules import Thresholds
 from gradcheck_cli.watch_hooks import StepLog, StepRecorder
 
@@ -308,8 +309,16 @@ class Watch:
 
     def _react(self, assessment: Assessment) -> None:
         new = [p for p in assessment.problems if p not in self.onsets]
-        for problem in new:
-            self.onsets[problem] = assessment.step
+        for problem in new:  # dated as history dates it: a NaN loss's exact step, a divergence's first record
+            earlier = [
+                int(f.evidence[key])
+                for f in assessment.findings
+                if f.problem is problem and f.severity is Severity.ERROR
+                for key in ("from_step", "step")
+                if isinstance(f.evidence.get(key), int)
+                and (key == "from_step" or f.code == TRAINING_LOSS_NON_FINITE.code)
+            ]
+            self.onsets[problem] = min([assessment.step, *earlier])
         if not new:
             return
         message = describe(assessment)

@@ -1000,7 +1000,7 @@ def _end_labels(ax: Axes, x: float, labels: Sequence[tuple[str, float, str]]) ->
 def _integer_x(ax: Axes) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))  # the per-step panel is narrow: 4-digit steps
 
 
 def _gain_ok(row: dict[str, Any]) -> bool:
