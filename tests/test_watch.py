@@ -16,6 +16,7 @@ from gradcheck_cli import watch, watch_hooks
 from gradcheck_cli.history import history_report
 from gradcheck_cli.history_log import read_history
 from gradcheck_cli.monitor import GradientProblemError, GradientWarning, Watch
+from gradcheck_cli.report import Problem
 
 
 def tanh_mlp(depth: int = 4, width: int = 32, seed: int = 0) -> nn.Sequential:
@@ -595,3 +596,27 @@ def test_live_onsets_are_dated_like_the_history(tmp_path: Path) -> None:
     assert report.history is not None
     dated = {o.problem: o.step for o in report.history.onsets}
     assert {p.value: s for p, s in w.onsets.items()} == dated and dated["non_finite"] == 13
+
+
+@pytest.mark.parametrize(("bad_steps", "flagged"), [({2}, False), ({2, 3, 4}, True)])
+def test_a_grad_scaler_that_keeps_skipping_is_a_problem(bad_steps: set[int], flagged: bool) -> None:
+    model = tanh_mlp()
+    x, y = regression_data()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(), watch(model, every=1, scaler=scaler) as w:
+        warnings.simplefilter("ignore", GradientWarning)
+        for step in range(6):
+            out = model(x)
+            loss = nn.functional.mse_loss(out, y)
+            extra = (out * 0).abs().sqrt().sum() if step in bad_steps else 0.0  # finite loss, NaN gradient
+            scaler.scale(loss + extra).backward()
+            w.step(loss)
+            scaler.step(optimizer)  # skips the steps whose gradients are NaN, and lowers the scale
+            scaler.update()
+            optimizer.zero_grad()
+    first = w.records[2]
+    assert not first.problems and any(f.code == "GC003" and f.severity.value == "info" for f in first.findings)
+    assert (Problem.NON_FINITE in w.onsets) is flagged, "one skipped step is the scaler at work; three are not"
+    if flagged:
+        assert w.onsets[Problem.NON_FINITE] == 4

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gradcheck_cli.loss import LossChoice
@@ -83,6 +84,8 @@ class Baseline:
     first_loss: float | None = None
     rising: list[int] = field(default_factory=list)
     """Steps of the records just before this one whose loss was above ``LOSS_RISE`` × the median."""
+    overflows: int = 0
+    """Records in a row, up to the last one, whose NaN/Inf gradients a GradScaler skipped."""
 
     def reference_norm(self) -> float | None:
         return statistics.median(self.norms) if len(self.norms) >= MIN_REFERENCE else None
@@ -105,6 +108,7 @@ def loss_risen(log: StepLog, baseline: Baseline) -> bool:
 
 def advance(baseline: Baseline, log: StepLog, assessment: Assessment) -> None:
     """Count the record into the baseline when it was healthy; keep the run of risen losses."""
+    baseline.overflows = baseline.overflows + 1 if overflowed(assessment.findings) else 0
     risen = loss_risen(log, baseline)
     baseline.rising = [*baseline.rising, log.step] if risen else []
     # a vanishing record still counts: a run that vanishes throughout must still be able to spike or diverge
@@ -188,6 +192,8 @@ def assess(
         ]
     if scaler:
         findings = [_handled_overflow(f, log) for f in findings]
+        if overflowed(findings) and (baseline.overflows + 1 >= PERSIST or (log.scale is not None and log.scale < 1)):
+            findings.append(_lasting_overflow(log, baseline.overflows + 1))
     total = log.total_norm
     reference = baseline.reference_norm()
     recent = list(baseline.norms)
@@ -259,6 +265,26 @@ def _largest_layer(log: StepLog) -> str | None:
         default=None,
     )
     return None if best is None else best.name
+
+
+def overflowed(findings: Sequence[Finding]) -> bool:
+    """Whether a GradScaler skipped this record's step (its NaN/Inf gradients read as information)."""
+    return any(f.code == NON_FINITE_GRADIENT.code and f.severity is Severity.INFO for f in findings)
+
+
+def _lasting_overflow(log: StepLog, records: int) -> Finding:
+    """A GradScaler that keeps skipping: the gradients overflow whatever the scale, and nothing trains."""
+    scale = f"{log.scale:g}" if log.scale is not None else "unknown"
+    return Finding(
+        NON_FINITE_GRADIENT.code,
+        NON_FINITE_GRADIENT.name,
+        Severity.ERROR,
+        Problem.NON_FINITE,
+        log.first_non_finite,
+        f"step {log.step}: the GradScaler skipped {records} recorded step(s) in a row and its scale is {scale}: "
+        "the gradients are NaN/Inf whatever the scale, so the optimiser is not stepping",
+        {"step": log.step, "skipped_records": records, "scale": log.scale},
+    )
 
 
 def _handled_overflow(finding: Finding, log: StepLog) -> Finding:
