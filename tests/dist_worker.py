@@ -121,6 +121,8 @@ def main() -> None:
                     scaler.unscale_(optimizer)
                 else:
                     loss.backward()
+                if task == "watch-clip":  # clipping before step() must not hide the norm, distributed or not
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=1e-6)
                 given: torch.Tensor | float = loss
                 if task == "watch-nan" and rank == 1 and step == 1:
                     given = float("nan")  # a float loss, NaN on one rank only

@@ -99,7 +99,16 @@ def test_check_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, 
     assert any(f"distributed ({mode}, 2 ranks)" in note for note in measured["notes"])
 
 
-@pytest.mark.parametrize(("mode", "task"), [("ddp", "watch-mlp"), ("fsdp", "watch-mlp"), ("ddp", "watch-scaler")])
+@pytest.mark.parametrize(
+    ("mode", "task"),
+    [
+        ("ddp", "watch-mlp"),
+        ("fsdp", "watch-mlp"),
+        ("ddp", "watch-scaler"),
+        ("ddp", "watch-clip"),
+        ("fsdp", "watch-clip"),
+    ],
+)
 def test_watch_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, task: str) -> None:
     reference = single(task, tmp_path)
     measured = sharded(mode, task, tmp_path)

@@ -151,6 +151,29 @@ class StepRecorder(HookStack):
         peaks = [max_abs(t.detach()) for t in float_leaves(output) if t.numel()]
         if peaks:
             self.root_output_max.append(torch.stack(peaks).max())
+        if self._sharding is not None:  # learn when this forward's backward starts
+            leaf = next((t for t in float_leaves(output) if t.requires_grad), None)
+            if leaf is not None:
+                handle = leaf.register_hook(self._backward_started)
+                self._stack.callback(handle.remove)
+
+    def _backward_started(self, grad: torch.Tensor) -> None:
+        """Queue a read of the reduced gradients for the very end of this backward pass.
+
+        DDP and FSDP2 finish their reduction in callbacks they queue during backward; a callback queued now
+        would run before theirs, so it queues the read again, which then runs after them all: the gradients
+        are reduced (DDP's average, FSDP2's shard) and not yet clipped by anything the loop does afterwards.
+        """
+        engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+        engine.queue_callback(lambda: engine.queue_callback(self._take_reduced_gradients))
+
+    def _take_reduced_gradients(self) -> None:
+        for index, p in enumerate(self._params):
+            if p.grad is not None and p.is_floating_point():
+                if index not in self.param_norms:
+                    self.param_order.append(index)
+                self.param_norms[index] = norm_and_max_abs(local(p.grad.detach()))  # the last backward's: the sum
+        self.backward_passes += 1
 
     def read(
         self,
@@ -172,8 +195,10 @@ class StepRecorder(HookStack):
                 loss = torch.tensor(float(loss), device=collective_device())
             if loss_sentinel is None:
                 loss_sentinel = torch.full((), -1, dtype=torch.int64, device=collective_device())
-        if self._sharding is not None:
-            self._read_reduced_gradients()
+        if self._sharding is not None and not self.backward_passes:
+            self._read_reduced_gradients()  # no backward seen through the root (e.g. no module hooks): read now
+        elif self._sharding is not None:
+            param_scaled = True  # taken at the end of backward, before any scaler.unscale_
         floats = [p for p in self._params if p.is_floating_point()]
         pieces: list[torch.Tensor] = []
         kinds: list[str] = []
@@ -268,8 +293,8 @@ class StepRecorder(HookStack):
         return _with_origin(log, self._first_bad_backward(recorder, per_call), self._first_bad_parameter(grad_of))
 
     def _read_reduced_gradients(self) -> None:
-        """Under DDP/FSDP: each parameter's gradient as the framework left it after its reduction (FSDP2: this
-        rank's shard), read at ``step()``; micro-batches are the root module's calls."""
+        """Under DDP/FSDP when no backward was seen starting: each parameter's gradient as the framework left it
+        (FSDP2: this rank's shard), read at ``step()``; micro-batches are the root module's calls."""
         for index, p in enumerate(self._params):
             if p.grad is not None and p.is_floating_point():
                 self.param_order.append(index)
