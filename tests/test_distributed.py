@@ -264,3 +264,24 @@ def test_under_the_real_torchrun_launcher(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)  # one JSON object: rank 1 printed nothing
     assert report["status"] == "healthy" and len(report["layers"]) == 3
+
+
+def test_hf_trainer_under_ddp_records_the_unclipped_reduced_norm(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from gradcheck_cli.history_log import read_history
+
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         TESTS_DIR / "hf_ddp_worker.py", out],
+        env=CLI_ENV, text=True, capture_output=True, timeout=RANK_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logged = {int(k): v for k, v in json.loads((out / "logged.json").read_text()).items()}
+    history = read_history(out / "grads.jsonl")
+    assert [r.step for r in history.records] == [1, 2, 3]
+    for record in history.records:  # the Trainer clips at 1e-6 and logs the norm clip_grad_norm_ returned
+        assert record.total_norm == pytest.approx(logged[record.step], rel=1e-4)
+        assert record.total_norm > 0.1

@@ -234,8 +234,8 @@ class Watch:
         else:
             notes.append(
                 f"distributed ({self.sharding.mode}, {self.sharding.world} ranks): parameter gradients are read at "
-                "step() as the framework reduced them (clip after step() to record them unclipped); every norm is "
-                "reduced across ranks to the whole batch's; rank 0 writes the log"
+                "the end of backward as the framework reduced them, before any clipping; every norm is reduced "
+                "across ranks to the whole batch's; rank 0 writes the log"
             )
         return tuple(notes)
 
