@@ -620,3 +620,25 @@ def test_a_grad_scaler_that_keeps_skipping_is_a_problem(bad_steps: set[int], fla
     assert (Problem.NON_FINITE in w.onsets) is flagged, "one skipped step is the scaler at work; three are not"
     if flagged:
         assert w.onsets[Problem.NON_FINITE] == 4
+
+
+def test_a_log_written_by_two_processes_says_so(tmp_path: Path) -> None:
+    log = tmp_path / "grads.jsonl"
+    model = tanh_mlp()
+    with watch(model, every=1, log=log) as w:
+        train(model, w, 3)
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], lines[1], lines[2], lines[1], lines[2], lines[3]]) + "\n")  # interleaved
+    report = history_report(log)
+    assert any("several processes may have written this run" in note for note in report.notes)
+
+
+def test_a_compiled_model_is_not_called_torchscript() -> None:
+    x, y = regression_data()
+    model = torch.compile(tanh_mlp(), backend="aot_eager")
+    with watch(model, every=1) as w:
+        nn.functional.mse_loss(model(x), y).backward()
+        assessment = w.step()
+    assert assessment is not None
+    gc006 = next(f for f in assessment.findings if f.code == "GC006")
+    assert "torch.compile" in gc006.message and "TorchScript" not in gc006.message

@@ -9,6 +9,7 @@ the healthy part of the run suggests.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Sequence
@@ -337,6 +338,13 @@ def _notes(history: History, records: Sequence[StepLog]) -> list[str]:
     if any(r.loss is None for r in records):
         notes.append(
             "no loss was given to step(); pass it (w.step(loss)) to record it and to catch NaN/Inf between records"
+        )
+    backwards = sum(1 for a, b in itertools.pairwise(records) if b.step <= a.step)
+    if backwards:
+        notes.append(
+            f"the steps go back {backwards} time(s): several processes may have written this run (under DDP pass "
+            "the wrapped model, or data_parallel=True, so that rank 0 alone writes) or the step counter was reset; "
+            "onsets are read in file order"
         )
     notes.append(
         "to find the fix for a problem that began at a step, save a checkpoint there and run "

@@ -27,6 +27,7 @@ from gradcheck_cli.report import Finding, Problem, Severity
 from gradcheck_cli.rule_codes import (
     NO_GRADIENT,
     NON_FINITE_GRADIENT,
+    PARAMETER_GRADIENTS_ONLY,
     TRAINING_LOSS_DIVERGENCE,
     TRAINING_LOSS_NON_FINITE,
     TRAINING_SPIKE,
@@ -176,7 +177,7 @@ def assess(
 ) -> Assessment:
     """Apply ``inspect``'s rules to the record, then the rules over time against the healthy records before it."""
     diagnosis = diagnose(probe_result(log), thresholds)
-    findings = list(diagnosis.findings)
+    findings = [_watched_wording(f) for f in diagnosis.findings]
     if all(layer.grad is None and all(c is None for c in layer.calls) for layer in log.layers):
         findings = [
             Finding(
@@ -265,6 +266,22 @@ def _largest_layer(log: StepLog) -> str | None:
         default=None,
     )
     return None if best is None else best.name
+
+
+def _watched_wording(finding: Finding) -> Finding:
+    """GC006 as a watch sees it: hooks are off for a torch.compile'd model, not only for TorchScript."""
+    if finding.code != PARAMETER_GRADIENTS_ONLY.code:
+        return finding
+    return Finding(
+        finding.code,
+        finding.name,
+        finding.severity,
+        finding.problem,
+        finding.layer,
+        "activation gradients were not recorded (a torch.compile'd model, or one whose module hooks cannot fire), "
+        "so the path is followed through ‖∂L/∂W‖/‖W‖ per layer; deep ReLU or linear stacks can hide vanishing there",
+        finding.evidence,
+    )
 
 
 def overflowed(findings: Sequence[Finding]) -> bool:
