@@ -91,13 +91,11 @@ def _check_sharded_dcp(request: InspectRequest, device: torch.device) -> Report:
     """FSDP2 over a DCP directory: shard the architecture first, then each rank reads only its own shards."""
     from gradcheck_cli.distributed import agreed, split_batch
     from gradcheck_cli.launch import rank, world, wrap
-    from gradcheck_cli.loaders.dcp import load_dcp_sharded, plan_dcp_sharded
+    from gradcheck_cli.loaders.dcp import load_dcp_sharded, plan_dcp
 
     assert request.checkpoint is not None
     path = request.checkpoint
-    plan = agreed(
-        "reading the checkpoint", lambda: plan_dcp_sharded(path, model_spec=request.model_spec, trust=request.trust)
-    )
+    plan = agreed("reading the checkpoint", lambda: plan_dcp(path, model_spec=request.model_spec, trust=request.trust))
     wrapped, loaded = agreed(
         "loading the sharded checkpoint",
         lambda: load_dcp_sharded(plan, trust=request.trust, shard=lambda m: wrap(m.to(device), "fsdp", device)),

@@ -410,8 +410,19 @@ def _entries(count: int) -> str:
 # --------------------------------------------------------------------------- the one-process path
 
 
-def load_dcp_directory(path: Path, *, model_spec: str | None, trust: bool) -> LoadedModel:
-    """Load a DCP directory into the ``--model`` architecture, in this process."""
+@dataclasses.dataclass(frozen=True)
+class DcpPlan:
+    """What a load checks before reading any tensor (no collective): the metadata, the shards, the architecture,
+    and which checkpoint entry each of the model's keys comes from."""
+
+    path: Path
+    metadata: Any
+    model: nn.Module
+    match: KeyMatch
+
+
+def plan_dcp(path: Path, *, model_spec: str | None, trust: bool) -> DcpPlan:
+    """Read and check the metadata and the shard files, build the ``--model`` architecture, match the keys."""
     metadata = read_metadata(path, trust=trust)
     check_shards(path, metadata)
     entries: Mapping[str, Any] = metadata.state_dict_metadata
@@ -423,18 +434,32 @@ def load_dcp_directory(path: Path, *, model_spec: str | None, trust: bool) -> Lo
             "--model package.module:factory (or path/to/file.py:factory)"
         )
     model = build_model(model_spec)
-    own = model.state_dict()
-    match = match_keys(metadata, model, own, path)
-    targets = {match.source[k]: (v.detach() if isinstance(v, torch.Tensor) else None) for k, v in own.items()}
-    load_into(path, metadata, targets, trust=trust)  # tensors land in the model's own storage
-    loaded = {k: targets[match.source[k]] for k in own}
+    return DcpPlan(path, metadata, model, match_keys(metadata, model, model.state_dict(), path))
+
+
+def _targets(plan: DcpPlan) -> dict[str, Any]:
+    """Checkpoint key → the model's own tensor (a DTensor shard once sharded) to load it into."""
+    own = plan.model.state_dict()
+    return {plan.match.source[k]: (v.detach() if isinstance(v, torch.Tensor) else None) for k, v in own.items()}
+
+
+def _loaded(plan: DcpPlan, targets: Mapping[str, Any], *, trust: bool, notes: tuple[str, ...] = ()) -> LoadedModel:
+    trained, counters, step_notes = _training_evidence(plan.path, plan.metadata, plan.match, trust=trust)
+    unread = _unread_note(plan.metadata.state_dict_metadata, {*targets, *plan.match.optimizer, *counters})
+    return LoadedModel(plan.model, "dcp", (*plan.match.notes, *step_notes, *unread, *notes), trained=trained)
+
+
+def load_dcp_directory(path: Path, *, model_spec: str | None, trust: bool) -> LoadedModel:
+    """Load a DCP directory into the ``--model`` architecture, in this process."""
+    plan = plan_dcp(path, model_spec=model_spec, trust=trust)
+    targets = _targets(plan)
+    load_into(path, plan.metadata, targets, trust=trust)  # tensors land in the model's own storage
+    loaded = {key: targets[source] for key, source in plan.match.source.items()}
     try:
-        model.load_state_dict(loaded, strict=True)  # runs set_extra_state and the modules' load hooks
+        plan.model.load_state_dict(loaded, strict=True)  # runs set_extra_state and the modules' load hooks
     except Exception as exc:
         raise CheckpointError(f"the weights in {path} do not fit the --model architecture: {first_line(exc)}") from None
-    trained, counters, step_notes = _training_evidence(path, metadata, match, trust=trust)
-    unread = _unread_note(entries, {*targets, *match.optimizer, *counters})
-    return LoadedModel(model, "dcp", match.notes + step_notes + unread, trained=trained)
+    return _loaded(plan, targets, trust=trust)
 
 
 def _training_evidence(
@@ -482,43 +507,12 @@ def _unread_note(entries: Mapping[str, Any], accounted: set[str]) -> tuple[str, 
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardedPlan:
-    """What every rank checks on its own before any collective: the metadata, the shards, the architecture."""
-
-    path: Path
-    metadata: Any
-    model: nn.Module
-    match: KeyMatch
-
-
-def plan_dcp_sharded(path: Path, *, model_spec: str | None, trust: bool) -> ShardedPlan:
-    """The rank-local part of a sharded load (no collective): read and check everything, build the model."""
-    metadata = read_metadata(path, trust=trust)
-    check_shards(path, metadata)
-    entries: Mapping[str, Any] = metadata.state_dict_metadata
-    if not entries:
-        raise CheckpointError(f"{path} is a DCP checkpoint with no entries")
-    if model_spec is None:
-        raise CheckpointError(
-            f"{path} holds weights only ({len(entries)} entries); name the architecture with "
-            "--model package.module:factory (or path/to/file.py:factory)"
-        )
-    model = build_model(model_spec)
-    return ShardedPlan(path, metadata, model, match_keys(metadata, model, model.state_dict(), path))
-
-
 def load_dcp_sharded(
-    plan: ShardedPlan, *, trust: bool, shard: Callable[[nn.Module], nn.Module]
+    plan: DcpPlan, *, trust: bool, shard: Callable[[nn.Module], nn.Module]
 ) -> tuple[nn.Module, LoadedModel]:
     """Under torchrun with FSDP2, after every rank's plan succeeded: shard the architecture (``shard``), then
     every rank reads only its own pieces of the checkpoint into its shards (``dcp.load``'s collectives)."""
-    path, metadata, model, match = plan.path, plan.metadata, plan.model, plan.match
-    wrapped = shard(model)
-    own = model.state_dict()  # after fully_shard: DTensor shards of this rank
-    targets = {match.source[k]: (v.detach() if isinstance(v, torch.Tensor) else None) for k, v in own.items()}
-    load_into(path, metadata, targets, trust=trust, no_dist=False)
-    trained, counters, step_notes = _training_evidence(path, metadata, match, trust=trust)
-    unread = _unread_note(metadata.state_dict_metadata, {*targets, *match.optimizer, *counters})
-    notes = (*match.notes, *step_notes, *unread, "each rank read only its own shards of the checkpoint")
-    return wrapped, LoadedModel(model, "dcp", notes, trained=trained)
+    wrapped = shard(plan.model)
+    targets = _targets(plan)  # after fully_shard: DTensor shards of this rank
+    load_into(plan.path, plan.metadata, targets, trust=trust, no_dist=False)
+    return wrapped, _loaded(plan, targets, trust=trust, notes=("each rank read only its own shards of the checkpoint",))
