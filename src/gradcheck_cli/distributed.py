@@ -237,7 +237,14 @@ def agreed(what: str, run: Callable[[], T]) -> T:
 
 
 def split_batch(value: Any, rank: int, world: int) -> Any:
-    """This rank's equal slice (dim 0) of every tensor in a batch (tensor, tuple/list, dict)."""
+    """This rank's equal slice (dim 0) of every tensor in a batch (tensor, tuple/list, dict, or a ready Batch)."""
+    from gradcheck_cli.batch import Batch
+
+    if isinstance(value, Batch):
+        return Batch(
+            args=split_batch(value.args, rank, world), kwargs=split_batch(value.kwargs, rank, world),
+            target=split_batch(value.target, rank, world),
+        )  # fmt: skip
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             return value

@@ -53,6 +53,14 @@ class StopTraining(Exception):
     """``on_problem='stop'``: raised by ``step()`` and swallowed by the ``with`` block, which ends cleanly."""
 
 
+def check_arguments(every: object, on_problem: object) -> None:
+    """``every`` a positive int and ``on_problem`` one of :data:`POLICIES`, else a ValueError saying so."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int (record every N-th step), not {every!r}")
+    if on_problem not in POLICIES:
+        raise ValueError(f"on_problem must be one of {', '.join(POLICIES)}, not {on_problem!r}")
+
+
 def compiled(model: nn.Module) -> bool:
     """Whether ``torch.compile`` wraps the model or any submodule (module hooks would force recompiles)."""
     if type(model).__name__ == "OptimizedModule":
@@ -85,10 +93,7 @@ class Watch:
         assume_data_parallel = data_parallel
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() needs a torch.nn.Module, not {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int (record every N-th step), not {every!r}")
-        if on_problem not in POLICIES:
-            raise ValueError(f"on_problem must be one of {', '.join(POLICIES)}, not {on_problem!r}")
+        check_arguments(every, on_problem)
         self.sharding = detect_sharding(model) or (replica() if assume_data_parallel else None)
         """DDP/FSDP2 inside a process group: every rank records, the numbers are reduced across ranks."""
         self.model = _eager(model)

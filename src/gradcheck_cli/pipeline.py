@@ -103,12 +103,7 @@ def _check_sharded_dcp(request: InspectRequest, device: torch.device) -> Report:
 
     def local_batch() -> tuple[Batch, str]:
         whole, source = _choose_batch(request, loaded)
-        r, w = rank(), world()
-        part = Batch(
-            args=split_batch(whole.args, r, w), kwargs=split_batch(whole.kwargs, r, w),
-            target=split_batch(whole.target, r, w),
-        )  # fmt: skip
-        return part.to(device), source
+        return split_batch(whole, rank(), world()).to(device), source
 
     batch, batch_source = agreed("loading and splitting the batch", local_batch)
     return check(
@@ -127,14 +122,7 @@ def _check_distributed(
     assert request.distributed is not None
     mode = request.distributed
 
-    def slice_of_batch() -> Batch:
-        r, w = rank(), world()
-        return Batch(
-            args=split_batch(batch.args, r, w), kwargs=split_batch(batch.kwargs, r, w),
-            target=split_batch(batch.target, r, w),
-        )  # fmt: skip
-
-    local = agreed("splitting the batch", slice_of_batch)
+    local = agreed("splitting the batch", lambda: split_batch(batch, rank(), world()))
     wrapped = agreed(f"wrapping the model ({mode})", lambda: wrap(model, mode, device))
     return check(
         wrapped,

@@ -61,7 +61,7 @@ except ImportError:  # pragma: no cover - the extra is not installed
 
 from gradcheck_cli.history_rules import Assessment
 from gradcheck_cli.integrations import scalars
-from gradcheck_cli.monitor import POLICIES, GradientProblemError, Watch
+from gradcheck_cli.monitor import GradientProblemError, Watch, check_arguments
 from gradcheck_cli.rules import Thresholds
 
 __all__ = ["GradcheckTrainerCallback"]
@@ -83,10 +83,7 @@ class GradcheckTrainerCallback(TrainerCallback):
         on_problem: str = "warn",
         thresholds: Thresholds | None = None,
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int (record every N-th step), not {every!r}")
-        if on_problem not in POLICIES:
-            raise ValueError(f"on_problem must be one of {', '.join(POLICIES)}, not {on_problem!r}")
+        check_arguments(every, on_problem)
         self.every = every
         self.log_path = None if log is None else Path(log)
         self.on_problem = on_problem

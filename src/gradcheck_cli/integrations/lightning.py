@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - the older package name
 
 from gradcheck_cli.history_rules import Assessment
 from gradcheck_cli.integrations import scalars
-from gradcheck_cli.monitor import POLICIES, GradientProblemError, Watch, scale_of
+from gradcheck_cli.monitor import GradientProblemError, Watch, check_arguments, scale_of
 from gradcheck_cli.rules import Thresholds
 
 __all__ = ["GradcheckCallback"]
@@ -74,10 +74,7 @@ class GradcheckCallback(Callback):
         thresholds: Thresholds | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int (record every N-th step), not {every!r}")
-        if on_problem not in POLICIES:
-            raise ValueError(f"on_problem must be one of {', '.join(POLICIES)}, not {on_problem!r}")
+        check_arguments(every, on_problem)
         self.every = every
         self.log_path = None if log is None else Path(log)
         """The history file (not ``self.log``: Lightning sets that to the module's ``log`` on every callback)."""
