@@ -5,6 +5,7 @@ history (OUT/grads.jsonl) and the grad_norm values the Trainer logged (OUT/logge
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -50,3 +51,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # as in dist_worker.py: gloo in torch 2.13 can abort a rank during interpreter teardown after all work is done
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
