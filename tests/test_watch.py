@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cli_support import run_cli
-from gradcheck_cli import watch, watch_hooks
+from gradcheck_cli import readout, watch, watch_hooks
 from gradcheck_cli.history import history_report
 from gradcheck_cli.history_log import read_history
 from gradcheck_cli.monitor import GradientProblemError, GradientWarning, Watch
@@ -161,8 +161,8 @@ def test_hooks_exist_only_for_recorded_steps_and_none_after(monkeypatch: pytest.
     model = tanh_mlp()
     before = hook_count(model)
     reads = []
-    real = watch_hooks.to_host
-    monkeypatch.setattr(watch_hooks, "to_host", lambda tensors: reads.append(len(tensors)) or real(tensors))
+    real = readout.to_host
+    monkeypatch.setattr(readout, "to_host", lambda tensors: reads.append(len(tensors)) or real(tensors))
     x, y = regression_data()
     armed_at = []
     with watch(model, every=3) as w:

@@ -53,8 +53,8 @@ from gradcheck_cli.probe import (
     module_type,
     set_mode,
     supports_module_hooks,
-    to_host,
 )
+from gradcheck_cli.readout import to_host
 from gradcheck_cli.recorder import HookStack
 from gradcheck_cli.report_sections import NonFiniteOrigin, TensorSummary
 

@@ -15,24 +15,21 @@ from torch import nn
 from gradcheck_cli.activations import ActivationRecorder, ActivationTotals
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.distributed import (
-    ACT_MAX,
     ACT_NORM,
     MAX,
     MEAN,
-    NONE,
     PARAM_COUNT,
     PARAM_MAX,
     PARAM_NORM,
     agreed,
     is_dtensor,
     local,
-    reduce_pieces,
-    summed_over_ranks,
 )
 from gradcheck_cli.distributed import current as current_sharding
 from gradcheck_cli.errors import BatchError, first_line
 from gradcheck_cli.loss import LossChoice, choose_loss, float_leaves
 from gradcheck_cli.precision import BINS, NON_FINITE_BIN, grouped_histograms
+from gradcheck_cli.readout import Readout
 from gradcheck_cli.recorder import ActivationGradientRecorder, max_abs, norm_and_max_abs
 
 
@@ -385,25 +382,14 @@ def _collect(
     float_params = [p for p in params if p.is_floating_point()]
     with_grad = [p for p in float_params if p.grad is not None]
     grads = [local(p.grad) for p in with_grad if p.grad is not None]
-    pieces: list[torch.Tensor] = []
-    kinds: list[str] = []
-
-    def add(tensors: list[torch.Tensor], kind: str) -> None:
-        pieces.extend(tensors)
-        kinds.extend([kind] * len(tensors))
-
+    readout = Readout()
+    add = readout.add
     add(list(torch._foreach_norm([local(p.detach()) for p in float_params])) if float_params else [], PARAM_NORM)
     grad_pairs = [norm_and_max_abs(g) for g in grads]
     add([l2 for l2, _ in grad_pairs], PARAM_NORM)
     add([peak for _, peak in grad_pairs], PARAM_MAX)
-    shared = summed_over_ranks(recorder, current_sharding())
-    act = [shared.get((call_id, k), pair) for call_id, call in enumerate(recorder.norms) for k, pair in enumerate(call)]
-    for (call_id, k), (l2, peak) in zip(
-        [(c, k) for c, call in enumerate(recorder.norms) for k in range(len(call))], act, strict=True
-    ):
-        summed = (call_id, k) in shared  # already the whole batch's: nothing more to reduce
-        add([l2], NONE if summed else ACT_NORM)
-        add([peak], NONE if summed else ACT_MAX)
+    sharding = current_sharding()
+    act_pairs = readout.add_activation_gradients(recorder, sharding)
     add(output_max, MAX)
     add([loss.reshape(())], MEAN)
     timed = sorted(recorder.time_norms)
@@ -412,24 +398,12 @@ def _collect(
     add([hist], PARAM_COUNT)
     activation_values = activations.device_tensors()
     add(activation_values, MEAN)
-    sharding = current_sharding()
-    if sharding is not None:
-        pieces = reduce_pieces(pieces, kinds, sharding)
-        hist = pieces[kinds.index(PARAM_COUNT)]
-    values = to_host(pieces)
-
-    cursor = 0
-
-    def take(count: int) -> list[float]:
-        nonlocal cursor
-        out = values[cursor : cursor + count]
-        cursor += count
-        return out
+    take = readout.read(sharding).take
 
     weight_norm = dict(zip(map(id, float_params), take(len(float_params)), strict=True))
     grad_l2 = dict(zip(map(id, with_grad), take(len(with_grad)), strict=True))
     grad_max = dict(zip(map(id, with_grad), take(len(with_grad)), strict=True))
-    act_values = take(2 * len(act))
+    act_values = take(2 * act_pairs)
     out_values = take(len(output_max))
     loss_value = take(1)[0]
     time_of = {call_id: tuple(take(recorder.time_norms[call_id].numel())) for call_id in timed}
@@ -504,25 +478,6 @@ def _layer_histograms(
     for members, owners in by_device.values():
         total += grouped_histograms(members, owners, len(named)).to(device)
     return total
-
-
-def to_host(tensors: list[torch.Tensor]) -> list[float]:
-    """Every element of ``tensors``, flattened in order, with one synchronisation per device.
-
-    Models on one device (the usual case) cost exactly one device-to-host copy.
-    """
-    by_device: dict[torch.device, list[int]] = {}
-    for index, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(index)
-    chunks: list[list[float]] = [[] for _ in tensors]
-    for indices in by_device.values():
-        flat = torch.cat([tensors[i].reshape(-1).to(torch.float64) for i in indices]).tolist()
-        start = 0
-        for i in indices:
-            end = start + tensors[i].numel()
-            chunks[i] = flat[start:end]
-            start = end
-    return [value for chunk in chunks for value in chunk]
 
 
 def _combine(pairs: list[tuple[float, float]]) -> Norm | None:

@@ -18,8 +18,6 @@ import torch
 from torch import nn
 
 from gradcheck_cli.distributed import (
-    ACT_MAX,
-    ACT_NORM,
     FIRST,
     MAX,
     MEAN,
@@ -29,11 +27,10 @@ from gradcheck_cli.distributed import (
     Sharding,
     collective_device,
     local,
-    reduce_pieces,
-    summed_over_ranks,
 )
 from gradcheck_cli.loss import float_leaves
-from gradcheck_cli.probe import module_type, to_host
+from gradcheck_cli.probe import module_type
+from gradcheck_cli.readout import Readout
 from gradcheck_cli.recorder import ActivationGradientRecorder, HookStack, max_abs, norm_and_max_abs
 
 
@@ -200,24 +197,14 @@ class StepRecorder(HookStack):
         elif self._sharding is not None:
             param_scaled = True  # taken at the end of backward, before any scaler.unscale_
         floats = [p for p in self._params if p.is_floating_point()]
-        pieces: list[torch.Tensor] = []
-        kinds: list[str] = []
-
-        def add(tensors: list[torch.Tensor], kind: str) -> None:
-            pieces.extend(tensors)
-            kinds.extend([kind] * len(tensors))
-
+        readout = Readout()
+        add = readout.add
         add(list(torch._foreach_norm([local(p.detach()) for p in floats])) if floats else [], PARAM_NORM)
         grad_ids = sorted(self.param_norms)
         for i in grad_ids:
             add([self.param_norms[i][0]], PARAM_NORM)
             add([self.param_norms[i][1]], PARAM_MAX)
-        shared = summed_over_ranks(recorder, self._sharding)
-        keys = [(c, k) for c, call in enumerate(recorder.norms) for k in range(len(call))]
-        act = [shared.get(key, recorder.norms[key[0]][key[1]]) for key in keys]
-        for key, (l2, peak) in zip(keys, act, strict=True):
-            add([l2], NONE if key in shared else ACT_NORM)
-            add([peak], NONE if key in shared else ACT_MAX)
+        act_pairs = readout.add_activation_gradients(recorder, self._sharding)
         add(recorder.output_max, MAX)
         add(self.root_output_max, MAX)
         extra = {"loss": loss, "scale": scale, "sentinel": loss_sentinel}
@@ -225,22 +212,12 @@ class StepRecorder(HookStack):
         reductions = {"loss": MEAN, "scale": NONE, "sentinel": FIRST}
         for name, value in tensors.items():
             add([value.detach().float().mean().reshape(1)], reductions[name])
-        if self._sharding is not None and pieces:
-            pieces = reduce_pieces(pieces, kinds, self._sharding)
-        values = to_host(pieces) if pieces else []
-
-        cursor = 0
-
-        def take(count: int) -> list[float]:
-            nonlocal cursor
-            out = values[cursor : cursor + count]
-            cursor += count
-            return out
+        take = readout.read(self._sharding).take
 
         weight_of = dict(zip(map(id, floats), take(len(floats)), strict=True))
         grad_values = take(2 * len(grad_ids))
         grad_of = {i: (grad_values[2 * k], grad_values[2 * k + 1]) for k, i in enumerate(grad_ids)}
-        act_values = take(2 * len(act))
+        act_values = take(2 * act_pairs)
         call_out = take(len(recorder.output_max))
         root_out = take(len(self.root_output_max))
         read = dict(zip(tensors, take(len(tensors)), strict=True))
