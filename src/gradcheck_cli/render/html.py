@@ -426,19 +426,7 @@ def _run(report: Report) -> str:
             else "parameter gradients ‖∂L/∂W‖/‖W‖ (module hooks could not fire)",
         ),
     ]
-    if report.thresholds:
-        rows.append(
-            (
-                "thresholds",
-                " · ".join(
-                    f"{_e(key.replace('_', ' '))} {_num(value, 'g')}" for key, value in report.thresholds.items()
-                ),
-            )
-        )
-    versions = [f"gradcheck {_e(run.gradcheck_version)}" if run.gradcheck_version else ""]
-    versions.append(f"torch {_e(run.torch_version)}" if run.torch_version else "")
-    if any(versions):
-        rows.append(("versions", " · ".join(v for v in versions if v)))
+    rows += _thresholds_and_versions(report)
     if report.timing:
         rows.append(("timing", " · ".join(f"{_e(k)} {v:.2g} s" for k, v in report.timing.items())))
     return '<dl class="run">' + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
@@ -467,19 +455,7 @@ def _history_run(report: Report, history: TrainingHistory) -> str:
     ]
     if history.earlier_runs:
         rows.append(("runs in the file", f"{history.earlier_runs + 1}; this report reads the last"))
-    if report.thresholds:
-        rows.append(
-            (
-                "thresholds",
-                " · ".join(
-                    f"{_e(key.replace('_', ' '))} {_num(value, 'g')}" for key, value in report.thresholds.items()
-                ),
-            )
-        )
-    versions = [f"gradcheck {_e(run.gradcheck_version)}" if run.gradcheck_version else ""]
-    versions.append(f"torch {_e(run.torch_version)}" if run.torch_version else "")
-    if any(versions):
-        rows.append(("versions", " · ".join(v for v in versions if v)))
+    rows += _thresholds_and_versions(report)
     return '<dl class="run">' + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
 
 
@@ -1078,3 +1054,23 @@ def _layer_row(index: int, k: int, layer: LayerStats, value: float | None, multi
         f'<td class="flag">{_e(flags)}</td>' if bad else f'<td class="muted">{_e(flags)}</td>',
     ]
     return f'<tr id="L{index}" data-pos="{k}"{cls}>' + "".join(cells) + "</tr>"
+
+
+def _thresholds_and_versions(report: Report) -> list[tuple[str, str]]:
+    """The run rows every report ends with: the thresholds used and the versions that measured."""
+    rows = []
+    if report.thresholds:
+        rows.append(
+            (
+                "thresholds",
+                " · ".join(
+                    f"{_e(key.replace('_', ' '))} {_num(value, 'g')}" for key, value in report.thresholds.items()
+                ),
+            )
+        )
+    run = report.run
+    versions = [f"gradcheck {_e(run.gradcheck_version)}" if run.gradcheck_version else ""]
+    versions.append(f"torch {_e(run.torch_version)}" if run.torch_version else "")
+    if any(versions):
+        rows.append(("versions", " · ".join(v for v in versions if v)))
+    return rows

@@ -415,16 +415,7 @@ def layer_chart_svg(report: Report, *, width: int = 900, height: int = 320) -> s
     radius = max(1.6, min(4.0, slot / 3))
 
     # frame and strips
-    svg.add(
-        "rect",
-        x=_fmt(x0),
-        y=_fmt(top),
-        width=_fmt(x1 - x0),
-        height=_fmt(height - bottom - top),
-        fill="none",
-        stroke="currentColor",
-        stroke_opacity="0.3",
-    )
+    _outline(svg, x0, x1, top, height - bottom)
     if has_nan:
         svg.add("rect", x=_fmt(x0), y=_fmt(top), width=_fmt(x1 - x0), height=_fmt(strip), fill=RED, fill_opacity="0.1")
         svg.add("text", "NaN/Inf", x=_fmt(x0 - 6), y=_fmt(y_nan + 3.5), text_anchor="end", fill=RED, class_="yl")
@@ -818,16 +809,7 @@ def log_series_svg(
     def x_at(x: int) -> float:
         return (x0 + x1) / 2 if last == first else x0 + 10 + (x - first) * (x1 - x0 - 20) / span
 
-    svg.add(
-        "rect",
-        x=_fmt(x0),
-        y=_fmt(top),
-        width=_fmt(x1 - x0),
-        height=_fmt(height - bottom - top),
-        fill="none",
-        stroke="currentColor",
-        stroke_opacity="0.3",
-    )
+    _outline(svg, x0, x1, top, height - bottom)
     if has_nan:
         svg.add("text", "NaN/Inf", x=_fmt(x0 - 6), y=_fmt(top + strip / 2 + 3.5), text_anchor="end", fill=RED)
     if has_zero:
@@ -893,3 +875,17 @@ def log_series_svg(
             marker = _marker("flagged" if red else "ok", px, frame.y(_log(value)), radius)
         svg.raw(element("g", _title(tooltip(k)) + marker, class_=point_class))
     return "".join(parts) + "".join(svg.parts) + "</svg>"
+
+
+def _outline(svg: _Svg, x0: float, x1: float, top: float, bottom: float) -> None:
+    """The plot area's faint outline."""
+    svg.add(
+        "rect",
+        x=_fmt(x0),
+        y=_fmt(top),
+        width=_fmt(x1 - x0),
+        height=_fmt(bottom - top),
+        fill="none",
+        stroke="currentColor",
+        stroke_opacity="0.3",
+    )
