@@ -88,6 +88,33 @@ class ReportFormat(str, Enum):
     html = "html"
 
 
+# Options that inspect and history share, declared once.
+FormatsOption = Annotated[
+    list[ReportFormat] | None,
+    typer.Option(
+        "--format", "-f", help="Report format (repeatable: each --format takes the --output at its position)."
+    ),
+]
+OutputsOption = Annotated[
+    list[Path] | None, typer.Option("--output", "-o", help="Write the report to this file (repeatable).")
+]
+FailOnOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--fail-on",
+        help="What fails the gate: error (default), warning, info, never, or problems: vanishing, exploding, "
+        "non_finite (repeatable, comma-separated).",
+    ),
+]
+ExitZeroOption = Annotated[bool, typer.Option("--exit-zero", help="Advisory run: exit 0 even when problems are found.")]
+SelectOption = Annotated[list[str] | None, typer.Option("--select", help="Only these rule codes (GC001,...).")]
+IgnoreOption = Annotated[list[str] | None, typer.Option("--ignore", help="Leave out these rule codes.")]
+IgnoreLayerOption = Annotated[
+    list[str] | None, typer.Option("--ignore-layer", help="Leave out findings about layers matching PATTERN.")
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback behind an input error (exit 2).")]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"gradcheck {__version__}")
@@ -137,31 +164,13 @@ def inspect(
     trust: Annotated[
         bool, typer.Option("--trust", help="Allow unpickling code from the checkpoint (only for files you trust).")
     ] = False,
-    output_format: Annotated[
-        list[ReportFormat] | None,
-        typer.Option(
-            "--format", "-f", help="Report format (repeatable: each --format takes the --output at its position)."
-        ),
-    ] = None,
-    output: Annotated[
-        list[Path] | None, typer.Option("--output", "-o", help="Write the report to this file (repeatable).")
-    ] = None,
-    fail_on: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--fail-on",
-            help="What fails the gate: error (default), warning, info, never, or problems: vanishing, exploding, "
-            "non_finite (repeatable, comma-separated).",
-        ),
-    ] = None,
-    exit_zero: Annotated[
-        bool, typer.Option("--exit-zero", help="Advisory run: exit 0 even when problems are found.")
-    ] = False,
-    select: Annotated[list[str] | None, typer.Option("--select", help="Only these rule codes (GC001,...).")] = None,
-    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Leave out these rule codes.")] = None,
-    ignore_layer: Annotated[
-        list[str] | None, typer.Option("--ignore-layer", help="Leave out findings about layers matching PATTERN.")
-    ] = None,
+    output_format: FormatsOption = None,
+    output: OutputsOption = None,
+    fail_on: FailOnOption = None,
+    exit_zero: ExitZeroOption = False,
+    select: SelectOption = None,
+    ignore: IgnoreOption = None,
+    ignore_layer: IgnoreLayerOption = None,
     baseline: Annotated[
         Path | None, typer.Option("--baseline", help="Fail only on what got worse than this stored report.")
     ] = None,
@@ -226,7 +235,7 @@ def inspect(
     timeout: Annotated[
         float, typer.Option(min=1.0, help="--distributed: seconds a collective waits for the other ranks.")
     ] = 300.0,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an input error (exit 2).")] = False,
+    debug: DebugOption = False,
 ) -> None:
     """Probe a model with one forward and backward pass and report per-layer gradient health."""
     from gradcheck_cli.config import load_config
@@ -395,31 +404,13 @@ def _format_output_order(argv: list[str]) -> list[str] | None:
 @app.command()
 def history(
     log: Annotated[Path, typer.Argument(help="The JSON-lines file written by watch(model, log=...) or a callback.")],
-    output_format: Annotated[
-        list[ReportFormat] | None,
-        typer.Option(
-            "--format", "-f", help="Report format (repeatable: each --format takes the --output at its position)."
-        ),
-    ] = None,
-    output: Annotated[
-        list[Path] | None, typer.Option("--output", "-o", help="Write the report to this file (repeatable).")
-    ] = None,
-    fail_on: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--fail-on",
-            help="What fails the gate: error (default), warning, info, never, or problems: vanishing, exploding, "
-            "non_finite (repeatable, comma-separated).",
-        ),
-    ] = None,
-    exit_zero: Annotated[
-        bool, typer.Option("--exit-zero", help="Advisory run: exit 0 even when problems are found.")
-    ] = False,
-    select: Annotated[list[str] | None, typer.Option("--select", help="Only these rule codes (GC001,...).")] = None,
-    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Leave out these rule codes.")] = None,
-    ignore_layer: Annotated[
-        list[str] | None, typer.Option("--ignore-layer", help="Leave out findings about layers matching PATTERN.")
-    ] = None,
+    output_format: FormatsOption = None,
+    output: OutputsOption = None,
+    fail_on: FailOnOption = None,
+    exit_zero: ExitZeroOption = False,
+    select: SelectOption = None,
+    ignore: IgnoreOption = None,
+    ignore_layer: IgnoreLayerOption = None,
     vanishing_below: Annotated[
         float,
         typer.Option(help="Flag vanishing when the input-end gradient is below this fraction of the output's."),
@@ -431,7 +422,7 @@ def history(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Draw the per-step charts to FILE.png or FILE.svg (needs [plot]).")
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an input error (exit 2).")] = False,
+    debug: DebugOption = False,
 ) -> None:
     """Judge a training run's gradient history: the onset step of each problem, the layers, the trend, the fixes."""
     from gradcheck_cli.gate import parse_fail_on
