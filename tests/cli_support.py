@@ -1,14 +1,26 @@
-"""Helpers for end-to-end tests that run the real ``gradcheck`` command line in subprocesses."""
+"""Helpers for end-to-end tests that run the real ``gradcheck`` command line.
+
+``run_cli`` runs ``gradcheck_cli.cli.main`` in this process by default, with the argv, working directory,
+environment, standard streams and warning filters a subprocess would have, and puts back afterwards every
+module, import path, RNG state and environment variable the run touched: a subprocess would only add the 2 s
+of interpreter and torch start-up. ``real=True`` (and any run that needs interpreter flags or ``--distributed``,
+which ends the process) starts the console script as a user does; the tests that prove the entry point use it.
+``GRADCHECK_TEST_SUBPROCESS=1`` runs every CLI test in subprocesses.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
+import random
 import shlex
 import subprocess
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,24 +54,101 @@ def _cli_env() -> dict[str, str]:
 CLI_ENV = _cli_env()
 
 
-def run_cli(args: Sequence[Any], *, cwd: Path, python_flags: Sequence[str] = ()) -> Proc:
-    """``python [flags] -m gradcheck_cli ARGS`` in ``cwd``, the way a user runs it."""
-    return subprocess.run(
-        [sys.executable, *python_flags, "-m", "gradcheck_cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=CLI_ENV,
-        timeout=CLI_TIMEOUT_S,
-    )
+def run_cli(args: Sequence[Any], *, cwd: Path, python_flags: Sequence[str] = (), real: bool = False) -> Proc:
+    """``python [flags] -m gradcheck_cli ARGS`` in ``cwd``, the way a user runs it (see the module docstring)."""
+    argv = [str(arg) for arg in args]
+    needs_process = python_flags or any(a == "--distributed" or a.startswith("--distributed=") for a in argv)
+    if real or needs_process or os.environ.get("GRADCHECK_TEST_SUBPROCESS") == "1":
+        return subprocess.run(
+            [sys.executable, *python_flags, "-m", "gradcheck_cli", *argv],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=CLI_ENV,
+            timeout=CLI_TIMEOUT_S,
+        )
+    return _run_in_process(argv, cwd)
 
 
-def run_many(commands: Mapping[str, Sequence[Any]], *, cwd: Path, python_flags: Sequence[str] = ()) -> dict[str, Proc]:
-    """Run several CLI commands, one per CPU at a time; results by name."""
+def _run_in_process(argv: list[str], cwd: Path) -> Proc:
+    from gradcheck_cli.cli import main
+
+    stdout, stderr = _stream(), _stream()
+    code = 0
+    with _process_state_restored(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        sys.argv = [str(Path(sys.executable).parent / "gradcheck"), *argv]
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    args = [sys.executable, "-m", "gradcheck_cli", *argv]
+    return subprocess.CompletedProcess(args, code, _text(stdout), _text(stderr))
+
+
+def _stream() -> io.TextIOWrapper:
+    """A text stream with a binary buffer underneath, as a pipe's ``sys.stdout`` has."""
+    return io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+
+
+def _text(stream: io.TextIOWrapper) -> str:
+    stream.flush()
+    buffer = stream.buffer
+    assert isinstance(buffer, io.BytesIO)
+    return buffer.getvalue().decode("utf-8").replace("\r\n", "\n")
+
+
+@contextlib.contextmanager
+def _process_state_restored(cwd: Path) -> Any:
+    """The process a fresh ``gradcheck`` would start in, and this test process as it was afterwards."""
+    saved_argv, saved_path, saved_modules = sys.argv, list(sys.path), dict(sys.modules)
+    saved_environ, saved_cwd = dict(os.environ), os.getcwd()
+    saved_rng = (torch.get_rng_state(), random.getstate())
+    os.environ.clear()
+    os.environ.update({k: v for k, v in CLI_ENV.items() if k != "PYTHONPATH"})
+    os.chdir(cwd)
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()  # the interpreter's own defaults, not pytest's
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = warnings._showwarning_orig  # type: ignore[attr-defined]
+            yield
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        for name in set(sys.modules) - set(saved_modules):
+            if _user_module(sys.modules[name]):
+                del sys.modules[name]  # a user's nets.py of one test must not answer for another's
+        torch.set_rng_state(saved_rng[0])
+        random.setstate(saved_rng[1])
+
+
+_INSTALLED = tuple({str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+_PACKAGE = str(Path(__import__("gradcheck_cli").__file__).resolve().parent)
+
+
+def _user_module(module: Any) -> bool:
+    """A module the run imported from the user's files (not the interpreter, site-packages or gradcheck)."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return False
+    where = str(Path(file).resolve())
+    return not where.startswith((*_INSTALLED, _PACKAGE))
+
+
+def run_many(
+    commands: Mapping[str, Sequence[Any]], *, cwd: Path, python_flags: Sequence[str] = (), real: bool = False
+) -> dict[str, Proc]:
+    """Run several CLI commands, results by name; subprocesses run one per CPU at a time."""
+    if not (real or python_flags or os.environ.get("GRADCHECK_TEST_SUBPROCESS") == "1"):
+        return {name: run_cli(args, cwd=cwd) for name, args in commands.items()}
     workers = max(1, min(len(commands), os.cpu_count() or 2))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
-            name: pool.submit(run_cli, args, cwd=cwd, python_flags=python_flags) for name, args in commands.items()
+            name: pool.submit(run_cli, args, cwd=cwd, python_flags=python_flags, real=real)
+            for name, args in commands.items()
         }
         return {name: future.result() for name, future in futures.items()}
 

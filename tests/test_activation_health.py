@@ -15,6 +15,8 @@ from gradcheck_cli.examples import get_example, mlp
 from gradcheck_cli.probe import probe
 from zoo import HEALTHY
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
+
 
 def section(model: nn.Module, batch: Batch):
     return activation_section(probe(model, batch).activations)

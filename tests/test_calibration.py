@@ -10,6 +10,8 @@ import pytest
 from gradcheck_cli.api import check
 from zoo import HEALTHY, SICK, ZooModel
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
+
 
 @pytest.mark.parametrize("entry", HEALTHY, ids=[e.name for e in HEALTHY])
 def test_no_false_alarm_on_healthy_architecture(entry: ZooModel):

@@ -57,6 +57,7 @@ def pickled_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "trusted": ["inspect", "tiny_module.pt", "--input", "x.pt", "--trust", "--format", "json"],
         },
         cwd=work,
+        real=True,  # the headline use through the console script, in a process of its own
     )
     return {"dir": work, "before": before, **runs}
 
@@ -95,6 +96,7 @@ def malicious_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "control": ["inspect", "evil_control.pt", "--input", "x.pt", "--trust"],
         },
         cwd=work,
+        real=True,  # a payload that runs must not run inside the test process
     )
     return {"markers": markers, **runs}
 

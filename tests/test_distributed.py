@@ -88,6 +88,7 @@ def assert_same_layers(reference: list[list[Any]], measured: list[list[Any]], re
                 assert b == pytest.approx(a, rel=rel, abs=1e-12), (ref, got)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 @pytest.mark.parametrize("task", ["check-mlp", "check-gpt2", "check-gpt2-short", "check-lstm"])
 def test_check_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, task: str) -> None:
@@ -109,6 +110,7 @@ def test_check_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, 
         ("fsdp", "watch-clip"),
     ],
 )
+@pytest.mark.slow
 def test_watch_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, task: str) -> None:
     reference = single(task, tmp_path)
     measured = sharded(mode, task, tmp_path)
@@ -120,6 +122,7 @@ def test_watch_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, 
     assert logs == sorted([f"{mode}-{task}.json.jsonl", f"single-{task}.json.jsonl"]), "rank 0 alone writes"
 
 
+@pytest.mark.slow
 def test_a_nan_float_loss_on_one_rank_is_seen_by_all_without_a_hang(tmp_path: Path) -> None:
     from gradcheck_cli.history import history_report
 
@@ -157,6 +160,7 @@ def _checkpoint(tmp_path: Path) -> None:
     torch.save((torch.randn(7, 8, generator=g), torch.randint(0, 3, (7,), generator=g)), tmp_path / "odd.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_cli_under_torchrun_matches_one_process_and_only_rank_0_writes(tmp_path: Path, mode: str) -> None:
     _checkpoint(tmp_path)
@@ -176,6 +180,7 @@ def test_cli_under_torchrun_matches_one_process_and_only_rank_0_writes(tmp_path:
     assert measured["status"] == reference["status"]
 
 
+@pytest.mark.slow
 def test_a_rank_whose_forward_raises_stops_every_rank_with_exit_2(tmp_path: Path) -> None:
     _checkpoint(tmp_path)
     ranks = launch(
@@ -191,6 +196,7 @@ def test_a_rank_whose_forward_raises_stops_every_rank_with_exit_2(tmp_path: Path
         assert rank.stdout == ""
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_split_evenly_is_refused_on_every_rank(tmp_path: Path) -> None:
     _checkpoint(tmp_path)
     ranks = launch(
@@ -222,6 +228,7 @@ def test_single_process_check_is_unchanged_without_a_process_group() -> None:
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.slow
 def test_fsdp_reads_a_dcp_checkpoint_shard_by_shard_and_matches_one_process(tmp_path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
@@ -252,6 +259,7 @@ def test_fsdp_reads_a_dcp_checkpoint_shard_by_shard_and_matches_one_process(tmp_
     assert "each rank read only its own shards of the checkpoint" in measured["notes"]
 
 
+@pytest.mark.slow
 def test_under_the_real_torchrun_launcher(tmp_path: Path) -> None:
     _checkpoint(tmp_path)
     port = str(_free_port())
@@ -266,6 +274,7 @@ def test_under_the_real_torchrun_launcher(tmp_path: Path) -> None:
     assert report["status"] == "healthy" and len(report["layers"]) == 3
 
 
+@pytest.mark.slow
 def test_hf_trainer_under_ddp_records_the_unclipped_reduced_norm(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")

@@ -12,14 +12,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import shlex
 import subprocess
-import sys
 import zipfile
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+import cli_support
 from gradcheck_cli.errors import CheckpointError, UntrustedCheckpointError
 from gradcheck_cli.loaders import load_checkpoint
 from gradcheck_cli.loaders.exported import load_exported
@@ -104,15 +102,7 @@ def deep_sigmoid_mlp(depth: int = 50, width: int = 16) -> nn.Module:
 
 
 def run_cli(args: Sequence[Any], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
-    return subprocess.run(
-        [sys.executable, "-m", "gradcheck_cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=180,
-    )
+    return cli_support.run_cli(args, cwd=cwd)
 
 
 def show(proc: subprocess.CompletedProcess[str]) -> str:
@@ -193,9 +183,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "evil_inputs": ["inspect", "evil_inputs.pt2", "--format", "json"],
         "truncated": ["inspect", "truncated.pt2", "--format", "json"],
     }
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        futures = {name: pool.submit(run_cli, args, work) for name, args in commands.items()}
-        runs = {name: future.result() for name, future in futures.items()}
+    runs = cli_support.run_many(commands, cwd=work)
     # run after the refusals, so that its marker cannot be mistaken for theirs
     runs["trusted"] = run_cli(["inspect", "trusted.pt2", "--trust", "--input", "batch.pt", "--format", "json"], work)
     after = {p.name: digest(p) for p in archives}

@@ -1,9 +1,14 @@
 """CI report formats: golden files for every renderer, schema validation, JUnit structure, GitHub escaping.
 
 Golden files live in tests/golden/; rewrite them with ``GRADCHECK_UPDATE_GOLDEN=1 pytest tests/test_formats.py``
-and review the diff. Versions are masked and decimal numbers are stored with four significant digits. The
-comparison wants the text between numbers to be identical and each number to agree within two units of its
-last printed digit, so float noise from another CPU or BLAS (a norm at 22.49999 rounding either way) passes.
+and review the diff. Versions are masked and decimal numbers are stored with four significant digits.
+
+The comparison wants the text between numbers to be identical (every word, layer name, code, integer and
+verdict) and each decimal number to agree within a tolerance that fits its quantity, named by the word or key
+just before it (see ``_tolerance``). Float results differ between CPUs and kernels (summation order), and a
+product over 50 layers amplifies the difference: measured between ATEN_CPU_CAPABILITY=avx512 and default, or
+MKL_CBWR=COMPATIBLE, or one OpenMP thread, gradient norms move by < 1e-5 decades, a verification's re-probe of
+a 50-layer BatchNorm stack by up to 0.018 decades, fp16 shares by up to 3e-4.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from gradcheck_cli.render.markdown import MAX_FLAGGED_ROWS, WORST_ROWS, render_m
 from gradcheck_cli.render.sarif import RULE_TEXT, fingerprint, render_sarif
 from gradcheck_cli.report import BaselineDiff, Finding, LayerMove, Problem, Report, Severity
 from gradcheck_cli.rules import RULES
+
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden"
@@ -138,10 +145,33 @@ def _four_digits(value: float) -> str:
     return text if "." in text or "e" in text else text + ".0"
 
 
-def _last_digit(number: str) -> float:
-    """The value of one unit in the last printed digit: 0.01 for ``22.49``, 1e-06 for ``1.2e-05``."""
-    mantissa, _, exponent = number.lower().partition("e")
-    return 10.0 ** (int(exponent or 0) - len(mantissa.partition(".")[2]))
+DECADES = 0.03
+"""Norms, attenuations, ratios and losses (products over depth): within 0.03 decades (7 %) of the golden value.
+The widest drift measured is 0.018 decades; a rule or renderer change moves such numbers by factors."""
+GAIN_RELATIVE = 2e-3
+"""A per-layer gain is a geometric mean over the path: its drift is the depth-th root of the attenuation's
+(< 2e-4 measured); 2e-3 covers four-digit rounding and still fails a gain 0.71 read as 0.712."""
+SHARE_ABSOLUTE = 2e-3
+"""Shares of elements (fp16 flush/subnormal/overflow, dead or saturated units, zeros): 0.2 percentage points."""
+SHARE_KEYS = frozenset(
+    {"zero", "fp16_flush", "fp16_flush_scaled", "fp16_subnormal", "fp16_overflow", "bf16_flush", "dead", "saturated"}
+)
+DECADE_KEYS = frozenset({"effect", "orders", "tolerance_orders"})
+"""Numbers that are themselves decades (log10 of a ratio): compared absolutely, within ``DECADES``."""
+_KEY = re.compile(r"(\w+)\W{0,4}$")
+
+
+def _tolerance(key: str, want: float, got: float) -> bool:
+    """Whether ``got`` is ``want`` up to the float noise of the quantity ``key`` names."""
+    if key in SHARE_KEYS:
+        return abs(want - got) <= SHARE_ABSOLUTE
+    if key in DECADE_KEYS:
+        return abs(want - got) <= DECADES
+    if want == 0 or got == 0 or (want > 0) != (got > 0):
+        return want == got  # an exact zero (no gradient at all) or a sign is never float noise
+    if key.startswith("gain"):
+        return math.isclose(want, got, rel_tol=GAIN_RELATIVE)
+    return abs(math.log10(got / want)) <= DECADES
 
 
 def _difference(expected: str, actual: str) -> str | None:
@@ -150,10 +180,10 @@ def _difference(expected: str, actual: str) -> str | None:
     if len(want) != len(got) or want[::2] != got[::2]:
         diff = difflib.unified_diff(expected.splitlines(), actual.splitlines(), "golden", "now", lineterm="", n=1)
         return "\n".join(list(diff)[:40])
-    for a, b in zip(want[1::2], got[1::2], strict=True):
-        x, y = float(a), float(b)
-        if not math.isclose(x, y, rel_tol=1e-9, abs_tol=2.001 * max(_last_digit(a), _last_digit(b))):
-            return f"number {a} is now {b}"
+    for before, a, b in zip(want[:-1:2], want[1::2], got[1::2], strict=True):
+        key = match.group(1).lower() if (match := _KEY.search(before)) else ""
+        if not _tolerance(key, float(a), float(b)):
+            return f"number {a} is now {b} (after {before[-30:]!r})"
     return None
 
 
@@ -188,9 +218,25 @@ def test_rounding_keeps_versions_and_integers() -> None:
 
 
 def test_golden_comparison_tolerates_float_noise_only() -> None:
-    assert _difference('"weight_norm": 22.5, 1.2e-05', '"weight_norm": 22.49, 1.3e-05') is None
-    assert _difference("gain 0.71 per layer", "gain 0.75 per layer") == "number 0.71 is now 0.75"
+    # noise measured between kernels passes
+    assert _difference('"weight_norm": 22.5, 1.2e-05', '"weight_norm": 22.49, 1.2000001e-05') is None
+    assert _difference("attenuation 5.88e-08 → 1.383e+04", "attenuation 5.88e-08 → 1.326e+04") is None
+    assert (
+        _difference('"fp16_subnormal": 0.07312, "fp16_flush": 0.0', '"fp16_subnormal": 0.07338, "fp16_flush": 0.000214')
+        is None
+    )
+    assert _difference('"effect": 3.09', '"effect": 3.108') is None
+    assert _difference('"gain": 1.102', '"gain": 1.1022') is None
+    # what a wrong result looks like does not
+    assert _difference("gain 0.71 per layer", "gain 0.72 per layer") is not None
+    assert _difference('"gain": 0.7119', '"gain": 0.7134') is not None
+    assert _difference("attenuation 5.88e-08 → 1.383e+04", "attenuation 5.88e-08 → 1.6e+04") is not None
+    assert _difference('"grad_norm": 0.0', '"grad_norm": 1e-09') is not None
+    assert _difference('"finite_min": -0.5', '"finite_min": 0.5') is not None
+    assert _difference('"fp16_flush": 0.07', '"fp16_flush": 0.08') is not None
+    assert _difference('"effect": 3.09', '"effect": 3.2') is not None
     assert _difference("layer 56 flagged", "layer 57 flagged") is not None
+    assert _difference("vanishing at 0.5", "exploding at 0.5") is not None
 
 
 # JSON

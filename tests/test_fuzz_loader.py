@@ -64,12 +64,14 @@ def check_bytes(data: bytes, capsys: pytest.CaptureFixture[str], extra: list[str
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+@pytest.mark.slow
 @FAST
 @given(data=st.binary(min_size=0, max_size=2048))
 def test_random_bytes_exit_2_in_one_line(data: bytes, capsys: pytest.CaptureFixture[str]) -> None:
     assert check_bytes(data, capsys, []) == 2
 
 
+@pytest.mark.slow
 @FAST
 @given(data=st.data())
 def test_mutated_checkpoint_never_crashes(data: st.DataObject, capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,6 +82,7 @@ def test_mutated_checkpoint_never_crashes(data: st.DataObject, capsys: pytest.Ca
     check_bytes(bytes(blob), capsys, ["--model", f"{MODEL}:make_fuzz_target"])
 
 
+@pytest.mark.slow
 @FAST
 @given(cut=st.integers(min_value=0, max_value=len(VALID) - 1))
 def test_truncated_checkpoint_exits_2(cut: int, capsys: pytest.CaptureFixture[str]) -> None:

@@ -35,6 +35,8 @@ from gradcheck_cli.init_audit import (
 from gradcheck_cli.report import Problem, Severity
 from gradcheck_cli.report_sections import InitAudit, InitLayer
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
+
 
 def leaf_calls(model: nn.Module, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
     """(name, class name) of every leaf-module call of one forward pass, as the probe records them."""

@@ -108,6 +108,7 @@ def _loader(batch_size: int = 8, **kwargs: Any) -> DataLoader[Any]:
     return DataLoader(_regression(**kwargs), batch_size=batch_size)
 
 
+@pytest.mark.slow
 def test_lightning_writes_history_at_global_steps(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger
 
@@ -153,6 +154,7 @@ def test_lightning_writes_history_at_global_steps(tmp_path: Path) -> None:
         assert row["gradcheck/attenuation"] != ""
 
 
+@pytest.mark.slow
 def test_lightning_gradient_accumulation_records_optimizer_steps(tmp_path: Path) -> None:
     from gradcheck_cli.integrations.lightning import GradcheckCallback
 
@@ -174,6 +176,7 @@ def test_lightning_gradient_accumulation_records_optimizer_steps(tmp_path: Path)
         assert all(len(layer.calls) == 1 for layer in record.layers)  # the two micro-batches folded into one
 
 
+@pytest.mark.slow
 def test_lightning_grad_scaler_numbers_read_unscaled(tmp_path: Path) -> None:
     """fp16 autocast with a GradScaler, on CPU: Lightning picks bf16 for ``precision="16-mixed"`` there, so
     the plugin is given a CPU scaler explicitly; the same code path as on a GPU."""
@@ -205,6 +208,7 @@ def _diverging(lr: float = 5.0) -> Any:
     return module
 
 
+@pytest.mark.slow
 def test_lightning_stop_ends_fit_at_the_first_bad_record(tmp_path: Path) -> None:
     from gradcheck_cli.integrations.lightning import GradcheckCallback
 
@@ -228,6 +232,7 @@ def test_lightning_stop_ends_fit_at_the_first_bad_record(tmp_path: Path) -> None
     _no_hooks_left(module)
 
 
+@pytest.mark.slow
 def test_lightning_raise_leaves_fit_and_removes_hooks(tmp_path: Path) -> None:
     from gradcheck_cli.integrations.lightning import GradcheckCallback
 
@@ -326,6 +331,7 @@ GPT2_LAYERS = {
 }
 
 
+@pytest.mark.slow
 def test_hf_trainer_writes_history_at_logged_steps(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from gradcheck_cli.integrations.huggingface import GradcheckTrainerCallback
@@ -350,6 +356,7 @@ def test_hf_trainer_writes_history_at_logged_steps(tmp_path: Path) -> None:
     _no_hooks_left(trainer.model)
 
 
+@pytest.mark.slow
 def test_hf_trainer_gradient_accumulation_and_tensorboard(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("tensorboard")
@@ -384,6 +391,7 @@ def test_hf_trainer_gradient_accumulation_and_tensorboard(tmp_path: Path) -> Non
     assert "gradcheck/problems" in events.Tags()["scalars"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])  # tied: wte and lm_head share one weight
 def test_hf_recorded_norm_is_the_unclipped_one(tmp_path: Path, tied: bool) -> None:
     pytest.importorskip("transformers")
@@ -430,6 +438,7 @@ class PairDataset(Dataset[dict[str, torch.Tensor]]):
         return {"x": x, "y": y}
 
 
+@pytest.mark.slow
 def test_hf_stop_ends_training_cleanly(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from gradcheck_cli.integrations.huggingface import GradcheckTrainerCallback
@@ -454,6 +463,7 @@ def test_hf_stop_ends_training_cleanly(tmp_path: Path) -> None:
     _no_hooks_left(model)
 
 
+@pytest.mark.slow
 def test_hf_raise_leaves_train_and_removes_hooks(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from gradcheck_cli.integrations.huggingface import GradcheckTrainerCallback
@@ -521,6 +531,7 @@ def _jump(step_at: int, factor: float) -> Any:
     return lambda s: 1.0 if s < step_at else factor
 
 
+@pytest.mark.slow
 def test_lightning_divergence_mid_training_is_dated_at_the_first_step_it_touched(tmp_path: Path) -> None:
     from gradcheck_cli.integrations.lightning import GradcheckCallback
 
@@ -544,6 +555,7 @@ def test_lightning_divergence_mid_training_is_dated_at_the_first_step_it_touched
     assert (onset.step, onset.last_healthy_step) == (11, 10)
 
 
+@pytest.mark.slow
 def test_hf_divergence_mid_training_is_dated_at_the_first_step_it_touched(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from gradcheck_cli.integrations.huggingface import GradcheckTrainerCallback

@@ -14,6 +14,8 @@ from gradcheck_cli.examples import EXAMPLES, mlp
 from gradcheck_cli.nonfinite import locate_non_finite, non_finite_flag
 from gradcheck_cli.report_sections import NonFiniteOrigin, TensorSummary
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
+
 
 def _hook_count(model: nn.Module) -> int:
     """Module hooks on ``model``, and global module hooks (the locator uses those)."""

@@ -26,6 +26,8 @@ from gradcheck_cli.render.steps_chart import MAX_ROWS, render_steps_chart, shown
 from gradcheck_cli.report import Problem, Severity
 from gradcheck_cli.report_sections import OptimisationTrace, StepRecord
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
+
 
 def _regression_batch(samples: int = 64, features: int = 16) -> Batch:
     g = torch.Generator().manual_seed(1)

@@ -10,6 +10,8 @@ from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import BatchError
 from gradcheck_cli.probe import probe
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
+
 
 def _hook_count(model: nn.Module) -> int:
     return sum(

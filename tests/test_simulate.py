@@ -14,6 +14,8 @@ from gradcheck_cli.simulate.chain import simulate_chain
 from gradcheck_cli.simulate.meanfield import ACTIVATIONS, gaussian_expectation, mean_field
 from gradcheck_cli.simulate.network import NetworkSpec, simulate_compare, simulate_network
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
+
 # ---------------------------------------------------------------------------------------------- chain
 
 

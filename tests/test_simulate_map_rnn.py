@@ -18,6 +18,8 @@ from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.simulate.logistic import DEFAULT_POINTS, derivatives, grid, magnitudes, simulate_logistic_map
 from gradcheck_cli.simulate.rnn import simulate_rnn
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
+
 M = DEFAULT_POINTS
 
 # ---------------------------------------------------------------- the logistic map
