@@ -54,9 +54,18 @@ def _cli_env() -> dict[str, str]:
 CLI_ENV = _cli_env()
 
 
-def run_cli(args: Sequence[Any], *, cwd: Path, python_flags: Sequence[str] = (), real: bool = False) -> Proc:
-    """``python [flags] -m gradcheck_cli ARGS`` in ``cwd``, the way a user runs it (see the module docstring)."""
+def run_cli(
+    args: Sequence[Any],
+    *,
+    cwd: Path,
+    python_flags: Sequence[str] = (),
+    real: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> Proc:
+    """``python [flags] -m gradcheck_cli ARGS`` in ``cwd``, the way a user runs it (see the module docstring);
+    ``env`` adds environment variables to the test environment."""
     argv = [str(arg) for arg in args]
+    environment = {**CLI_ENV, **(env or {})}
     needs_process = python_flags or any(a == "--distributed" or a.startswith("--distributed=") for a in argv)
     if real or needs_process or os.environ.get("GRADCHECK_TEST_SUBPROCESS") == "1":
         return subprocess.run(
@@ -64,18 +73,22 @@ def run_cli(args: Sequence[Any], *, cwd: Path, python_flags: Sequence[str] = (),
             capture_output=True,
             text=True,
             cwd=cwd,
-            env=CLI_ENV,
+            env=environment,
             timeout=CLI_TIMEOUT_S,
         )
-    return _run_in_process(argv, cwd)
+    return _run_in_process(argv, cwd, environment)
 
 
-def _run_in_process(argv: list[str], cwd: Path) -> Proc:
+def _run_in_process(argv: list[str], cwd: Path, environment: Mapping[str, str]) -> Proc:
     from gradcheck_cli.cli import main
 
     stdout, stderr = _stream(), _stream()
     code = 0
-    with _process_state_restored(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with (
+        _process_state_restored(cwd, environment),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
         sys.argv = [str(Path(sys.executable).parent / "gradcheck"), *argv]
         try:
             main()
@@ -98,13 +111,13 @@ def _text(stream: io.TextIOWrapper) -> str:
 
 
 @contextlib.contextmanager
-def _process_state_restored(cwd: Path) -> Any:
+def _process_state_restored(cwd: Path, environment: Mapping[str, str]) -> Any:
     """The process a fresh ``gradcheck`` would start in, and this test process as it was afterwards."""
     saved_argv, saved_path, saved_modules = sys.argv, list(sys.path), dict(sys.modules)
     saved_environ, saved_cwd = dict(os.environ), os.getcwd()
     saved_rng = (torch.get_rng_state(), random.getstate())
     os.environ.clear()
-    os.environ.update({k: v for k, v in CLI_ENV.items() if k != "PYTHONPATH"})
+    os.environ.update({k: v for k, v in environment.items() if k != "PYTHONPATH"})
     os.chdir(cwd)
     try:
         with warnings.catch_warnings():
@@ -112,6 +125,7 @@ def _process_state_restored(cwd: Path) -> Any:
             for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
                 warnings.simplefilter("ignore", category)
             warnings.showwarning = warnings._showwarning_orig  # type: ignore[attr-defined]
+            warnings._showwarnmsg_impl = _show_on_stderr  # type: ignore[attr-defined]  # not pytest's recorder
             yield
     finally:
         os.chdir(saved_cwd)
@@ -123,6 +137,11 @@ def _process_state_restored(cwd: Path) -> Any:
                 del sys.modules[name]  # a user's nets.py of one test must not answer for another's
         torch.set_rng_state(saved_rng[0])
         random.setstate(saved_rng[1])
+
+
+def _show_on_stderr(message: warnings.WarningMessage) -> None:
+    """What the interpreter does with a warning: its formatted text on (the redirected) standard error."""
+    sys.stderr.write(warnings._formatwarnmsg(message))  # type: ignore[attr-defined]
 
 
 _INSTALLED = tuple({str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gradcheck_cli.batch import Batch
-from gradcheck_cli.errors import BatchError
+from gradcheck_cli.errors import BatchError, OutOfMemory
 from gradcheck_cli.probe import probe
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
@@ -209,7 +209,7 @@ def test_out_of_memory_in_the_forward_is_an_input_error():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    with pytest.raises(BatchError, match="ran out of memory; try a smaller batch"):
+    with pytest.raises(OutOfMemory, match="ran out of memory; try a smaller batch"):
         probe(Hungry(), Batch(args=(torch.randn(1, 2),)))
 
 

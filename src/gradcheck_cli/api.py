@@ -30,6 +30,7 @@ from gradcheck_cli.probe import (
     module_type,
     probe,
     probe_scaled,
+    untouched_tensors,
 )
 from gradcheck_cli.report import Finding, Problem, Recommendation, Report, RunInfo
 from gradcheck_cli.rules import Diagnosis, Thresholds, diagnose
@@ -52,20 +53,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 P = ParamSpec("P")
 
 
-def _keeping_buffers(run: Callable[P, Report]) -> Callable[P, Report]:
-    """Leave every buffer of the model (the first argument) as it was found, whatever ``run`` reads."""
+def _leaving_user_state(run: Callable[P, Report]) -> Callable[P, Report]:
+    """Leave every buffer of the model (the first argument) as it was found, whatever ``run`` reads, and the
+    batch's tensors (the second) and the model's plain tensor attributes without a new ``.grad`` or hook dict."""
 
     @functools.wraps(run)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> Report:
         model = args[0] if args else kwargs["model"]
+        batch = args[1] if len(args) > 1 else kwargs.get("batch")
         assert isinstance(model, nn.Module)
-        with kept_buffers(unwrap(model)):
+        with kept_buffers(unwrap(model)), untouched_tensors(unwrap(model), batch):
             return run(*args, **kwargs)
 
     return wrapper
 
 
-@_keeping_buffers
+@_leaving_user_state
 def check(
     model: nn.Module,
     batch: Batch | torch.Tensor | tuple[Any, ...] | list[Any] | dict[str, Any],

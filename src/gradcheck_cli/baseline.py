@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from gradcheck_cli.errors import GradcheckError
+from gradcheck_cli.outputs import write_text
+from gradcheck_cli.parsing import MalformedDocument, loads_json
 from gradcheck_cli.report import BaselineDiff, Finding, LayerMove, Problem, Report, Severity
 
 DEFAULT_TOLERANCE = 1.0
@@ -18,19 +20,18 @@ DEFAULT_TOLERANCE = 1.0
 
 def write_baseline(report: Report, path: Path) -> None:
     """Store the report as JSON (the same object as ``--format json``)."""
-    try:
-        path.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise GradcheckError(f"cannot write --write-baseline {path}: {exc.strerror or exc}") from None
+    write_text(path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", "--write-baseline")
 
 
 def read_baseline(path: Path) -> dict[str, Any]:
     """A stored baseline: plain JSON, nothing executed."""
+    if path.exists() and not path.is_file():  # a FIFO would block the run
+        raise GradcheckError(f"--baseline {path} is not a regular file; pass a report written by --write-baseline")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_json(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise GradcheckError(f"cannot read --baseline {path}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, MalformedDocument) as exc:
         raise GradcheckError(f"--baseline {path} is not a gradcheck JSON report: {exc}") from None
     if (
         not isinstance(data, dict)

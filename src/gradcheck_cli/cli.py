@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import traceback
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from enum import Enum
 from pathlib import Path
@@ -19,8 +20,9 @@ import typer
 from rich.console import Console
 
 from gradcheck_cli import __version__
-from gradcheck_cli.errors import GradcheckError
+from gradcheck_cli.errors import GradcheckError, ModelCodeError, OutOfMemory, first_line, is_out_of_memory
 from gradcheck_cli.exitcodes import ExitCode
+from gradcheck_cli.outputs import OutputGuard, check_distinct, write_text, write_with
 
 # Typer ≥ 0.24 vendors click as typer._click; older releases use click itself. Take the usage-error
 # base class from Typer's own BadParameter so both work without importing click directly.
@@ -274,12 +276,12 @@ def inspect(
         )
     destinations = _destinations(formats, output or [])
     written = [d for d in destinations if d is not None] + [p for p in (write_baseline, plot) if p is not None]
-    if len({p.resolve() for p in written}) < len(written):
-        raise GradcheckError("two reports would be written to the same file; give each --output its own file")
+    check_distinct(written)
     model_file = Path(model.rpartition(":")[0]) if model and model.rpartition(":")[0].endswith(".py") else None
+    guard = OutputGuard.of((checkpoint, batch, baseline, model_file, settings.source))
     for path in written:
-        flag = "--plot" if path == plot else "--write-baseline" if path == write_baseline else "--output"
-        _refuse_overwriting(path, checkpoint, batch, baseline, model_file, settings.source, flag=flag)
+        guard.check(path, "--plot" if path == plot else "--write-baseline" if path == write_baseline else "--output")
+    _check_step_summary(formats, guard)
     if not (0 < vanishing < 1 < exploding):
         raise GradcheckError("thresholds must satisfy 0 < --vanishing-below < 1 < --exploding-above")
     if input_shape is not None and batch is not None:
@@ -435,10 +437,11 @@ def history(
         raise GradcheckError("thresholds must satisfy 0 < --vanishing-below < 1 < --exploding-above")
     destinations = _destinations(formats, output or [])
     written = [d for d in destinations if d is not None] + ([plot] if plot is not None else [])
-    if len({p.resolve() for p in written}) < len(written):
-        raise GradcheckError("two reports would be written to the same file; give each --output its own file")
+    check_distinct(written)
+    guard = OutputGuard.of((log,))
     for path in written:
-        _refuse_overwriting(path, log, flag="--plot" if path == plot else "--output")
+        guard.check(path, "--plot" if path == plot else "--output")
+    _check_step_summary(formats, guard)
     _check_plot_suffix(plot)
     with _status("reading the history…"):
         from gradcheck_cli.history import history_report
@@ -526,8 +529,8 @@ def simulate(
                 )  # fmt: skip
                 report = simulate_compare(spec) if compare else simulate_network(spec)
     _check_plot_suffix(plot)
-    if plot is not None and output is not None and plot.resolve() == output.resolve():
-        raise GradcheckError("--plot and --output name the same file; give each its own")
+    if plot is not None and output is not None:
+        check_distinct((plot, output), "--plot and --output name the same file; give each its own")
     _emit_simulation(report, output_format, output)
     if plot is not None:
         _plot(report, plot)
@@ -554,15 +557,12 @@ def _check_plot_suffix(path: Path | None) -> None:
 def _plot(report: Any, path: Path) -> None:
     """``--plot``: the picture of ``report`` (inspect or simulate) drawn to ``path``; one stderr line says where."""
     from gradcheck_cli.render.plot import plot_report, plot_simulation
+    from gradcheck_cli.render.printable import printable
     from gradcheck_cli.report import Report
 
-    try:
-        if isinstance(report, Report):
-            plot_report(report, path)
-        else:
-            plot_simulation(report, path)
-    except OSError as exc:
-        raise GradcheckError(f"cannot write --plot {path}: {exc.strerror or exc}") from None
+    draw = plot_report if isinstance(report, Report) else plot_simulation
+    report = printable(report)
+    write_with(path, lambda temporary: draw(report, temporary), "--plot")
     Console(stderr=True, highlight=False).print(f"gradcheck: chart written to {path}", markup=False)
 
 
@@ -570,23 +570,24 @@ def _write(rendered: str, output: Path | None) -> None:
     if output is None:
         sys.stdout.write(rendered)
         return
-    try:
-        output.write_text(rendered, encoding="utf-8")
-    except OSError as exc:
-        raise GradcheckError(f"cannot write --output {output}: {exc.strerror or exc}") from None
+    write_text(output, rendered)
 
 
-def _refuse_overwriting(output: Path | None, *inputs: Path | None, flag: str = "--output") -> None:
-    """``--output`` (and ``--plot``, ``--write-baseline``) must never replace the user's checkpoint or batch."""
-    if output is None or not output.exists():
-        return
-    for given in inputs:
-        if given is not None and given.exists() and output.resolve() == given.resolve():
-            raise GradcheckError(f"{flag} {output} is one of the input files; write it somewhere else")
+def _check_step_summary(formats: list[ReportFormat], guard: OutputGuard) -> None:
+    """``--format github`` appends to ``$GITHUB_STEP_SUMMARY``: never when that names an input."""
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary and ReportFormat.github in formats:
+        guard.check(Path(summary), "$GITHUB_STEP_SUMMARY")
 
 
 def _emit(report: Any, kind: ReportFormat, output: Path | None) -> None:
-    """Render one format to its destination; GitHub output also appends the step summary when CI sets one."""
+    """Render one format to its destination; GitHub output also appends the step summary when CI sets one.
+
+    Every format but JSON (whose encoder escapes them) shows the file's names with control characters escaped.
+    """
+    from gradcheck_cli.render.printable import printable
+
+    report = report if kind is ReportFormat.json else printable(report)
     if kind is ReportFormat.text and output is None:
         from gradcheck_cli.render.text import text_report
 
@@ -680,31 +681,58 @@ def _exit(code: int) -> NoReturn:
 
 
 def main() -> None:
-    """Console entry point: run the app and turn every outcome into a documented exit code."""
+    """Console entry point: run the app and turn every outcome into a documented exit code.
+
+    Warnings raised while it runs (torch's, NumPy's, the model's) are held back: shown after a run that
+    finished, dropped before an exit-2 error, whose message stays one line.
+    """
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    with warnings.catch_warnings(record=True) as held:
+        code = _run(err)
+    if code in (ExitCode.OK, ExitCode.PROBLEMS, ExitCode.INTERNAL_ERROR):
+        for warning in held:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    _exit(code)
+
+
+def _run(err: Console) -> int:
+    """``app()``, every exception turned into its exit code and its message on stderr."""
     try:
-        code = app(standalone_mode=False)
+        return int(app(standalone_mode=False) or 0)
     except GradcheckError as exc:
-        if "--debug" in sys.argv[1:]:
-            cause = exc.__cause__ or exc.__context__  # `raise ... from None` keeps the original as context
-            traceback.print_exception(cause if cause is not None else exc)
-        where = f" (rank {_rank()})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        err.print(f"error{where}: {_one_line(str(exc))}", markup=False)
-        _exit(ExitCode.UNUSABLE_INPUT)
+        return _refused(err, exc)
     except typer.Abort:
         err.print("aborted")
-        _exit(ExitCode.UNUSABLE_INPUT)
+        return ExitCode.UNUSABLE_INPUT
     except _ClickException as exc:
         exc.show()  # type: ignore[attr-defined]
-        _exit(ExitCode.UNUSABLE_INPUT)
+        return ExitCode.UNUSABLE_INPUT
     except KeyboardInterrupt:
-        _exit(130)
-    except Exception:
+        return 130
+    except SystemExit as exc:  # app() returns its own exit codes (standalone_mode=False): this is the user's code
+        return _refused(err, ModelCodeError(f"the model's code called sys.exit({exc.code!r}) while gradcheck ran it; "
+                                            "a model that exits cannot be judged: remove the call"))  # fmt: skip
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            return _refused(err, OutOfMemory(f"ran out of memory ({first_line(exc)}); try a smaller batch or a "
+                                             "machine (or --device) with more memory"))  # fmt: skip
         traceback.print_exc()
         err.print(
             "gradcheck hit an internal error (exit 3). Please report it with the command you ran and the "
             "traceback above at the project's issue tracker.",
             markup=False,
         )
-        _exit(ExitCode.INTERNAL_ERROR)
-    _exit(int(code or 0))
+        return ExitCode.INTERNAL_ERROR
+    except BaseException as exc:  # GeneratorExit or a custom BaseException from the model's code
+        message = f"the model's code raised {type(exc).__name__}: {first_line(exc)}; gradcheck cannot judge it"
+        return _refused(err, ModelCodeError(message))
+
+
+def _refused(err: Console, exc: GradcheckError) -> int:
+    """The one-line error of exit code 2 (with ``--debug``, the traceback of its cause first)."""
+    if "--debug" in sys.argv[1:]:
+        cause = exc.__cause__ or exc.__context__  # `raise ... from None` keeps the original as context
+        traceback.print_exception(cause if cause is not None else exc)
+    where = f" (rank {_rank()})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    err.print(f"error{where}: {_one_line(str(exc))}", markup=False)
+    return ExitCode.UNUSABLE_INPUT

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gradcheck_cli.errors import GradcheckError
+from gradcheck_cli.parsing import MalformedDocument, loads_json
 from gradcheck_cli.watch_hooks import LayerLog, StepLog
 
 FORMAT = "gradcheck-history"
@@ -175,6 +176,8 @@ def read_history(path: Path) -> History:
         raise HistoryError(f"{path} does not exist; pass the file given to watch(log=...)")
     if path.is_dir():
         raise HistoryError(f"{path} is a directory; pass the .jsonl file given to watch(log=...)")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise HistoryError(f"{path} is not a regular file; pass the .jsonl file given to watch(log=...)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -185,8 +188,8 @@ def read_history(path: Path) -> History:
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
+            entry = loads_json(line)
+        except MalformedDocument:
             skipped += 1
             continue
         if not isinstance(entry, dict):

@@ -26,7 +26,14 @@ from gradcheck_cli.distributed import (
     local,
 )
 from gradcheck_cli.distributed import current as current_sharding
-from gradcheck_cli.errors import BatchError, first_line
+from gradcheck_cli.errors import (
+    BatchError,
+    ModelCodeError,
+    OutOfMemory,
+    first_line,
+    is_out_of_memory,
+    raised_in_gradcheck,
+)
 from gradcheck_cli.loss import LossChoice, choose_loss, float_leaves
 from gradcheck_cli.precision import BINS, NON_FINITE_BIN, grouped_histograms
 from gradcheck_cli.readout import Readout
@@ -284,7 +291,6 @@ def _shift_histogram(hist: tuple[float, ...], shift: int) -> tuple[float, ...]:
     return (*head, *body)
 
 
-OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
 OUT_OF_MEMORY_HINT = "ran out of memory; try a smaller batch (fewer samples or shorter sequences) or another --device"
 
 
@@ -295,9 +301,12 @@ def _forward(model: nn.Module, batch: Batch, seed: int) -> Any:
         raise BatchError(f"the batch is empty ({batch.describe()}); save at least one sample")
     try:
         return model(*batch.args, **batch.kwargs)
-    except OUT_OF_MEMORY:
-        raise BatchError(f"the forward pass {OUT_OF_MEMORY_HINT}") from None
     except (Exception, SystemExit) as exc:  # the user's forward can raise anything; it is their input that failed
+        if is_out_of_memory(exc):
+            raise OutOfMemory(f"the forward pass {OUT_OF_MEMORY_HINT} ({first_line(exc)})") from None
+        if isinstance(exc, SystemExit):
+            raise ModelCodeError(f"the model's forward called sys.exit({exc.code!r}); a model that exits cannot be "
+                                 "judged: remove the call") from None  # fmt: skip
         from gradcheck_cli.synthetic import expected_input  # imports this module
         from gradcheck_cli.tracker import where_forward_raises
 
@@ -311,8 +320,15 @@ def _forward(model: nn.Module, batch: Batch, seed: int) -> Any:
 def _backward(loss: torch.Tensor) -> None:
     try:
         loss.backward()
-    except OUT_OF_MEMORY:
-        raise BatchError(f"the backward pass {OUT_OF_MEMORY_HINT}") from None
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise OutOfMemory(f"the backward pass {OUT_OF_MEMORY_HINT} ({first_line(exc)})") from None
+        if raised_in_gradcheck(exc):
+            raise  # a bug of ours: exit 3 with its traceback
+        raise ModelCodeError(
+            f"the backward pass raised {type(exc).__name__}: {first_line(exc)} (in the model's own backward code: "
+            "a custom autograd Function or a tensor hook); fix it, or check the model without it"
+        ) from None
 
 
 def _unique_params(modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -328,6 +344,38 @@ def _unique_params(modules: list[nn.Module]) -> list[nn.Parameter]:
 
 def _cuda_devices(params: list[nn.Parameter]) -> list[int]:
     return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+
+
+def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a batch as the user gave it: a tensor, a Batch, nested tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Batch):
+        yield from _tensors_in((value.args, value.kwargs, value.target))
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+
+
+@contextlib.contextmanager
+def untouched_tensors(model: nn.Module, batch: Any) -> Iterator[None]:
+    """The batch's tensors and the model's plain tensor attributes (not parameters, not buffers) as they were:
+    backward would leave a ``.grad`` on a leaf that requires grad, and a hook's removal an empty hook dict
+    where there was none."""
+    attributes = [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    tensors = {id(t): t for t in (*_tensors_in(batch), *attributes) if not isinstance(t, nn.Parameter)}
+    saved = [(t, t.grad if t.is_leaf else None, t._backward_hooks) for t in tensors.values() if t.requires_grad]
+    try:
+        yield
+    finally:
+        for tensor, grad, hooks in saved:
+            if tensor.is_leaf:
+                tensor.grad = grad
+            if hooks is None and tensor._backward_hooks is not None and not tensor._backward_hooks:
+                tensor._backward_hooks = None
 
 
 @contextlib.contextmanager
