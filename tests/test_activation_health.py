@@ -53,6 +53,7 @@ def test_default_sigmoid_stack_is_not_saturated_but_its_derivative_is_a_quarter(
     """The classic vanishing sigmoid stack does not saturate: σ'(z) ≈ 0.24 everywhere is the cause."""
     model, batch = get_example("deep-sigmoid").build(0)
     layers = section(model, batch)
+    assert len(layers) == 49  # one per Sigmoid between the 50 Linear layers
     assert all(a.saturated == 0.0 and a.flag is None for a in layers)
     assert all(0.2 < a.derivative_rms <= 0.25 for a in layers)
     assert activation_findings(layers) == ()
@@ -73,6 +74,7 @@ def test_dead_share_needs_enough_samples_per_unit():
     torch.manual_seed(0)
     model = mlp(3, 32, nn.ReLU, None)
     layers = section(model, Batch(args=(torch.randn(2, 32),)))
+    assert [a.layer for a in layers] == ["1", "3"]  # the two ReLUs between the three Linear layers
     assert all(a.dead is None and a.flag is None for a in layers)  # 2 samples: half the units ≤ 0 by chance
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -103,8 +104,16 @@ def test_checkpoint_with_optimizer_state_skips_the_init_audit(runs: dict[str, An
 def test_profile_splits_the_time_into_phases(runs: dict[str, Any]) -> None:
     proc = runs["profile"]
     report = json_report(proc, exit_code=1)
-    assert {"startup", "import", "probe", "diagnose", "verify"} <= set(report["timing"])
-    assert all(seconds >= 0 for seconds in report["timing"].values())
+    timing = report["timing"]
+    assert list(timing) == ["startup", "import", "load", "probe", "diagnose", "verify"]  # first-seen order
+    # each phase did real work: the probe ran once, the verification re-probed a copy per recommendation
+    assert timing["probe"] > 0 and timing["diagnose"] > 0 and timing["verify"] > timing["probe"]
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("profile:")]
-    assert "probe" in line and "render" in line and line.endswith("in all")
+    whole = re.fullmatch(r"profile: (.*); (\d+\.\d\d) s in all", line)
+    assert whole, line
+    split, total = whole.groups()
+    phases = dict(re.findall(r"(\w+) (\d+\.\d\d) s", split))
+    assert list(phases) == [*timing, "render"] and split.count(", ") == len(phases) - 1
+    assert all(phases[name] == f"{seconds:.2f}" for name, seconds in timing.items())  # the same numbers
+    assert float(total) == pytest.approx(sum(map(float, phases.values())), abs=0.01 * len(phases))
     assert json_report(runs["dead"], exit_code=1)["timing"] is None  # only with --profile

@@ -219,6 +219,8 @@ def test_bad_input_is_one_line_exit_2(runs: dict[str, Any], name: str, needles: 
 
 def test_npz_with_gaps_in_the_positional_names_keeps_their_order(runs: dict[str, Any]) -> None:
     report = json_report(runs["gap_npz"])
+    # arr_0 (the float inputs) then arr_2 (the int64 class indices): the target, so cross-entropy
+    assert report["run"]["batch"] == "float32[6, 8], target int64[6]"
     assert report["run"]["loss_kind"] == "cross_entropy"
 
 
@@ -235,7 +237,9 @@ def test_out_of_range_seed_is_a_usage_error(runs: dict[str, Any]) -> None:
 
 def test_unfreeze_measures_a_fully_frozen_model(runs: dict[str, Any]) -> None:
     report = json_report(runs["frozen_unfreeze"])
-    assert all(layer["frozen"] for layer in report["layers"])
+    assert [layer["name"] for layer in report["layers"]] == ["fc1", "fc2"]
+    # reported as frozen, yet measured: --unfreeze gave every layer a gradient
+    assert all(layer["frozen"] and layer["grad_norm"] > 0 for layer in report["layers"]), report["layers"]
     assert any("requires_grad=False" in note for note in report["notes"])
 
 

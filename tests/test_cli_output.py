@@ -40,10 +40,14 @@ def test_forced_colour_is_removed_by_no_color():
 
 
 def test_example_list_names_every_example():
+    from gradcheck_cli.examples import EXAMPLES
+
     proc = run("inspect", "--example", "list")
-    assert proc.returncode == 0
-    for name in ("deep-sigmoid", "relu-xavier", "relu-kaiming", "deep-linear", "residual"):
-        assert name in proc.stdout
+    assert proc.returncode == 0 and proc.stderr == ""
+    # one line per example, in order: its name, the problem it shows and what it is
+    listed = [line.split(None, 2) for line in proc.stdout.splitlines()]
+    assert [row[0] for row in listed] == list(EXAMPLES)
+    assert listed == [[e.name, e.expected, e.summary] for e in EXAMPLES.values()]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import pytest
 
 from cli_support import assert_one_line_error, run_many, show
+from gradcheck_cli.simulate.network import REMEDIES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COMPARE = [
@@ -35,6 +38,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "png": ["inspect", "--example", "relu-xavier", "--no-verify", "--plot", "flow.png"],
             "html": ["inspect", "--example", "relu-xavier", "-f", "html", "-o", "report.html"],
             "simulate": [*COMPARE, "--compare", "--plot", "compare.svg"],
+            "simulate_json": [*COMPARE, "--compare", "--format", "json"],
             "chain": ["simulate", "--depth", "50", "--factor", "0.8", "--plot", "chain.png"],
             "bad_suffix": ["inspect", "--example", "relu-kaiming", "--plot", "flow.gif"],
             "same_file": ["simulate", "--depth", "10", "--factor", "0.9", "--plot", "x.svg", "-o", "x.svg"],
@@ -63,7 +67,15 @@ def test_html_report_is_one_self_contained_file(runs: dict[str, Any]) -> None:
 
 def test_simulate_plots_every_remedy_as_svg_and_chain_mode_as_png(runs: dict[str, Any]) -> None:
     assert runs["simulate"].returncode == 0, show(runs["simulate"])
-    ET.parse(runs["dir"] / "compare.svg")  # well-formed SVG
+    root = ET.parse(runs["dir"] / "compare.svg").getroot()  # well-formed SVG
+    # one line per row of the same comparison's JSON (as given and each remedy), by rank
+    assert runs["simulate_json"].returncode == 0, show(runs["simulate_json"])
+    rows = json.loads(runs["simulate_json"].stdout)["rows"]
+    assert sorted(row["remedy"] for row in rows) == sorted(["as given", *REMEDIES])
+    assert all(0 < row["gain"] < math.inf for row in rows)  # every row can be drawn
+    lines = [e.get("id") for e in root.iter() if (e.get("id") or "").startswith("remedy-line-")]
+    assert sorted(lines) == sorted(f"remedy-line-{row['rank']}" for row in rows)
+    assert len(lines) == len(set(lines)) == len(rows)
     assert runs["chain"].returncode == 0, show(runs["chain"])
     assert (runs["dir"] / "chain.png").read_bytes().startswith(PNG_SIGNATURE)
 

@@ -448,11 +448,45 @@ def test_markdown_fences_snippets_that_contain_backticks(reports: dict[str, Repo
     assert "   ````python\n" in text
 
 
+MOVE_TABLE_HEAD = "| layer | before | after | orders |\n|---|--:|--:|--:|\n"
+BASELINE_MOVES = {
+    # what only the baseline diff writes: layer 56 worse (0.012 -> 0.00098), layer 98 better (0.5 -> 1)
+    "markdown": (
+        "**Worse layers**\n\n" + MOVE_TABLE_HEAD + "| `56` | 1.20e-02 | 9.80e-04 | -1.09 |\n",
+        "**Better layers**\n\n" + MOVE_TABLE_HEAD + "| `98` | 5.00e-01 | 1.00e+00 | +0.30 |\n",
+    ),
+    "github": (
+        "::error title=gradcheck baseline%3A worse layer::layer 56: the gradient moved from 0.012 to 0.00098 "
+        "(-1.09 orders of magnitude), beyond the tolerance of 1 against the baseline baselines/gradcheck.json\n",
+        "::notice title=gradcheck baseline%3A better layer::layer 98: the gradient moved from 0.5 to 1 "
+        "(+0.30 orders of magnitude), better than the baseline baselines/gradcheck.json\n",
+    ),
+    "junit": (
+        'type="regression">layer 56: 0.012 -&gt; 0.00098 (-1.09 orders)</failure>',
+        "better than the baseline:\nlayer 98: 0.5 -&gt; 1 (+0.30 orders)</system-out>",
+    ),
+}
+
+
 @pytest.mark.parametrize("fmt", list(RENDERERS))
 def test_baseline_diff_is_shown_in_every_format(reports: dict[str, Report], fmt: str) -> None:
     render, _ = RENDERERS[fmt]
     text = render(reports["baseline"])
-    assert BASELINE_FILE in text
-    assert "56" in text and "98" in text
     plain = render(reports["relu-xavier"])
+    assert BASELINE_FILE in text
     assert BASELINE_FILE not in plain
+    if fmt in ("json", "sarif"):
+        document = json.loads(text)
+        diff = document["baseline"] if fmt == "json" else document["runs"][0]["properties"]["baseline"]
+        orders = math.log10(0.00098 / 0.012)  # -1.088, written with four significant digits
+        assert diff["worse_layers"] == [
+            {"layer": "56", "before": 0.012, "after": 0.00098, "orders": pytest.approx(orders, abs=1e-3)}
+        ]
+        assert [move["layer"] for move in diff["better_layers"]] == ["98"]
+        assert diff["better_layers"][0]["orders"] == pytest.approx(math.log10(1.0 / 0.5), abs=1e-3)
+        plain_document = json.loads(plain)
+        assert (plain_document if fmt == "json" else plain_document["runs"][0]["properties"]).get("baseline") is None
+        return
+    for expected in BASELINE_MOVES[fmt]:
+        assert expected in text
+        assert expected not in plain

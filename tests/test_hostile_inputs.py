@@ -298,3 +298,50 @@ def test_check_leaves_the_batch_and_plain_tensor_attributes_untouched() -> None:
     x.grad = given
     check(model, (x,))
     assert x.grad is given
+
+
+# --------------------------------------------------------------------------- 5. valid but unusual files
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_newer_pickle_protocol_is_read_tensors_only(work: Path, zip_format: bool) -> None:
+    state = torch.load(work / "w.pt", weights_only=True)
+    torch.save(state, work / "p4.pt", pickle_protocol=4, _use_new_zipfile_serialization=zip_format)
+    proc = run_cli(["inspect", "p4.pt", "--model", "nets.py:build", "--input", "x.pt", "-f", "json"], cwd=work)
+    assert proc.returncode == 0, show(proc)
+    assert json.loads(proc.stdout)["status"] == "healthy"
+    assert "Warning" not in proc.stderr
+
+
+def test_a_newer_protocol_still_needs_trust_for_code(work: Path) -> None:
+    marker = work / "ran_p4"
+    torch.save({"w": _RunsCode(marker)}, work / "exec4.pt", pickle_protocol=4)
+    line = assert_one_line_error(inspect_file(work, "exec4.pt"), "would import and run code", "builtins.exec")
+    assert "damaged" not in line and not marker.exists()
+    torch.save(nn.Sequential(nn.Linear(8, 4)), work / "module4.pt", pickle_protocol=4)
+    assert_one_line_error(run_cli(["inspect", "module4.pt", "--input", "x.pt"], cwd=work), "Sequential", "--trust")
+    trusted = run_cli(["inspect", "module4.pt", "--input", "x.pt", "--trust", "-f", "json"], cwd=work)
+    assert trusted.returncode == 0, show(trusted)
+
+
+def test_a_huge_version_record_is_one_line(work: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(work / "w.pt") as source, zipfile.ZipFile(work / "bigver.pt", "w") as crafted:
+        for info in source.infolist():
+            data = source.read(info)
+            crafted.writestr(info, b"9" * 400 + b"\n" if info.filename.endswith("/version") else data)
+    line = assert_one_line_error(inspect_file(work, "bigver.pt"), "bigver.pt", "version")
+    assert "stoull" not in line
+
+
+def inspect_file(work: Path, name: str) -> object:
+    return run_cli(["inspect", name, "--model", "nets.py:build", "--input", "x.pt"], cwd=work)

@@ -81,5 +81,20 @@ def test_unsupported_batch_type_is_refused():
 
 
 def test_batch_moves_to_a_device():
-    batch = Batch(args=(torch.randn(2),), kwargs={"m": [torch.ones(1)]}, target=torch.zeros(2)).to("cpu")
-    assert batch.args[0].device.type == "cpu" and batch.kwargs["m"][0].device.type == "cpu"
+    """Every input moves, nested in lists, tuples and dicts; the target stays on the host (Batch.to's docstring).
+
+    The "meta" device stands in for an accelerator: everything starts on the CPU, so a move is visible."""
+    target = torch.zeros(2, dtype=torch.long)
+    batch = Batch(
+        args=(torch.randn(2), (torch.ones(3), 7)),
+        kwargs={"m": [torch.ones(1), torch.ones(2)], "d": {"inner": torch.ones(4)}, "flag": True},
+        target=target,
+    )
+    moved = batch.to("meta")
+    tensors = [moved.args[0], moved.args[1][0], *moved.kwargs["m"], moved.kwargs["d"]["inner"]]
+    assert [t.device.type for t in tensors] == ["meta"] * 5
+    assert [tuple(t.shape) for t in tensors] == [(2,), (3,), (1,), (2,), (4,)]
+    assert isinstance(moved.args[1], tuple) and moved.args[1][1] == 7  # containers and non-tensors kept
+    assert isinstance(moved.kwargs["m"], list) and moved.kwargs["flag"] is True
+    assert moved.target is target and target.device.type == "cpu"
+    assert batch.args[0].device.type == "cpu" and batch.kwargs["m"][0].device.type == "cpu"  # the original stays

@@ -116,12 +116,24 @@ def test_mode_requires_grad_and_existing_grads_are_restored():
 
 
 def test_probe_is_seeded_so_dropout_gives_the_same_numbers_twice():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 2))
-    batch = Batch(args=(torch.randn(4, 8),))
+    x = torch.randn(4, 8)
+    batch = Batch(args=(x,))
     first = probe(model, batch, seed=3)
     second = probe(model, batch, seed=3)
     assert first.layers[0].grad == second.layers[0].grad
     assert first.loss_value == second.loss_value
+    # the control: another seed draws another dropout mask (and projection), so the numbers differ
+    other = probe(model, batch, seed=4)
+    assert other.layers[0].grad != first.layers[0].grad
+    assert other.loss_value != first.loss_value
+    # with a class target the loss (cross-entropy) draws nothing: only the dropout mask moves with the seed
+    labelled = Batch(args=(x,), target=torch.tensor([0, 1, 1, 0]))
+    a, b, c = (probe(model, labelled, seed=seed) for seed in (3, 3, 4))
+    assert a.loss.kind == c.loss.kind == "cross_entropy"
+    assert a.layers[0].grad == b.layers[0].grad and a.loss_value == b.loss_value
+    assert c.layers[0].grad != a.layers[0].grad and c.loss_value != a.loss_value
 
 
 def test_probe_leaves_the_global_rng_alone():

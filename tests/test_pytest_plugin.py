@@ -142,6 +142,31 @@ def test_fixture_is_provided_by_the_pytest11_entry_point(
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gradcheck-entry-point\nVersion: 0\n")
     # the name pyproject.toml gives the entry point: the module path, so -p and pytest_plugins never clash with it
     (info / "entry_points.txt").write_text("[pytest11]\ngradcheck_cli.pytest_plugin = gradcheck_cli.pytest_plugin\n")
+    pytester.makepyfile(
+        test_entry="""
+        from gradcheck_cli.pytest_plugin import GradientChecker
+
+        def test_fixture(gradcheck, pytestconfig):
+            assert isinstance(gradcheck, GradientChecker)
+            manager = pytestconfig.pluginmanager
+            assert manager.has_plugin("gradcheck_cli.pytest_plugin")
+            # registered by the autoload of the throwaway distribution's pytest11 entry point, nothing else
+            loaded = {module.__name__: dist.metadata["Name"] for module, dist in manager.list_plugin_distinfo()}
+            assert loaded.get("gradcheck_cli.pytest_plugin") == "gradcheck-entry-point", loaded
+        """
+    )
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    # no conftest and no -p: only the entry point's autoload can provide the fixture
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    pytester.runpytest_subprocess("-q").assert_outcomes(passed=1)
+    # the control: with the autoload off, nothing else provides the fixture
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    disabled = pytester.runpytest_subprocess("-q")
+    disabled.assert_outcomes(errors=1)
+    disabled.stdout.fnmatch_lines(["*fixture 'gradcheck' not found*"])
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD")
+
+    # loading it explicitly as well (conftest pytest_plugins, -p) never clashes with the entry point
     pytester.makeconftest('pytest_plugins = ["gradcheck_cli.pytest_plugin"]')
     pytester.makepyfile(
         test_entry="""
@@ -152,8 +177,6 @@ def test_fixture_is_provided_by_the_pytest11_entry_point(
             assert pytestconfig.pluginmanager.has_plugin("gradcheck_cli.pytest_plugin")
         """
     )
-    monkeypatch.setenv("PYTHONPATH", str(site))
-    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     pytester.runpytest_subprocess("-q").assert_outcomes(passed=1)
     pytester.runpytest_subprocess(*PLUGIN, "-q").assert_outcomes(passed=1)
 
@@ -197,7 +220,10 @@ def test_failure_is_an_assertion_error_that_carries_the_report() -> None:
 
 
 def test_gate_by_problem_name_passes_a_model_without_that_problem() -> None:
-    assert_gradients_healthy(sick_model(), batch(), fail_on="exploding")
+    # the gate passes although the model is sick: it only fails on the problem it names
+    report = assert_gradients_healthy(sick_model(), batch(), fail_on="exploding")
+    assert not report.healthy
+    assert report.problems == (Problem.VANISHING,)
 
 
 def test_thresholds_reach_the_report() -> None:

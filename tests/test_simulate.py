@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.simulate.chain import simulate_chain
 from gradcheck_cli.simulate.meanfield import ACTIVATIONS, gaussian_expectation, mean_field
-from gradcheck_cli.simulate.network import NetworkSpec, simulate_compare, simulate_network
+from gradcheck_cli.simulate.network import INITS, NetworkSpec, simulate_compare, simulate_network
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
 
@@ -40,9 +41,17 @@ def test_chain_does_not_overflow_or_underflow_into_errors():
     assert simulate_chain(5000, 2.0).ratio == math.inf
 
 
-@pytest.mark.parametrize(("depth", "factor"), [(0, 0.8), (10, 0.0), (10, -1.0), (10, math.nan)])
-def test_chain_rejects_bad_input(depth, factor):
-    with pytest.raises(GradcheckError):
+@pytest.mark.parametrize(
+    ("depth", "factor", "message"),
+    [
+        (0, 0.8, "--depth must be at least 1, got 0"),
+        (10, 0.0, "--factor must be a positive number, got 0.0"),
+        (10, -1.0, "--factor must be a positive number, got -1.0"),
+        (10, math.nan, "--factor must be a positive number, got nan"),
+    ],
+)
+def test_chain_rejects_bad_input(depth, factor, message):
+    with pytest.raises(GradcheckError, match=f"^{re.escape(message)}$"):
         simulate_chain(depth, factor)
 
 
@@ -151,17 +160,17 @@ def test_compare_ranks_kaiming_first_for_relu_and_a_normaliser_for_sigmoid():
 
 
 @pytest.mark.parametrize(
-    "spec",
+    ("spec", "message"),
     [
-        NetworkSpec(0, "relu", "default"),
-        NetworkSpec(5, "swish", "default"),
-        NetworkSpec(5, "relu", "lecun"),
-        NetworkSpec(5, "relu", "default", norm="group"),
-        NetworkSpec(5, "relu", "default", weight_scale=0.0),
+        (NetworkSpec(0, "relu", "default"), "--depth must be at least 1, got 0"),
+        (NetworkSpec(5, "swish", "default"), f"--activation 'swish' is not one of: {', '.join(ACTIVATIONS)}"),
+        (NetworkSpec(5, "relu", "lecun"), f"--init 'lecun' is not one of: {', '.join(INITS)}"),
+        (NetworkSpec(5, "relu", "default", norm="group"), "--norm 'group' is not one of: batch, layer"),
+        (NetworkSpec(5, "relu", "default", weight_scale=0.0), "--weight-scale must be in (0, 1e+06], got 0.0"),
     ],
 )
-def test_network_rejects_bad_specs(spec):
-    with pytest.raises(GradcheckError):
+def test_network_rejects_bad_specs(spec, message):
+    with pytest.raises(GradcheckError, match=f"^{re.escape(message)}$"):
         simulate_network(spec)
 
 

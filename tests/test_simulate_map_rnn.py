@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -139,21 +140,24 @@ def test_map_module_imports_no_torch() -> None:
     assert "torch" not in out.stderr
 
 
+R_RANGE = "--r must be a number in (0, 4] so that f maps [0, 1] into itself, got "
+
+
 @pytest.mark.parametrize(
-    ("r", "iterations", "points"),
+    ("r", "iterations", "points", "message"),
     [
-        (0.0, 6, M),
-        (-1.0, 6, M),
-        (4.5, 6, M),
-        (math.nan, 6, M),
-        (math.inf, 6, M),
-        (3.5, 0, M),
-        (3.5, -2, M),
-        (3.5, 6, 2),
+        (0.0, 6, M, R_RANGE + "0.0"),
+        (-1.0, 6, M, R_RANGE + "-1.0"),
+        (4.5, 6, M, R_RANGE + "4.5"),
+        (math.nan, 6, M, R_RANGE + "nan"),
+        (math.inf, 6, M, R_RANGE + "inf"),
+        (3.5, 0, M, "--iterations must be a whole number of at least 1, got 0"),
+        (3.5, -2, M, "--iterations must be a whole number of at least 1, got -2"),
+        (3.5, 6, 2, "the grid needs at least 3 points, got 2"),
     ],
 )
-def test_map_rejects_bad_inputs_with_one_line(r: float, iterations: int, points: int) -> None:
-    with pytest.raises(GradcheckError) as error:
+def test_map_rejects_bad_inputs_with_one_line(r: float, iterations: int, points: int, message: str) -> None:
+    with pytest.raises(GradcheckError, match=f"^{re.escape(message)}$") as error:
         simulate_logistic_map(r, iterations, points=points)
     assert "\n" not in str(error.value)
 
@@ -250,20 +254,23 @@ def test_rnn_is_reproducible_and_fast() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "message"),
     [
-        {"steps": 1, "radius": 0.5},
-        {"steps": 0, "radius": 0.5},
-        {"steps": 20, "radius": 0.0},
-        {"steps": 20, "radius": -1.0},
-        {"steps": 20, "radius": math.nan},
-        {"steps": 20, "radius": math.inf},
-        {"steps": 20, "radius": 0.5, "cell": "transformer"},
-        {"steps": 20, "radius": 0.5, "hidden": 0},
-        {"steps": 20, "radius": 0.5, "seeds": 0},
+        ({"steps": 1, "radius": 0.5}, "--steps must be a whole number of at least 2, got 1"),
+        ({"steps": 0, "radius": 0.5}, "--steps must be a whole number of at least 2, got 0"),
+        ({"steps": 20, "radius": 0.0}, "--radius must be a positive number, got 0.0"),
+        ({"steps": 20, "radius": -1.0}, "--radius must be a positive number, got -1.0"),
+        ({"steps": 20, "radius": math.nan}, "--radius must be a positive number, got nan"),
+        ({"steps": 20, "radius": math.inf}, "--radius must be a positive number, got inf"),
+        (
+            {"steps": 20, "radius": 0.5, "cell": "transformer"},
+            "--cell must be one of rnn, lstm, gru, linear, got 'transformer'",
+        ),
+        ({"steps": 20, "radius": 0.5, "hidden": 0}, "--hidden must be a whole number of at least 1, got 0"),
+        ({"steps": 20, "radius": 0.5, "seeds": 0}, "--seeds must be a whole number of at least 1, got 0"),
     ],
 )
-def test_rnn_rejects_bad_inputs_with_one_line(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(GradcheckError) as error:
+def test_rnn_rejects_bad_inputs_with_one_line(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(GradcheckError, match=f"^{re.escape(message)}$") as error:
         simulate_rnn(**kwargs)
     assert "\n" not in str(error.value)

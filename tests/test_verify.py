@@ -118,7 +118,8 @@ def test_deep_linear_is_fixed_by_orthogonal_init_while_clipping_only_bounds_the_
     assert clip.after is not None and clip.after.attenuation == pytest.approx(report.path.attenuation)
     ortho = by_id["orthogonal_init"]
     assert ortho.verified and ortho.fixed and ortho.effect is not None and ortho.effect > 0.5
-    assert ortho.after is not None and ortho.after.attenuation == pytest.approx(1.0, abs=0.5)
+    # orthogonal hidden layers (gain 1) keep the norm; the 128→10 head keeps its 1.2× orthonormal rows: 1.2 exactly
+    assert ortho.after is not None and ortho.after.attenuation == pytest.approx(1.2, rel=1e-3)
     assert by_id["batch_norm"].fixed  # hidden layers of a linear stack get a norm too
     assert not by_id["lower_lr"].verified and "--steps" in by_id["lower_lr"].reason
     _, ordered = order_by_effect(report.recommendations, verifications)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cli_support import run_cli
+from cli_support import assert_one_line_error, run_cli
 from gradcheck_cli import readout, watch, watch_hooks
 from gradcheck_cli.history import history_report
 from gradcheck_cli.history_log import read_history
@@ -368,7 +368,12 @@ def test_on_problem_stop_ends_the_block_cleanly() -> None:
             optimizer.step()
             optimizer.zero_grad()
     assert w.should_stop
-    assert len(steps_run) < 40
+    # it stopped at the first record with a problem: the step() of that record raised, so its step never ran on
+    *earlier, onset = w.records
+    assert onset.problems == (Problem.EXPLODING,) and w.onsets == {Problem.EXPLODING: onset.step}
+    assert all(record.problems == () for record in earlier)
+    assert steps_run == list(range(onset.step)) == [record.step for record in earlier]
+    assert onset.step == 3  # lr 20 blows this model up within a few steps
     assert hook_count(model) == before
 
 
@@ -559,17 +564,28 @@ def test_step_without_backward_says_so() -> None:
 
 
 @pytest.mark.parametrize(
-    "header",
+    ("header", "message"),
     [
-        '{"kind": "header", "format": "gradcheck-history", "version": "2"}',
-        '{"kind": "header", "format": "gradcheck-history", "version": 1, "every": null}',
+        (
+            '{"kind": "header", "format": "gradcheck-history", "version": "2"}',
+            "the history header's version '2' is not a number; write the log again",
+        ),
+        (
+            '{"kind": "header", "format": "gradcheck-history", "version": 1, "every": null}',
+            "the header line of the last run is damaged; write the log again with watch()",
+        ),
     ],
 )
-def test_a_damaged_header_is_an_input_error(tmp_path: Path, header: str) -> None:
+def test_a_damaged_header_is_an_input_error(tmp_path: Path, header: str, message: str) -> None:
+    model = tanh_mlp()
+    written = tmp_path / "written.jsonl"
+    with watch(model, every=1, log=written) as w:
+        train(model, w, 1)
+    _header, record = written.read_text().splitlines()
+    assert run_cli(["history", written], cwd=tmp_path).returncode == 0  # the record line alone is readable
     path = tmp_path / "grads.jsonl"
-    path.write_text(header + "\n")
-    proc = run_cli(["history", path], cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    path.write_text(header + "\n" + record + "\n")  # a valid record after the damaged header
+    assert_one_line_error(run_cli(["history", path], cwd=tmp_path), message)
 
 
 def test_a_log_without_records_is_not_a_passing_gate(tmp_path: Path) -> None:

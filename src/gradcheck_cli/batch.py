@@ -8,13 +8,16 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from gradcheck_cli.errors import BatchError, GradcheckError, first_line
+
+if TYPE_CHECKING:
+    from gradcheck_cli.loaders.limits import MemoryBudget
 
 _TARGET_KEYS = ("target", "targets", "y")
 
@@ -70,27 +73,44 @@ def _move(value: Any, device: torch.device | str) -> Any:
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def load_batch_file(path: Path) -> Any:
+def load_batch_file(path: Path, budget: MemoryBudget | None = None) -> Any:
     """Read a batch: a ``torch.save`` file (tensors only, always), ``.npy`` or ``.npz``.
 
     Recognised by content. NumPy files are read with ``allow_pickle=False``; an ``.npz`` whose
     arrays are named ``arr_0, arr_1, ...`` (``np.savez(path, x, y)``) becomes a tuple, otherwise
-    a dict of keyword tensors.
+    a dict of keyword tensors. Only regular files are opened, and what the file declares (zip records,
+    ``.npy`` shapes, tensor views) is checked against ``budget`` (the process-wide one by default)
+    before it is allocated.
     """
+    from gradcheck_cli.loaders.limits import memory_budget, require_regular_file  # the loaders import Batch
+    from gradcheck_cli.loaders.sizes import check_npy_file, check_npz_file, check_tensors, check_zip_directory
+
+    budget = budget if budget is not None else memory_budget()
     if not path.exists():
         raise BatchError(f"batch file not found: {path}")
     if path.is_dir():
         raise BatchError(f"--input must be a file (torch.save, .npy or .npz), not a directory: {path}")
+    size = require_regular_file(path, BatchError, "batch file")  # before opening: a FIFO would block open()
     with path.open("rb") as handle:
         head = handle.read(8)
     if not head:
         raise BatchError(f"batch file {path} is empty (0 bytes)")
+    if head.startswith(b"PK"):
+        check_zip_directory(path, what="batch file", error=BatchError, budget=budget)
     if head.startswith(NPY_MAGIC) or (head.startswith(b"PK") and _is_npz(path)):
-        return _load_numpy(path)
-    from gradcheck_cli.loaders.torch_file import read_torch_file  # imports Batch from here
+        if head.startswith(NPY_MAGIC):
+            check_npy_file(path, size, error=BatchError, budget=budget)
+        else:
+            check_npz_file(path, error=BatchError, budget=budget)
+        arrays = _load_numpy(path)
+        check_tensors(arrays, source=path, what="batch file", error=BatchError, budget=budget)
+        return arrays
+    from gradcheck_cli.loaders.torch_file import read_torch_file
 
     try:
-        return read_torch_file(path, trust=False, what="batch")
+        return read_torch_file(path, trust=False, what="batch", error=BatchError, budget=budget)
+    except BatchError:
+        raise  # a size refusal, already in the batch's words
     except GradcheckError as exc:
         raise BatchError(
             f"{exc}; save the batch with torch.save(tensor | tuple | dict of tensors), np.save or np.savez"
@@ -123,8 +143,10 @@ def _load_numpy(path: Path) -> Any:
 
 
 def _tensor(array: Any, path: Path) -> torch.Tensor:
+    """The array as a C-contiguous tensor; np.load's fresh writable C-order arrays are not copied a second time."""
     try:
-        return torch.from_numpy(array.copy())
+        owned = array.flags.writeable and array.flags.c_contiguous
+        return torch.from_numpy(array if owned else array.copy(order="C"))
     except TypeError:
         raise BatchError(f"{path} holds a NumPy array of dtype {array.dtype}, which torch cannot use") from None
 

@@ -237,6 +237,14 @@ def inspect(
     timeout: Annotated[
         float, typer.Option(min=1.0, help="--distributed: seconds a collective waits for the other ranks.")
     ] = 300.0,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Most memory a checkpoint or batch may declare before it is refused, e.g. 8GiB "
+            "(default: $GRADCHECK_MAX_MEMORY, else half of this machine's memory).",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Probe a model with one forward and backward pass and report per-layer gradient health."""
@@ -254,8 +262,9 @@ def inspect(
         if given:
             raise GradcheckError(f"--example brings its own model and batch; drop {', '.join(given)}")
     settings = load_config(config)
+    configured_model = settings.model_note() if example is None and model is None else None  # issue 16
     if example is None:
-        model = model if model is not None else settings.model_spec()
+        model = model if model is not None else settings.model_spec(trust=trust)
         if batch is None and input_shape is None:
             batch = settings.path("input")
     if baseline is None and write_baseline is None:  # writing a new baseline does not compare with the old one
@@ -299,10 +308,12 @@ def inspect(
         if profile:
             phases["startup"] = _process_age()
         with phase("import"):
+            from gradcheck_cli.loaders.limits import set_memory_budget
             from gradcheck_cli.pipeline import InspectRequest, run_inspect
             from gradcheck_cli.rules import Thresholds
             from gradcheck_cli.synthetic import parse_shape
 
+        set_memory_budget(max_memory if max_memory is not None else settings.get("max_memory"))  # None: the default
         report = run_inspect(
             InspectRequest(
                 checkpoint=checkpoint,
@@ -327,6 +338,10 @@ def inspect(
             )
         )
     report = policy.apply(report)
+    if configured_model is not None:  # issue 16: the report names the file that named the model code
+        from dataclasses import replace as with_notes
+
+        report = with_notes(report, notes=(*report.notes, configured_model))
     if baseline is not None:  # every rank compares (reading only), so all of them exit alike
         from gradcheck_cli.baseline import DEFAULT_TOLERANCE, compare
 

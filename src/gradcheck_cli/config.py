@@ -1,18 +1,22 @@
-"""``[tool.gradcheck]`` in ``pyproject.toml``: team defaults that command-line flags override."""
+"""``[tool.gradcheck]`` in ``pyproject.toml``: team defaults that command-line flags override.
+
+Trust rule for keys that name code (:data:`CODE_KEYS`: ``model``): the configuration file is found by
+walking up from the working directory, so it comes with whatever repository gradcheck runs in, and a
+``model = "evil.py:build"`` there would import and run that file. gradcheck runs code only when the user
+names it on the command line: ``--model`` (which replaces the configured value) or ``--trust``. Without
+either, a configured ``model`` is refused (exit 2) with a line naming the file, the key, the code, and both
+ways to allow it; with ``--trust`` it is used and the report notes which file named it. The other keys
+only choose settings and paths of data files that are read as tensors, so they apply as before.
+"""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradcheck_cli.errors import GradcheckError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from gradcheck_cli.parsing import MalformedDocument, loads_toml
 
 KEYS: dict[str, tuple[type, ...]] = {
     "model": (str,),
@@ -29,8 +33,11 @@ KEYS: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "device": (str,),
     "eval": (bool,),
+    "max_memory": (str,),
 }
 """Allowed keys and their TOML types. ``trust`` is deliberately absent: unpickling code is a per-run decision."""
+CODE_KEYS = ("model",)
+"""Keys whose value names code that gradcheck would import and run: used only with ``--trust``."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,29 @@ class Config:
             return []
         return [value] if isinstance(value, str) else [str(v) for v in value]
 
-    def model_spec(self) -> str | None:
-        """``model``, with a ``file.py:factory`` path taken relative to the config file's directory."""
+    def model_spec(self, *, trust: bool) -> str | None:
+        """``model``, with a ``file.py:factory`` path taken relative to the config file's directory.
+
+        It names code, so it is used only with ``trust`` (``--trust``); otherwise a configured ``model``
+        raises :class:`GradcheckError` saying which file names which code and how to allow it.
+        """
+        spec = self._resolved_model()
+        if spec is not None and not trust:
+            raise GradcheckError(
+                f"{self.source} names code to import and run ([tool.gradcheck] model = {self.values['model']!r}), "
+                f"and gradcheck runs code from a configuration file only with --trust; pass --trust if you trust "
+                f"this file, or name the model yourself with --model {spec}"
+            )
+        return spec
+
+    def model_note(self) -> str | None:
+        """For the report of a run that used the configured ``model``: which file named that code."""
+        spec = self._resolved_model()
+        if spec is None:
+            return None
+        return f"--trust: imported and ran model {spec}, named by [tool.gradcheck] in {self.source}"
+
+    def _resolved_model(self) -> str | None:
         spec = self.values.get("model")
         if spec is None or self.source is None:
             return spec
@@ -95,10 +123,10 @@ def load_config(explicit: Path | None = None, start: Path | None = None) -> Conf
 
 def _read(path: Path, *, required: bool) -> Config:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = loads_toml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise GradcheckError(f"cannot read {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except MalformedDocument as exc:
         raise GradcheckError(f"{path} is not valid TOML: {exc}") from None
     tools = data.get("tool", {})
     if not isinstance(tools, dict):

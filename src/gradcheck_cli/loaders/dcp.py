@@ -32,6 +32,7 @@ from torch import nn
 from gradcheck_cli.errors import CheckpointError, UntrustedCheckpointError, first_line
 from gradcheck_cli.factory import build_model, importable_from_cwd
 from gradcheck_cli.loaders.loaded import LoadedModel
+from gradcheck_cli.loaders.sizes import check_zip_bytes
 from gradcheck_cli.loaders.sniff import DCP_METADATA, DCP_SHARD_SUFFIX
 from gradcheck_cli.loaders.torch_file import OPTIMIZER_KEYS, STEP_KEYS, training_evidence
 from gradcheck_cli.loaders.weights import align_keys, describe_mismatch
@@ -296,6 +297,7 @@ def read_entry(data: bytes, key: str, directory: Path, *, trust: bool) -> Any:
     """A non-tensor entry (a ``torch.save`` blob): tensors-only, or fully with ``trust``."""
     from gradcheck_cli.loaders.safety import unsafe_globals
 
+    check_zip_bytes(data, f"the entry {key!r} of {directory}", error=CheckpointError)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -17,7 +17,7 @@ from torch import nn
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import CheckpointError, UntrustedCheckpointError, first_line
 from gradcheck_cli.factory import importable_from_cwd
-from gradcheck_cli.loaders.exported_scan import scan_archive
+from gradcheck_cli.loaders.exported_scan import describe, scan_archive
 from gradcheck_cli.loaders.loaded import LoadedModel
 
 NOTES = ("torch.export program: it runs as exported and cannot switch train/eval mode",)
@@ -25,17 +25,18 @@ NOTES = ("torch.export program: it runs as exported and cannot switch train/eval
 
 
 def load_exported(path: Path, *, trust: bool) -> LoadedModel:
-    """Load a ``torch.export`` archive as a module, after checking that loading it runs no code.
+    """Load a ``torch.export`` archive as a module, after checking that loading and running it runs no code.
 
     Raises :class:`UntrustedCheckpointError` (without ``trust``) when the archive holds anything that
-    would import or run code, and :class:`CheckpointError` with one line when it cannot be read.
+    would import or run code, or a graph operator beyond tensor math (``aten.from_file``, a library's
+    operator), and :class:`CheckpointError` with one line when it cannot be read.
     """
     findings = scan_archive(path)
-    described = "; ".join(f.what for f in findings)
+    described = describe(findings)
     if findings and not trust:
         imports = list(dict.fromkeys(name for f in findings for name in f.imports))
         raise UntrustedCheckpointError(
-            f"{path} is a torch.export archive that would import and run code when loaded ({described}); "
+            f"{path} is a torch.export archive that would import and run code when loaded or run ({described}); "
             "pass --trust only if you trust where it came from, or re-export it with plain tensor weights and inputs",
             imports or [f.what for f in findings],
         )

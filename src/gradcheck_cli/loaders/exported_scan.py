@@ -16,21 +16,31 @@ loading an archive can run code that the archive brings along:
    ``serialized_example_inputs.pt``, read the same way as 3.);
 5. a symbolic shape's ``expr_str`` in the program's JSON is parsed with ``sympy.sympify``, which calls
    Python's ``eval`` on it;
-6. files under ``data/aotinductor/`` are compiled code that ``load_pt2`` loads as a shared library.
+6. files under ``data/aotinductor/`` are compiled code that ``load_pt2`` loads as a shared library;
+7. the graph itself (``models/<model>.json``): running the program calls every node's ``target``, and a
+   node can be ``torch.ops.aten.from_file.default(path, shared=True, size=n)`` followed by an in-place
+   ``copy_``, which writes any file, or an operator of a library (``torch.ops.mylib.*``).
 
 Every one of them is checked here, by reading the zip archive without executing anything, before
 ``torch.export.load`` is called. A pickle counts as safe only when torch's tensors-only unpickler reads
 it (``torch.load(weights_only=True)``: that runs no code); in that case the ``weights_only=False`` load
-that torch does afterwards rebuilds the same tensors. A graph node whose target is not an operator is
-refused by torch's own verifier when the program is built, so the graph needs no check here.
+that torch does afterwards rebuilds the same tensors. A graph node (in the program or in any subgraph of
+``cond``/``while_loop``…), and any operator passed as an argument, must be an ``aten`` operator that
+:mod:`~gradcheck_cli.loaders.op_policy` allows (tensors, numbers and option strings in, no file name, no
+storage, no custom class), one of the control-flow operators of :data:`HIGHER_ORDER_OPS`, or one of the
+symbolic-shape functions of :data:`SYMBOLIC_TARGETS`. Torch's deserializer builds a node only around an
+operator, a higher-order operator or one of those functions (see :func:`target_problem`).
 
 Names are matched the way torch's archive reader finds them: below any top-level folder, ignoring case.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
+import operator
 import pickle
 import pickletools
 import posixpath
@@ -46,6 +56,7 @@ from typing import Any
 import torch
 
 from gradcheck_cli.errors import CheckpointError, first_line
+from gradcheck_cli.loaders.op_policy import operator_problem
 from gradcheck_cli.loaders.safety import unsafe_globals
 
 WEIGHTS_DIR = "data/weights/"
@@ -97,6 +108,23 @@ _SYMPY_NAMES = frozenset(
 )  # fmt: skip
 """Names a shape expression may use; anything else could reach Python builtins through ``eval``."""
 
+HIGHER_ORDER_OPS = frozenset(
+    {"cond", "while_loop", "map_impl", "scan", "associative_scan", "wrap_with_set_grad_enabled", "wrap_with_autocast"}
+)
+"""``torch.ops.higher_order.*`` that only run subgraphs of the same program (checked like the program)."""
+SYMBOLIC_TARGETS = frozenset(
+    {
+        *(f"_operator.{name}" for name in (
+            "eq", "ne", "le", "ge", "lt", "gt", "neg", "pos", "mul", "add", "sub", "floordiv", "mod", "pow",
+            "truediv", "and_", "or_", "lshift", "rshift",
+        )),
+        "math.trunc", "torch.sym_not", "torch.sym_int", "torch.sym_float", "torch.sym_ite", "torch.sym_max",
+        "torch.sym_min", "torch.sym_sqrt",
+    }
+)  # fmt: skip
+"""The arithmetic on symbolic sizes torch's serializer writes by name (``_SYM_OPS`` in torch/_export/serde)."""
+_OPERATOR_TARGET = re.compile(r"torch\.ops\.(\w+)\.(\w+)(?:\.(\w+))?")
+
 
 # --------------------------------------------------------------------------- checking before loading
 
@@ -109,6 +137,17 @@ class Finding:
     """A phrase for the error line, e.g. ``io.open in pickled weight '0.weight' (m/data/weights/weight_0)``."""
     imports: tuple[str, ...] = ()
     """The globals a pickle names outside torch's tensors-only list, when they could be read."""
+
+
+MAX_SHOWN = 3
+"""How many findings an error line shows before it counts the rest."""
+
+
+def describe(findings: list[Finding]) -> str:
+    """The findings as one phrase: the first :data:`MAX_SHOWN`, and how many more."""
+    shown = "; ".join(f.what for f in findings[:MAX_SHOWN])
+    more = len(findings) - MAX_SHOWN
+    return shown + (f"; and {more} more" if more > 0 else "")
 
 
 @dataclass
@@ -174,6 +213,7 @@ def scan_archive(path: Path) -> list[Finding]:
             *_payload_configs(archive),
             *_fallback_pickles(archive),
             *_shape_expressions(archive),
+            *_graph_operators(archive),
         ]
     return list(dict.fromkeys(found))
 
@@ -262,6 +302,98 @@ def _shape_expressions(archive: _Archive) -> list[Finding]:
                 shown = expression if len(expression) <= 60 else expression[:57] + "..."
                 found.append(Finding(f"Python code in a shape expression of {info.filename} ({shown!r})"))
     return found
+
+
+def _graph_operators(archive: _Archive) -> list[Finding]:
+    """Graph nodes (and operator arguments) whose target is not a pure tensor operator."""
+    programs = [info for _, info in archive.relative_matching(MODELS_DIR, "")]
+    programs += archive.top_level.get(LEGACY_PROGRAM, [])
+    found = []
+    for info in programs:
+        for node, target in _targets(_json(archive, info)):
+            problem = target_problem(target)
+            if problem is not None:
+                shown = f"node {node!r}" if node else "an operator argument"
+                found.append(Finding(f"{shown} of {info.filename} calls {target} ({problem})", (target,)))
+    return found
+
+
+def target_problem(target: str) -> str | None:
+    """Why a serialized node target needs ``--trust``; None when it is allowed or can never run.
+
+    ``torch.ops.<namespace>.<op>.<overload>`` and ``torch.ops.higher_order.<op>`` are judged by name. Any
+    other spelling is resolved the way torch's deserializer resolves it (attribute by attribute from
+    ``torch``, ``_operator`` or ``math``) and judged by what it names, so ``torch._ops.ops.aten.from_file.default``
+    is refused like ``torch.ops.aten.from_file.default``; a target that names no operator (``torch.os.system``)
+    is left to torch, which refuses to build a program around it before anything runs.
+    """
+    if target in SYMBOLIC_TARGETS:
+        return None
+    if target.startswith("#"):
+        return "an operator of a serialization extension"
+    match = _OPERATOR_TARGET.fullmatch(target)
+    if match is not None:
+        namespace, name, overload = match.groups()
+        if namespace == "higher_order":
+            return None if name in HIGHER_ORDER_OPS and overload is None else "not a control-flow operator"
+        return operator_problem(f"{namespace}::{name}", overload) if overload else "an operator without an overload"
+    return _resolved_problem(_resolve(target))
+
+
+def _resolve(target: str) -> object | None:
+    """What ``deserialize_operator`` in torch/_export/serde/serialize.py turns ``target`` into (None: a string)."""
+    roots: dict[str, object] = {"_operator": operator, "torch": torch, "math": math}
+    value = next((root for prefix, root in roots.items() if target.startswith(prefix)), None)
+    for name in target.split(".")[1:] if value is not None else ():
+        try:
+            value = getattr(value, name)  # attribute lookups on torch's own modules, as torch does
+        except Exception:
+            return None
+    return value
+
+
+def _resolved_problem(value: object) -> str | None:
+    if value is None or any(value is op for op in _symbolic_operators()):
+        return None
+    if isinstance(value, torch._ops.HigherOrderOperator):
+        return None if value.name() in HIGHER_ORDER_OPS else "not a control-flow operator"
+    if isinstance(value, torch._ops.OpOverload):
+        return operator_problem(value._schema.name, value._overloadname)
+    if isinstance(value, _extension_types()):
+        return "an operator of a serialization extension"
+    return None  # torch's deserializer refuses any other target: "Unsupported target type for node"
+
+
+@functools.cache
+def _symbolic_operators() -> tuple[object, ...]:
+    return tuple(op for op in map(_resolve, sorted(SYMBOLIC_TARGETS)) if op is not None)
+
+
+def _extension_types() -> tuple[type, ...]:
+    """The node target types serialization extensions registered; every type when torch cannot say."""
+    try:
+        from torch._export.serde.serialize import _registered_extension_types
+
+        return tuple(_registered_extension_types())
+    except Exception:
+        return (object,)
+
+
+def _targets(value: Any) -> Iterator[tuple[str, str]]:
+    """``(node name, target)`` of every node at any depth, and ``("", operator)`` of operator arguments."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            target = item.get("target")
+            if "inputs" in item and target is not None:
+                yield str(item.get("name") or ""), str(target)
+            operator = item.get("as_operator")
+            if operator is not None:
+                yield "", str(operator)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _json(archive: _Archive, info: zipfile.ZipInfo) -> Any:

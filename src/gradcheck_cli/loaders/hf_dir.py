@@ -38,6 +38,7 @@ from typing import Any
 from torch import nn
 
 from gradcheck_cli.errors import CheckpointError, first_line
+from gradcheck_cli.loaders.hf_size import check_architecture
 from gradcheck_cli.loaders.hf_weights import (
     check_ties,
     dtype_name,
@@ -50,16 +51,21 @@ from gradcheck_cli.loaders.hf_weights import (
     stored_float_dtype,
     weight_files,
 )
+from gradcheck_cli.loaders.limits import MemoryBudget, memory_budget, refuse_special_members
 from gradcheck_cli.loaders.loaded import LoadedModel
 from gradcheck_cli.loaders.weights import describe_mismatch
 
 
-def load_hf_directory(path: Path, *, trust: bool) -> LoadedModel:
+def load_hf_directory(path: Path, *, trust: bool, budget: MemoryBudget | None = None) -> LoadedModel:
     """Build the model ``config.json`` describes and load the directory's weights into it.
 
     Raises :class:`CheckpointError` with one line when transformers is missing, the config needs
-    custom code or is unknown to transformers, there are no weights, or they do not fit.
+    custom code or is unknown to transformers, there are no weights, they do not fit, or the weight
+    files or the architecture (sized on the meta device before it is built) exceed ``budget`` (the
+    process-wide one by default).
     """
+    budget = budget if budget is not None else memory_budget()
+    refuse_special_members(path, CheckpointError)
     raw = _read_config_json(path)
     files, source, skipped, listed = weight_files(path)
     transformers = _import_transformers(path)
@@ -68,7 +74,8 @@ def load_hf_directory(path: Path, *, trust: bool) -> LoadedModel:
         _refuse_unsupported(path, raw, transformers, notes)
         config = _read_config(path, transformers)
         cls = _model_class(path, config, transformers)
-        state = read_weights(files, path, listed, trust=trust)
+        state = read_weights(files, path, listed, trust=trust, budget=budget)
+        check_architecture(path, cls, config, transformers, state, budget)
         model = _build(path, cls, config, transformers)
         fit = fit_state(model, state, layout_renamer(model))
         check_ties(model, fit, path)

@@ -8,7 +8,6 @@ The fitting rules are described in :mod:`gradcheck_cli.loaders.hf_dir`.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,10 @@ import torch
 from torch import nn
 
 from gradcheck_cli.errors import CheckpointError, first_line
+from gradcheck_cli.loaders.limits import MemoryBudget, MiB, format_bytes, memory_budget, require_regular_file
+from gradcheck_cli.loaders.sizes import raise_hint
 from gradcheck_cli.loaders.weights import is_state_dict
+from gradcheck_cli.parsing import MalformedDocument, loads_json
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -40,6 +42,8 @@ LEGACY_RENAMES = (
 """Old key names that ``from_pretrained`` still accepts (TF-era BERT layer norms, ``weight_norm``)."""
 
 MAX_LISTED = 3
+JSON_MAX_BYTES = 64 * MiB
+"""The largest ``config.json`` or shard index read (real ones are kilobytes; parsing JSON takes ~10x its size)."""
 
 
 @dataclass
@@ -61,12 +65,18 @@ class Fit:
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file's content, or a one-line :class:`CheckpointError` for an unreadable or invalid file."""
+    """A JSON file's content, or a one-line :class:`CheckpointError` for an unreadable, oversized or invalid file."""
+    size = require_regular_file(path, CheckpointError, "file")
+    if size > JSON_MAX_BYTES:
+        raise CheckpointError(
+            f"{path} is {format_bytes(size)}; a config or shard index is a few KiB and gradcheck reads at most "
+            f"{format_bytes(JSON_MAX_BYTES)} of JSON: is it the right file?"
+        )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, MalformedDocument) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {first_line(exc)}") from None
 
 
@@ -112,21 +122,29 @@ def _shards(index: Path) -> tuple[list[Path], dict[str, str]]:
 
 
 def read_weights(
-    files: list[Path], path: Path, listed: Mapping[str, str] | None, *, trust: bool
+    files: list[Path], path: Path, listed: Mapping[str, str] | None, *, trust: bool, budget: MemoryBudget | None = None
 ) -> dict[str, torch.Tensor]:
     """All tensors of the weight files, merged; ``.bin`` files read tensors-only unless ``trust``.
 
-    ``listed``: a shard index's map of tensor names to files; every name must be in the shards.
+    ``listed``: a shard index's map of tensor names to files; every name must be in the shards. The files'
+    total size is checked against ``budget`` (the process-wide one by default) before any is read.
     """
     from gradcheck_cli.loaders.safetensors_file import read_safetensors
     from gradcheck_cli.loaders.torch_file import read_torch_file
 
+    budget = budget if budget is not None else memory_budget()
+    total = sum(require_regular_file(file, CheckpointError, "weights file") for file in files)
+    if total > budget.max_bytes:
+        raise CheckpointError(
+            f"the weight files in {path} hold {format_bytes(total)} ({len(files)} file(s)), over {budget.limit()}; "
+            f"{raise_hint()}"
+        )
     state: dict[str, torch.Tensor] = {}
     for file in files:
         if file.name.endswith(".safetensors"):
-            part: Any = read_safetensors(file)
+            part: Any = read_safetensors(file, budget)
         else:
-            part = read_torch_file(file, trust=trust, what="weights file")
+            part = read_torch_file(file, trust=trust, what="weights file", budget=budget)
             if not isinstance(part, Mapping) or (part and not is_state_dict(part)):
                 raise CheckpointError(f"{file} holds a {type(part).__name__}, not a dict of named tensors")
         state.update(part)

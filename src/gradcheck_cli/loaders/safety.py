@@ -6,6 +6,7 @@ import io
 import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,3 +32,50 @@ def unsafe_globals(source: Path | bytes, error: pickle.UnpicklingError | None = 
     if scanned:
         return scanned
     return _BLOCKED_GLOBAL.findall(str(error)) if error is not None else []
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """The restricted unpickler met a global outside the tensors-only allow-list."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"global {name} is not allowed")
+        self.name = name
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    """Python's own unpickler (every opcode of every protocol) that resolves only the globals torch's
+    weights-only loader allows: whatever the opcodes, nothing else can be imported or called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = f"{module}.{name}"
+        allowed = _allowed_globals()
+        if key not in allowed:
+            raise RefusedGlobal(key)
+        return allowed[key]
+
+
+def _allowed_globals() -> dict[str, Any]:
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed: dict[str, Any] = dict(_get_allowed_globals())
+    for item in torch.serialization.get_safe_globals():
+        target = item[0] if isinstance(item, tuple) else item
+        allowed[f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"] = target
+    return allowed
+
+
+class tensors_only_pickle:
+    """A ``pickle_module`` for ``torch.load(weights_only=False)`` that imports only allow-listed globals.
+
+    torch's weights-only unpickler implements the opcodes of the protocol torch.save uses by default (2); a
+    file saved with ``pickle_protocol=4`` or 5 uses FRAME and STACK_GLOBAL, which it refuses as
+    "Unsupported operand". This reads such files with the same allow-list instead.
+    """
+
+    Unpickler = _TensorsOnlyUnpickler
+    UnpicklingError = pickle.UnpicklingError
+    __name__ = "gradcheck_tensors_only_pickle"
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        return _TensorsOnlyUnpickler(file, **kwargs).load()

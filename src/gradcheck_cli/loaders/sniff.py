@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import struct
 import zipfile
 from enum import Enum
 from pathlib import Path
 
 from gradcheck_cli.errors import CheckpointError
+from gradcheck_cli.loaders.limits import refuse_special_members, require_regular_file
+from gradcheck_cli.loaders.sizes import check_zip_directory
+from gradcheck_cli.parsing import MalformedDocument, loads_json
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 PICKLE_PROTOCOL = b"\x80"
@@ -42,6 +44,7 @@ def sniff(path: Path) -> Kind:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
+        refuse_special_members(path, CheckpointError)  # a FIFO config.json or shard would hang the reader
         if _is_dcp_directory(path):
             return Kind.DCP
         if (path / "config.json").is_file():
@@ -50,6 +53,7 @@ def sniff(path: Path) -> Kind:
             f"{path} is a directory without config.json or DCP .metadata; pass a checkpoint file, a Hugging Face "
             "save_pretrained directory or a torch.distributed.checkpoint directory"
         )
+    require_regular_file(path, CheckpointError, "checkpoint")  # before opening: a FIFO would block open()
     try:
         with path.open("rb") as handle:
             head = handle.read(64)
@@ -60,6 +64,7 @@ def sniff(path: Path) -> Kind:
     if head.startswith(LFS_POINTER):
         raise CheckpointError(f"{path} is a git-LFS pointer, not the checkpoint; run `git lfs pull` first")
     if head.startswith(b"PK"):
+        check_zip_directory(path, what="checkpoint", error=CheckpointError)  # before zipfile lists every entry
         return _zip_kind(path)
     if head.startswith(PICKLE_PROTOCOL):
         return Kind.TORCH_LEGACY
@@ -121,6 +126,6 @@ def _is_safetensors(path: Path, head: bytes) -> bool:
         handle.seek(8)
         header = handle.read(length)
     try:
-        return isinstance(json.loads(header), dict)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return isinstance(loads_json(header), dict)
+    except MalformedDocument:
         return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,27 +16,63 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradcheck_cli.errors import CheckpointError, UntrustedCheckpointError, first_line
+from gradcheck_cli.errors import CheckpointError, GradcheckError, UntrustedCheckpointError, first_line
 from gradcheck_cli.factory import importable_from_cwd
+from gradcheck_cli.loaders.limits import MemoryBudget, memory_budget, require_regular_file
 from gradcheck_cli.loaders.loaded import LoadedModel
-from gradcheck_cli.loaders.safety import unsafe_globals
+from gradcheck_cli.loaders.safety import RefusedGlobal, tensors_only_pickle, unsafe_globals
+from gradcheck_cli.loaders.sizes import ZIP_MAGIC, check_legacy_torch_file, check_tensors, check_zip_archive
+from gradcheck_cli.loaders.sniff import PICKLE_PROTOCOL
 from gradcheck_cli.loaders.weights import is_state_dict, with_architecture
 
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "module", "net")
 """Keys under which training checkpoints keep the weights, in the order they are tried."""
 
 
-def load_torch_file(path: Path, *, model_spec: str | None, trust: bool) -> LoadedModel:
-    """Load a ``torch.save`` file (zip or legacy) into a module."""
-    content = read_torch_file(path, trust=trust, what="checkpoint")
+def load_torch_file(
+    path: Path, *, model_spec: str | None, trust: bool, budget: MemoryBudget | None = None
+) -> LoadedModel:
+    """Load a ``torch.save`` file (zip or legacy) into a module, its sizes checked against ``budget`` first."""
+    content = read_torch_file(path, trust=trust, what="checkpoint", budget=budget)
     return _interpret(content, path, model_spec)
 
 
-def read_torch_file(path: Path, *, trust: bool, what: str) -> Any:
-    """``torch.load`` tensors-only; with ``trust``, fall back to full unpickling where that is needed."""
+def read_torch_file(
+    path: Path,
+    *,
+    trust: bool,
+    what: str,
+    error: type[GradcheckError] = CheckpointError,
+    budget: MemoryBudget | None = None,
+) -> Any:
+    """``torch.load`` tensors-only; with ``trust``, fall back to full unpickling where that is needed.
+
+    Sizes come first (``error`` with one line when over ``budget``, the process-wide one by default): the
+    file must be a regular file, a zip's records and a legacy file's storages must fit before anything is
+    read, and every loaded tensor must be backed by its storage before anything could materialise it.
+    """
+    budget = budget if budget is not None else memory_budget()
+    size = require_regular_file(path, error, what)
+    with path.open("rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if head == ZIP_MAGIC:
+        check_zip_archive(path, what=what, error=error, budget=budget)
+    elif head.startswith(PICKLE_PROTOCOL):
+        check_legacy_torch_file(path, size, what=what, error=error, budget=budget)
+    content = _load(path, trust=trust, what=what)
+    check_tensors(content, source=path, what=what, error=error, budget=budget)
+    return content
+
+
+def _load(path: Path, *, trust: bool, what: str) -> Any:
+    """The file's content, tensors-only unless ``trust`` and the file needs more."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # newer protocols are read below, without the warning's advice
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported operand" in str(exc):  # pickle_protocol=4/5: opcodes torch's own reader lacks
+            return _load_newer_protocol(path, trust=trust, what=what)
         unsafe = unsafe_globals(path, exc)
         if not unsafe:
             raise CheckpointError(f"{path} is not a readable PyTorch {what}: {_reason(exc)}") from None
@@ -55,6 +92,27 @@ def read_torch_file(path: Path, *, trust: bool, what: str) -> Any:
             f"the pickled {what} needs code that cannot be imported ({first_line(exc)}); run gradcheck where its "
             "package is importable (your project root, or set PYTHONPATH)"
         ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{path} could not be unpickled: {first_line(exc)}") from None
+
+
+def _load_newer_protocol(path: Path, *, trust: bool, what: str) -> Any:
+    """A file saved with a newer pickle protocol: Python's unpickler restricted to the tensors-only globals;
+    a global outside them needs ``--trust`` as for any other file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=tensors_only_pickle)
+    except RefusedGlobal as exc:
+        if not trust:
+            raise UntrustedCheckpointError(
+                f"{path} would import and run code when unpickled ({exc.name}); pass --trust only if you trust "
+                "where it came from, or save tensors only (a state_dict)",
+                [exc.name],
+            ) from None
+    except Exception as exc:  # a damaged file
+        raise CheckpointError(f"{path} is not a readable PyTorch {what}: {first_line(exc)}") from None
+    importable_from_cwd()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"{path} could not be unpickled: {first_line(exc)}") from None
 
