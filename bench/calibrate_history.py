@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradcheck_cli.history import history_report
-from gradcheck_cli.history_rules import MIN_REFERENCE, PERSIST, WINDOW
-from gradcheck_cli.monitor import watch
+from gradcheck_cli.training.history import history_report
+from gradcheck_cli.training.monitor import watch
+from gradcheck_cli.training.rules import MIN_REFERENCE, PERSIST, WINDOW
 
 
 def _gpt2(layers: int = 4, width: int = 128) -> nn.Module:
@@ -210,8 +210,8 @@ def margins(log: Path) -> dict[str, Any]:
     loss ÷ (LOSS_RISE × median), counting 0 for a record that had not regained REGAINED of the progress.
     Both below 1 mean the rule stayed silent with that much room.
     """
-    from gradcheck_cli import history_rules as rules
-    from gradcheck_cli.history_log import read_history
+    from gradcheck_cli.training import rules
+    from gradcheck_cli.training.log import read_history
 
     history = read_history(log)
     baseline = rules.Baseline()

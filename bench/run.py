@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
 
 from gradcheck_cli import check  # noqa: E402
-from gradcheck_cli.batch import Batch  # noqa: E402
+from gradcheck_cli.load.batch import Batch  # noqa: E402
 
 
 @dataclass

@@ -54,9 +54,9 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
 
-from gradcheck_cli.monitor import Watch, watch  # noqa: E402
+from gradcheck_cli.training.monitor import Watch, watch  # noqa: E402
 
 CONFIGS: dict[str, int | None] = {"bare": None, "every50": 50, "every1": 1}
 
@@ -256,8 +256,8 @@ def _quiet() -> Iterator[None]:
 @contextlib.contextmanager
 def _timed_reductions(spent: list[float], clock: Callable[[], float]) -> Iterator[None]:
     """Time every ``norm_and_max_abs`` the hooks call (the per-tensor reductions of a recorded step)."""
-    import gradcheck_cli.recorder as recorder_module
-    import gradcheck_cli.watch_hooks as hooks_module
+    import gradcheck_cli.probe.recorder as recorder_module
+    import gradcheck_cli.training.hooks as hooks_module
 
     original = recorder_module.norm_and_max_abs
 
@@ -424,8 +424,8 @@ def main() -> None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         git = ["git", "-C", str(ROOT)]
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True, check=True)
-        out["commit"] = head.stdout.strip() + (" (src/ modified)" if dirty.stdout.strip() else "")
+        dirty = subprocess.run([*git, "status", "--porcelain", "gradcheck_cli"], capture_output=True, text=True, check=True)
+        out["commit"] = head.stdout.strip() + (" (gradcheck_cli/ modified)" if dirty.stdout.strip() else "")
     with contextlib.suppress(ImportError):
         import transformers
 

@@ -1,6 +1,6 @@
 """Helpers for end-to-end tests that run the real ``gradcheck`` command line.
 
-``run_cli`` runs ``gradcheck_cli.cli.main`` in this process by default, with the argv, working directory,
+``run_cli`` runs ``gradcheck_cli.cli.app.main`` in this process by default, with the argv, working directory,
 environment, standard streams and warning filters a subprocess would have, and puts back afterwards every
 module, import path, RNG state and environment variable the run touched: a subprocess would only add the 2 s
 of interpreter and torch start-up. ``real=True`` (and any run that needs interpreter flags or ``--distributed``,
@@ -80,7 +80,7 @@ def run_cli(
 
 
 def _run_in_process(argv: list[str], cwd: Path, environment: Mapping[str, str]) -> Proc:
-    from gradcheck_cli.cli import main
+    from gradcheck_cli.cli.app import main
 
     stdout, stderr = _stream(), _stream()
     code = 0

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gradcheck_cli import check, watch
-from gradcheck_cli.distributed import split_batch
+from gradcheck_cli.distributed.reduce import split_batch
 
 
 def mlp() -> nn.Module:
@@ -74,7 +74,7 @@ def wrapped(model: nn.Module, mode: str) -> nn.Module:
         return model
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(model)
-    from gradcheck_cli.launch import wrap
+    from gradcheck_cli.distributed.launch import wrap
 
     return wrap(model, "fsdp", torch.device("cpu"))
 

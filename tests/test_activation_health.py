@@ -8,11 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from gradcheck_cli.activation_health import DEAD_SHARE, SATURATED_SHARE, activation_findings, activation_section
-from gradcheck_cli.activations import SIGMOID_SATURATION, TANH_SATURATION, derivative
-from gradcheck_cli.batch import Batch
-from gradcheck_cli.examples import get_example, mlp
-from gradcheck_cli.probe import probe
+from gradcheck_cli.diagnose.activation_health import (
+    DEAD_SHARE,
+    SATURATED_SHARE,
+    activation_findings,
+    activation_section,
+)
+from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.load.examples import get_example, mlp
+from gradcheck_cli.probe.activations import SIGMOID_SATURATION, TANH_SATURATION, derivative
+from gradcheck_cli.probe.measure import probe
 from zoo import HEALTHY
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gradcheck_cli.api import check
-from gradcheck_cli.examples import EXAMPLES
+from gradcheck_cli.load.examples import EXAMPLES
 
 ALLOWED_IDS = {
     "xavier_init",

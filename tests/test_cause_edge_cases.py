@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from gradcheck_cli import check
-from gradcheck_cli.batch import Batch
-from gradcheck_cli.examples import get_example, mlp
-from gradcheck_cli.fixes import following_activations
-from gradcheck_cli.loaders.torch_file import training_evidence
+from gradcheck_cli.advise.fixes import following_activations
+from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.load.examples import get_example, mlp
+from gradcheck_cli.load.torch_file import training_evidence
 
 
 def test_scripted_model_gets_no_gradient_from_the_verification_copies():
@@ -106,7 +106,7 @@ def test_parametrised_and_scripted_models_get_plain_reasons_not_crashes():
 def test_optimisation_onset_does_not_move_with_the_number_of_steps():
     """A regressor diverging at lr 0.5 (loss 81 → 7.8e4 in 5 steps) is caught at 5 steps, with the same onset
     at 5, 6 and 8 steps."""
-    from gradcheck_cli.optimise import trace_optimisation
+    from gradcheck_cli.advise.optimise import trace_optimisation
 
     def run(steps: int):
         torch.manual_seed(0)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gradcheck_cli import check
-from gradcheck_cli.examples import get_example
+from gradcheck_cli.load.examples import get_example
 from gradcheck_cli.render.json import render_json
 from gradcheck_cli.render.text import render_text
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from cli_support import assert_one_line_error, run_many, show
-from gradcheck_cli.policy import RULE_CODES
-from gradcheck_cli.rules import RULES
+from gradcheck_cli.diagnose.rules import RULES
+from gradcheck_cli.gate.policy import RULE_CODES
 
 XAVIER = ["inspect", "--example", "relu-xavier"]
 KAIMING = ["inspect", "--example", "relu-kaiming"]
@@ -144,8 +144,8 @@ def test_baseline_matches_path_findings_by_code_so_an_improvement_passes(tmp_pat
     from dataclasses import replace as replaced
 
     from gradcheck_cli.api import check
-    from gradcheck_cli.baseline import compare, write_baseline
-    from gradcheck_cli.examples import EXAMPLES
+    from gradcheck_cli.gate.baseline import compare, write_baseline
+    from gradcheck_cli.load.examples import EXAMPLES
 
     model, batch = EXAMPLES["relu-xavier"].build(0)
     report = check(model, batch)
@@ -159,9 +159,9 @@ def test_baseline_counts_a_collapse_to_zero_and_a_severity_increase_as_worse(tmp
     from dataclasses import replace as replaced
 
     from gradcheck_cli.api import check
-    from gradcheck_cli.baseline import compare, write_baseline
-    from gradcheck_cli.examples import EXAMPLES
-    from gradcheck_cli.report import Severity
+    from gradcheck_cli.gate.baseline import compare, write_baseline
+    from gradcheck_cli.load.examples import EXAMPLES
+    from gradcheck_cli.report.report import Severity
 
     model, batch = EXAMPLES["relu-xavier"].build(0)
     report = check(model, batch)
@@ -177,8 +177,8 @@ def test_baseline_counts_a_collapse_to_zero_and_a_severity_increase_as_worse(tmp
 
 def test_ignoring_one_layer_does_not_hide_a_vanishing_path():
     from gradcheck_cli.api import check
-    from gradcheck_cli.examples import EXAMPLES
-    from gradcheck_cli.policy import Policy
+    from gradcheck_cli.gate.policy import Policy
+    from gradcheck_cli.load.examples import EXAMPLES
 
     model, batch = EXAMPLES["relu-xavier"].build(0)
     report = check(model, batch)

@@ -536,7 +536,7 @@ def test_help_does_not_import_torch(startup_runs: dict[str, Proc], command: str)
     assert "Usage:" in proc.stdout
     assert "Exit codes:" in proc.stdout
     names = imported_modules(proc.stderr)
-    assert "gradcheck_cli.cli" in names
+    assert "gradcheck_cli.cli.app" in names
     assert _torch_modules(names) == []
 
 

@@ -252,7 +252,7 @@ def test_debug_shows_the_traceback_behind_an_input_error(runs: dict[str, Any]) -
 
 def test_truncated_zip_sniffed_by_content_not_name(tmp_path: Path) -> None:
     from gradcheck_cli.errors import CheckpointError
-    from gradcheck_cli.loaders.sniff import Kind, sniff
+    from gradcheck_cli.load.sniff import Kind, sniff
 
     renamed = tmp_path / "weights.bin"
     torch.save(checkpoint_state(), renamed)

@@ -40,7 +40,7 @@ def test_forced_colour_is_removed_by_no_color():
 
 
 def test_example_list_names_every_example():
-    from gradcheck_cli.examples import EXAMPLES
+    from gradcheck_cli.load.examples import EXAMPLES
 
     proc = run("inspect", "--example", "list")
     assert proc.returncode == 0 and proc.stderr == ""

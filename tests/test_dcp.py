@@ -43,9 +43,9 @@ from cli_support import (
     show,
 )
 from gradcheck_cli.errors import CheckpointError, GradcheckError, UntrustedCheckpointError
-from gradcheck_cli.loaders import Kind, load_checkpoint
-from gradcheck_cli.loaders.dcp import _MetadataUnpickler
-from gradcheck_cli.loaders.sniff import sniff
+from gradcheck_cli.load import Kind, load_checkpoint
+from gradcheck_cli.load.dcp import _MetadataUnpickler
+from gradcheck_cli.load.sniff import sniff
 
 MARKER_MODULE = "gradcheck_dcp_marker"
 MARKER_SOURCE = '''

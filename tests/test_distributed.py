@@ -124,7 +124,7 @@ def test_watch_on_a_wrapped_model_equals_one_process(tmp_path: Path, mode: str, 
 
 @pytest.mark.slow
 def test_a_nan_float_loss_on_one_rank_is_seen_by_all_without_a_hang(tmp_path: Path) -> None:
-    from gradcheck_cli.history import history_report
+    from gradcheck_cli.training.history import history_report
 
     sharded("ddp", "watch-nan", tmp_path)
     report = history_report(tmp_path / "ddp-watch-nan.json.jsonl")
@@ -221,7 +221,7 @@ def test_distributed_outside_torchrun_says_how_to_launch(tmp_path: Path) -> None
 
 
 def test_single_process_check_is_unchanged_without_a_process_group() -> None:
-    from gradcheck_cli.distributed import current, detect
+    from gradcheck_cli.distributed.reduce import current, detect
 
     model = nn.Linear(4, 2)
     assert detect(model) is None and current() is None
@@ -278,7 +278,7 @@ def test_under_the_real_torchrun_launcher(tmp_path: Path) -> None:
 def test_hf_trainer_under_ddp_records_the_unclipped_reduced_norm(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from gradcheck_cli.history_log import read_history
+    from gradcheck_cli.training.log import read_history
 
     out = tmp_path / "out"
     out.mkdir()

@@ -26,9 +26,9 @@ from torch import nn
 
 import cli_support
 from gradcheck_cli.errors import CheckpointError, UntrustedCheckpointError
-from gradcheck_cli.loaders import load_checkpoint
-from gradcheck_cli.loaders.exported import load_exported
-from gradcheck_cli.loaders.exported_scan import is_plain_shape_expression, scan_archive
+from gradcheck_cli.load import load_checkpoint
+from gradcheck_cli.load.exported import load_exported
+from gradcheck_cli.load.exported_scan import is_plain_shape_expression, scan_archive
 
 ROOT = "model"
 """Top-level folder of the archives written here (torch names it after the file)."""

@@ -27,14 +27,14 @@ from urllib.parse import urlparse
 import pytest
 
 from gradcheck_cli.api import check
-from gradcheck_cli.examples import EXAMPLES
+from gradcheck_cli.diagnose.rules import RULES
+from gradcheck_cli.load.examples import EXAMPLES
 from gradcheck_cli.render.github import command, escape_data, escape_property, render_github, render_step_summary
 from gradcheck_cli.render.json import render_json
 from gradcheck_cli.render.junit import render_junit
 from gradcheck_cli.render.markdown import MAX_FLAGGED_ROWS, WORST_ROWS, render_markdown
 from gradcheck_cli.render.sarif import RULE_TEXT, fingerprint, render_sarif
-from gradcheck_cli.report import BaselineDiff, Finding, LayerMove, Problem, Report, Severity
-from gradcheck_cli.rules import RULES
+from gradcheck_cli.report.report import BaselineDiff, Finding, LayerMove, Problem, Report, Severity
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
 

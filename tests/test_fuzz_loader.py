@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gradcheck_cli import cli
+from gradcheck_cli.cli import app as cli
 
 
 def _valid_checkpoint() -> bytes:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gradcheck_cli.gain import stretch_gain
+from gradcheck_cli.diagnose.gain import stretch_gain
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
 

@@ -9,11 +9,11 @@ import pytest
 
 from gradcheck_cli.api import check
 from gradcheck_cli.errors import GradcheckError
-from gradcheck_cli.examples import EXAMPLES
-from gradcheck_cli.gate import parse_fail_on
+from gradcheck_cli.gate.fail_on import parse_fail_on
+from gradcheck_cli.load.examples import EXAMPLES
 from gradcheck_cli.render.json import render_json
 from gradcheck_cli.render.text import render_text
-from gradcheck_cli.report import Problem, Severity
+from gradcheck_cli.report.report import Problem, Severity
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from gradcheck_cli.errors import CheckpointError
-from gradcheck_cli.loaders.hf_dir import load_hf_directory
+from gradcheck_cli.load.hf_dir import load_hf_directory
 
 SAVE_SEED = 1234
 """Seed of the saved weights; the CLI builds its model unseeded, so only loaded weights match the files."""

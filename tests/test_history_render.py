@@ -19,9 +19,6 @@ from torch import nn
 
 from cli_support import Proc, run_many, show
 from gradcheck_cli import watch
-from gradcheck_cli.history import history_report, judge
-from gradcheck_cli.history_log import Header, History
-from gradcheck_cli.monitor import GradientWarning
 from gradcheck_cli.render import plot
 from gradcheck_cli.render.html import SCRIPT, render_html, script_hash
 from gradcheck_cli.render.json import render_json
@@ -35,8 +32,11 @@ from gradcheck_cli.render.steps_chart import (
 )
 from gradcheck_cli.render.svg_chart import MAX_HISTORY_POINTS, history_points
 from gradcheck_cli.render.text import render_text
-from gradcheck_cli.report import Report
-from gradcheck_cli.report_sections import Onset, TrainingHistory
+from gradcheck_cli.report.report import Report
+from gradcheck_cli.report.sections import Onset, TrainingHistory
+from gradcheck_cli.training.history import history_report, judge
+from gradcheck_cli.training.log import Header, History
+from gradcheck_cli.training.monitor import GradientWarning
 from test_html import LOADING_TAGS, URL_ATTRIBUTES, Page, classed, svgs
 
 SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "report.schema.json"

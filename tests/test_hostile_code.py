@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from cli_support import assert_one_line_error, run_cli, show
-from gradcheck_cli.loaders.exported_scan import scan_archive as scan_pt2
-from gradcheck_cli.loaders.exported_scan import target_problem
-from gradcheck_cli.loaders.op_policy import operator_problem
-from gradcheck_cli.loaders.script_scan import loaded_problems
-from gradcheck_cli.loaders.script_scan import scan_archive as scan_script
+from gradcheck_cli.load.exported_scan import scan_archive as scan_pt2
+from gradcheck_cli.load.exported_scan import target_problem
+from gradcheck_cli.load.op_policy import operator_problem
+from gradcheck_cli.load.script_scan import loaded_problems
+from gradcheck_cli.load.script_scan import scan_archive as scan_script
 
 ORIGINAL = b"original"
 """What the file a hostile checkpoint targets holds before the run (8 bytes: the size it maps)."""

@@ -33,7 +33,7 @@ from torch import nn
 import cli_models
 from cli_support import CLI_ENV, Proc, assert_one_line_error, run_cli, show
 from gradcheck_cli.errors import GradcheckError
-from gradcheck_cli.loaders.limits import GiB, MiB, format_bytes, parse_size, set_memory_budget, use_memory_budget
+from gradcheck_cli.load.limits import GiB, MiB, format_bytes, parse_size, set_memory_budget, use_memory_budget
 
 BOMB = 1 * GiB
 """What each bomb declares (and, for deflated ones, really expands to): far beyond what a run needs."""
@@ -397,7 +397,7 @@ def test_config_with_20000_layers_beside_small_weights_is_refused_before_buildin
 def test_architecture_estimate_matches_a_full_meta_build() -> None:
     """Extrapolating from 4 and 8 layers gives exactly the size of a 100-layer stack of identical blocks."""
     transformers = pytest.importorskip("transformers")
-    from gradcheck_cli.loaders.hf_size import EXACT_UP_TO, estimate_architecture
+    from gradcheck_cli.load.hf_size import EXACT_UP_TO, estimate_architecture
 
     config = transformers.GPT2Config(n_embd=32, n_layer=100, n_head=4, n_positions=64, vocab_size=100)
     assert config.n_layer > EXACT_UP_TO
@@ -461,7 +461,7 @@ def test_bad_memory_sizes_are_one_line_errors(text: str) -> None:
 
 
 def test_the_budget_comes_from_the_flag_then_the_environment_then_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gradcheck_cli.loaders import limits
+    from gradcheck_cli.load import limits
 
     monkeypatch.delenv(limits.ENV_VAR, raising=False)
     default = limits.memory_budget()
@@ -483,10 +483,10 @@ def test_the_budget_comes_from_the_flag_then_the_environment_then_the_machine(mo
 
 
 def test_loaders_take_an_explicit_budget(work: Path) -> None:
-    from gradcheck_cli.batch import load_batch_file
     from gradcheck_cli.errors import BatchError
-    from gradcheck_cli.loaders import load_checkpoint
-    from gradcheck_cli.loaders.limits import MemoryBudget
+    from gradcheck_cli.load import load_checkpoint
+    from gradcheck_cli.load.batch_file import load_batch_file
+    from gradcheck_cli.load.limits import MemoryBudget
 
     tight = MemoryBudget(MiB, "a test")
     torch.save(torch.zeros(2**19), work / "two_mib.pt")

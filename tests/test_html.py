@@ -13,12 +13,12 @@ import pytest
 
 import zoo
 from gradcheck_cli.api import check
-from gradcheck_cli.examples import get_example
+from gradcheck_cli.load.examples import get_example
 from gradcheck_cli.render.causes_text import verification_line
 from gradcheck_cli.render.html import SCRIPT, block_of, render_html, script_hash
 from gradcheck_cli.render.svg_chart import label_indices, layer_chart_svg, steps_chart_svg
-from gradcheck_cli.report import BaselineDiff, Finding, LayerMove, Problem, Recommendation, Report, Severity
-from gradcheck_cli.report_sections import OptimisationTrace, StepRecord
+from gradcheck_cli.report.report import BaselineDiff, Finding, LayerMove, Problem, Recommendation, Report, Severity
+from gradcheck_cli.report.sections import OptimisationTrace, StepRecord
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 URL_ATTRIBUTES = {"src", "srcset", "action", "formaction", "poster", "data", "background", "xlink:href", "ping"}

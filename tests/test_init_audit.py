@@ -18,12 +18,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo
-from gradcheck_cli.batch import Batch
-from gradcheck_cli.examples import mlp
-from gradcheck_cli.init_audit import (
+from gradcheck_cli.diagnose.init_audit import (
     COMPOUND_LIMIT,
     DERIVED_GAINS,
     INIT_SCALE,
@@ -32,8 +30,10 @@ from gradcheck_cli.init_audit import (
     gradient_factor,
     init_findings,
 )
-from gradcheck_cli.report import Problem, Severity
-from gradcheck_cli.report_sections import InitAudit, InitLayer
+from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.load.examples import mlp
+from gradcheck_cli.report.report import Problem, Severity
+from gradcheck_cli.report.sections import InitAudit, InitLayer
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
 
@@ -344,7 +344,7 @@ def test_normalisation_stops_compounding_and_single_layer_flags() -> None:
 
 
 def test_attention_projections_count_once_in_a_run() -> None:
-    from gradcheck_cli.init_audit import _runs
+    from gradcheck_cli.diagnose.init_audit import _runs
 
     model, batch = zoo.hf_bert(False)
     audit = audited(model, batch)
@@ -573,7 +573,7 @@ def test_audit_is_pure(capsys: pytest.CaptureFixture[str]) -> None:
 
 def calibration_rows() -> list[tuple[str, str, float, float, int, str]]:
     """(model, expected, median ratio, most extreme run product, weights, GC010) per zoo model."""
-    from gradcheck_cli.init_audit import _runs  # every run, flagged or not
+    from gradcheck_cli.diagnose.init_audit import _runs  # every run, flagged or not
 
     rows = []
     for entry in zoo.ZOO:
@@ -592,7 +592,7 @@ def fresh_sweep(count: int) -> tuple[int, int, dict[str, float]]:
     """Fresh weights of random shapes and schemes: (audited, looking trained, largest value of each statistic)."""
     import random
 
-    from gradcheck_cli.init_audit import MEAN_DRIFT, _stats, _trained_evidence
+    from gradcheck_cli.diagnose.init_audit import MEAN_DRIFT, _stats, _trained_evidence
 
     rng = random.Random(0)
     dims = [1, 2, 3, 4, 5, 8, 9, 10, 16, 27, 32, 64, 72, 100, 128, 256, 576, 1000]
@@ -622,7 +622,7 @@ def fresh_sweep(count: int) -> tuple[int, int, dict[str, float]]:
 
 def trained_rows() -> list[tuple[str, str, str, str, str, str]]:
     """(model, layer, spike / limit, spread (z), mean z, verdict) after the tests' training."""
-    from gradcheck_cli.init_audit import _stats, _trained_evidence
+    from gradcheck_cli.diagnose.init_audit import _stats, _trained_evidence
 
     rows = []
     for name, build, task in (

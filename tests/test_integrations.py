@@ -22,9 +22,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from gradcheck_cli.history import history_report
-from gradcheck_cli.history_log import History, read_history
-from gradcheck_cli.monitor import GradientProblemError
+from gradcheck_cli.training.history import history_report
+from gradcheck_cli.training.log import History, read_history
+from gradcheck_cli.training.monitor import GradientProblemError
 
 STOPPING = {"non_finite", "exploding"}
 
@@ -498,7 +498,7 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 def test_importing_gradcheck_imports_no_framework() -> None:
     proc = _python(
         "import sys\n"
-        "import gradcheck_cli, gradcheck_cli.monitor, gradcheck_cli.integrations\n"
+        "import gradcheck_cli, gradcheck_cli.training.monitor, gradcheck_cli.integrations\n"
         "heavy = {'lightning', 'pytorch_lightning', 'transformers', 'accelerate', 'tensorboard', 'wandb'}\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
     )

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradcheck_cli.batch import Batch, make_batch
 from gradcheck_cli.errors import BatchError
-from gradcheck_cli.loss import choose_loss
+from gradcheck_cli.load.batch import Batch, make_batch
+from gradcheck_cli.probe.loss import choose_loss
 
 
 def test_model_loss_is_used_when_the_output_has_one():

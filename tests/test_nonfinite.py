@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import BatchError
-from gradcheck_cli.examples import EXAMPLES, mlp
-from gradcheck_cli.nonfinite import locate_non_finite, non_finite_flag
-from gradcheck_cli.report_sections import NonFiniteOrigin, TensorSummary
+from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.load.examples import EXAMPLES, mlp
+from gradcheck_cli.probe.nonfinite import locate_non_finite, non_finite_flag
+from gradcheck_cli.report.sections import NonFiniteOrigin, TensorSummary
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
 
@@ -403,7 +403,7 @@ def test_dropout_is_seeded_like_the_probe_and_the_replay_sees_the_same_mask() ->
 
 
 def test_the_replay_gives_the_same_summaries_as_the_tensors_kept_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gradcheck_cli import nonfinite
+    from gradcheck_cli.probe import nonfinite
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), ExpBlowUp(), nn.Linear(16, 10))

@@ -10,10 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradcheck_cli.batch import Batch
-from gradcheck_cli.errors import BatchError, GradcheckError
-from gradcheck_cli.examples import mlp
-from gradcheck_cli.optimise import (
+from gradcheck_cli.advise.optimise import (
     CONVERGED_LOSS,
     GROWTH_LIMIT,
     MAX_STEPS,
@@ -22,9 +19,12 @@ from gradcheck_cli.optimise import (
     optimisation_findings,
     trace_optimisation,
 )
+from gradcheck_cli.errors import BatchError, GradcheckError
+from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.load.examples import mlp
 from gradcheck_cli.render.steps_chart import MAX_ROWS, render_steps_chart, shown_rows
-from gradcheck_cli.report import Problem, Severity
-from gradcheck_cli.report_sections import OptimisationTrace, StepRecord
+from gradcheck_cli.report.report import Problem, Severity
+from gradcheck_cli.report.sections import OptimisationTrace, StepRecord
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
 
@@ -230,7 +230,7 @@ def test_the_users_model_is_unchanged_bit_for_bit():
 
 
 def test_frozen_layers_are_measured_but_not_stepped_and_a_frozen_model_needs_unfreeze(monkeypatch):
-    import gradcheck_cli.optimise as optimise
+    import gradcheck_cli.advise.optimise as optimise
 
     copies: list[nn.Module] = []
     real_copy = optimise._copy

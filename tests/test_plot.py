@@ -21,11 +21,11 @@ pytest.importorskip("matplotlib")
 import itertools
 
 from gradcheck_cli.api import check
-from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import GradcheckError
-from gradcheck_cli.examples import get_example, mlp
+from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.load.examples import get_example, mlp
 from gradcheck_cli.render import plot
-from gradcheck_cli.report import Report
+from gradcheck_cli.report.report import Report
 from gradcheck_cli.simulate.chain import simulate_chain
 from gradcheck_cli.simulate.logistic import simulate_logistic_map
 from gradcheck_cli.simulate.network import NetworkSpec, simulate_compare, simulate_network

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from gradcheck_cli.batch import Batch
-from gradcheck_cli.examples import get_example, mlp
-from gradcheck_cli.precision import (
+from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.load.examples import get_example, mlp
+from gradcheck_cli.probe.measure import probe
+from gradcheck_cli.probe.precision import (
     SAMPLE,
     exponent_histogram,
     grouped_histograms,
@@ -17,7 +18,6 @@ from gradcheck_cli.precision import (
     precision_section,
     recommended_scale,
 )
-from gradcheck_cli.probe import probe
 from zoo import HEALTHY
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import BatchError, OutOfMemory
-from gradcheck_cli.probe import probe
+from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.probe.measure import probe
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
 
@@ -260,7 +260,7 @@ def _count_host_reads(monkeypatch, run):
 def test_a_probe_reads_device_values_once(monkeypatch):
     """One synchronisation per probe: every norm, maximum, histogram and activation statistic comes back in a
     single copy; the only other reads are of the target's class indices, which stay on the host."""
-    from gradcheck_cli.examples import get_example
+    from gradcheck_cli.load.examples import get_example
 
     model, batch = get_example("relu-kaiming").build(0)
     reads = _count_host_reads(monkeypatch, lambda: probe(model, batch))

@@ -6,10 +6,9 @@ import math
 
 import pytest
 
-from gradcheck_cli.loss import LossChoice
-from gradcheck_cli.probe import LayerMeasure, Norm, ProbeResult
-from gradcheck_cli.report import Problem, Severity
-from gradcheck_cli.rules import RULES, Thresholds, diagnose
+from gradcheck_cli.diagnose.rules import RULES, Thresholds, diagnose
+from gradcheck_cli.probe.results import LayerMeasure, LossChoice, Norm, ProbeResult
+from gradcheck_cli.report.report import Problem, Severity
 
 
 def chain(act: list[float], *, grads: list[float] | None = None, hooks: bool = True, loss: float = 1.0) -> ProbeResult:

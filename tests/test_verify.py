@@ -15,13 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from gradcheck_cli import api, fixes, verify
-from gradcheck_cli.batch import Batch
-from gradcheck_cli.examples import EXAMPLES
-from gradcheck_cli.fixes import NotApplicable
-from gradcheck_cli.report import Recommendation
-from gradcheck_cli.report_sections import Outcome, Verification
-from gradcheck_cli.verify import order_by_effect, verify_recommendations
+from gradcheck_cli import api
+from gradcheck_cli.advise import fixes, verify
+from gradcheck_cli.advise.fixes import NotApplicable
+from gradcheck_cli.advise.verify import order_by_effect, verify_recommendations
+from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.load.examples import EXAMPLES
+from gradcheck_cli.report.report import Recommendation
+from gradcheck_cli.report.sections import Outcome, Verification
 from zoo import fused_rnn, torch_lstm
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels

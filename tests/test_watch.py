@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from cli_support import assert_one_line_error, run_cli
-from gradcheck_cli import readout, watch, watch_hooks
-from gradcheck_cli.history import history_report
-from gradcheck_cli.history_log import read_history
-from gradcheck_cli.monitor import GradientProblemError, GradientWarning, Watch
-from gradcheck_cli.report import Problem
+from gradcheck_cli import watch
+from gradcheck_cli.probe import readout
+from gradcheck_cli.report.report import Problem
+from gradcheck_cli.training import hooks as watch_hooks
+from gradcheck_cli.training.history import history_report
+from gradcheck_cli.training.log import read_history
+from gradcheck_cli.training.monitor import GradientProblemError, GradientWarning, Watch
 
 
 def tanh_mlp(depth: int = 4, width: int = 32, seed: int = 0) -> nn.Sequential:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gradcheck_cli.batch import Batch
-from gradcheck_cli.examples import EXAMPLES, mlp
+from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.load.examples import EXAMPLES, mlp
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""What to do about the findings: recommendations, in-memory fixes, their verification, the optimisation probe."""

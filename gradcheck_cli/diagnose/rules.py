@@ -1,0 +1,417 @@
+"""Diagnosis: from raw probe measurements to per-layer stats, the path summary and findings.
+
+The signal is the activation gradient ‖∂L/∂h‖ followed along the forward calls: the ratio of
+the gradient at the input end to that at the output end (the attenuation) and its per-layer
+geometric mean (the gain, the seed's σ'(z)·w factor). Healthy real architectures stay within
+about ±1.5 orders of magnitude (docs/calibration.md); known pathologies go far beyond.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gradcheck_cli.diagnose.gain import stretch_gain
+from gradcheck_cli.diagnose.module_kinds import GATED_RECURRENT, PLAIN_RECURRENT
+from gradcheck_cli.diagnose.rule_codes import (
+    DEAD_UNITS,
+    EXPLODING,
+    EXPLODING_THROUGH_TIME,
+    FP16_OVERFLOW,
+    FP16_UNDERFLOW,
+    INIT_SCALE,
+    NO_GRADIENT,
+    NON_FINITE_FORWARD,
+    NON_FINITE_GRADIENT,
+    PARAMETER_GRADIENTS_ONLY,
+    RULES,
+    SATURATED_ACTIVATION,
+    UNSTABLE_OPTIMISATION,
+    UNUSED_LAYER,
+    VANISHING,
+    VANISHING_THROUGH_TIME,
+    Rule,
+)
+from gradcheck_cli.probe.results import LayerMeasure, Norm, ProbeResult
+from gradcheck_cli.report.report import Finding, LayerStats, PathSummary, Problem, Severity
+
+__all__ = [  # the rule codes are re-exported: callers import them from here
+    "DEAD_UNITS",
+    "EXPLODING",
+    "EXPLODING_THROUGH_TIME",
+    "FP16_OVERFLOW",
+    "FP16_UNDERFLOW",
+    "INIT_SCALE",
+    "NON_FINITE_FORWARD",
+    "NON_FINITE_GRADIENT",
+    "NO_GRADIENT",
+    "PARAMETER_GRADIENTS_ONLY",
+    "RULES",
+    "SATURATED_ACTIVATION",
+    "UNSTABLE_OPTIMISATION",
+    "UNUSED_LAYER",
+    "VANISHING",
+    "VANISHING_THROUGH_TIME",
+    "Diagnosis",
+    "Rule",
+    "Thresholds",
+    "diagnose",
+]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where a path attenuation stops being healthy (calibration: docs/calibration.md)."""
+
+    vanishing: float = 1e-3
+    """Flag ``vanishing`` when input-end / output-end gradient is below this."""
+    exploding: float = 1e3
+    """Flag ``exploding`` when input-end / output-end gradient is above this."""
+
+    def as_dict(self) -> dict[str, float]:
+        """The thresholds as the report's ``thresholds`` object."""
+        return {"vanishing_attenuation": self.vanishing, "exploding_attenuation": self.exploding}
+
+
+RECURRENT_CELLS = GATED_RECURRENT | PLAIN_RECURRENT
+GATED_NOTE = (
+    " (a warning, not an error: gated cells start like this and learn to open their forget/update gates; "
+    "it limits how far back credit reaches until they do)"
+)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What the rules concluded: per-layer stats, the path summary and the findings."""
+
+    layers: tuple[LayerStats, ...]
+    path: PathSummary
+    findings: tuple[Finding, ...]
+
+
+@dataclass(frozen=True)
+class _Point:
+    """One step of the path: a layer (and call) with the gradient magnitude measured there."""
+
+    layer: int
+    value: float
+
+
+def diagnose(result: ProbeResult, thresholds: Thresholds | None = None) -> Diagnosis:
+    """Apply every rule to one probe's measurements."""
+    limits = thresholds or Thresholds()
+    points = _activation_path(result) if result.activation_hooks else _parameter_path(result)
+    path = _summarise(points, result)
+    out_end = points[-1].value if points else None
+
+    findings: list[Finding] = []
+    findings += _non_finite(result)
+    finite_run = not any(f.problem is Problem.NON_FINITE for f in findings)
+    flagged: dict[int, str] = {}
+    if finite_run and path.attenuation is not None:
+        findings += _attenuation(points, path, limits, result, flagged)
+    if finite_run:
+        findings += _through_time(result, limits, flagged)
+    findings += _no_gradient(result, flagged)
+    if not result.activation_hooks:
+        findings.append(
+            Finding(
+                PARAMETER_GRADIENTS_ONLY.code,
+                PARAMETER_GRADIENTS_ONLY.name,
+                Severity.INFO,
+                None,
+                None,
+                "module hooks do not fire on this model (TorchScript, torch.export), so the path is followed through "
+                "‖∂L/∂W‖/‖W‖ per layer; deep ReLU or linear stacks can hide vanishing there",
+            )
+        )
+    # never called and no gradient: nn.MultiheadAttention's out_proj is used without being called
+    unused = [m.name for m in result.layers if not m.calls and m.grad is None and result.activation_hooks]
+    if unused:
+        findings.append(
+            Finding(
+                UNUSED_LAYER.code,
+                UNUSED_LAYER.name,
+                Severity.INFO,
+                None,
+                unused[0],
+                f"{len(unused)} module(s) with parameters never ran in the forward pass (first: {unused[0]})",
+                {"layers": unused},
+            )
+        )
+    first_call: dict[int, int] = {}
+    for position, (layer, _) in enumerate(result.call_order):
+        first_call.setdefault(layer, position)
+    layers = tuple(
+        _layer_stats(m, first_call.get(i, -1), result.activation_hooks, out_end, flagged.get(i))
+        for i, m in enumerate(result.layers)
+    )
+    return Diagnosis(layers=layers, path=path, findings=tuple(findings))
+
+
+def _activation_path(result: ProbeResult) -> list[_Point]:
+    """‖∂L/∂output‖ of every forward call that got a gradient, in forward order."""
+    points = []
+    for layer, call in result.call_order:
+        norm = result.layers[layer].calls[call]
+        if norm is not None:
+            points.append(_Point(layer, norm.l2))
+    return points
+
+
+def _parameter_path(result: ProbeResult) -> list[_Point]:
+    """‖∂L/∂W‖/‖W‖ per layer in definition order: the fallback where module hooks cannot fire."""
+    points = []
+    for index, layer in enumerate(result.layers):
+        if layer.grad is not None and layer.weight_norm > 0:
+            points.append(_Point(index, layer.grad.l2 / layer.weight_norm))
+    return points
+
+
+def _summarise(points: list[_Point], result: ProbeResult) -> PathSummary:
+    measured_with = "activation_gradients" if result.activation_hooks else "parameter_gradients"
+    if len(points) < 2:
+        return PathSummary(measured_with, len(points), None, None)
+    first, last = points[0], points[-1]
+    attenuation = _ratio(first.value, last.value)
+    return PathSummary(
+        measured_with=measured_with,
+        length=len(points),
+        attenuation=attenuation,
+        gain=_gain(points),
+        first_layer=result.layers[first.layer].name,
+        last_layer=result.layers[last.layer].name,
+    )
+
+
+def _ratio(a: float, b: float) -> float | None:
+    """a / b; inf when ``a`` overflowed float32 (a finite gradient too large to take its norm)."""
+    if math.isnan(a) or not math.isfinite(b) or b == 0:
+        return None
+    return a / b
+
+
+def _gain(points: list[_Point]) -> float | None:
+    """Geometric-mean factor per step over the stretch where the gradient is non-zero."""
+    last = points[-1].value
+    if not math.isfinite(last) or last == 0:
+        return None
+    return stretch_gain([p.value / last for p in reversed(points[:-1])])
+
+
+def _attenuation(
+    points: list[_Point], path: PathSummary, limits: Thresholds, result: ProbeResult, flagged: dict[int, str]
+) -> list[Finding]:
+    assert path.attenuation is not None
+    out_end = points[-1].value
+    names = [result.layers[p.layer].name for p in points]
+    evidence = {
+        "attenuation": path.attenuation,
+        "gain": path.gain,
+        "path_length": path.length,
+        "first_layer": path.first_layer,
+        "last_layer": path.last_layer,
+    }
+    if path.attenuation < limits.vanishing:
+        crossing = _first_crossing(points, lambda v: v < limits.vanishing * out_end)
+        cell = result.layers[points[crossing].layer]
+        gated = cell.type in GATED_RECURRENT and len(cell.calls) > 1
+        for p in points:
+            if p.value < limits.vanishing * out_end and not gated:
+                flagged.setdefault(p.layer, Problem.VANISHING.value)
+        underflow = sum(1 for p in points if p.value == 0)
+        detail = f"; it underflowed to exactly 0 in {underflow} of {len(points)} calls" if underflow else ""
+        return [
+            Finding(
+                VANISHING.code,
+                VANISHING.name,
+                Severity.WARNING if gated else Severity.ERROR,
+                Problem.VANISHING,
+                names[crossing],
+                f"the gradient at the input end ({path.first_layer}) is {_fmt(path.attenuation)} of that at the "
+                f"output ({path.last_layer}) over {path.length} calls, {_fmt(path.gain)} per call; it falls below "
+                f"{_fmt(limits.vanishing)} of the output's at layer {names[crossing]}{detail}"
+                + (GATED_NOTE if gated else ""),
+                {**evidence, "underflowed_calls": underflow, "recurrent": _recurrent_type(cell)},
+            )
+        ]
+    if path.attenuation > limits.exploding:
+        crossing = _first_crossing(points, lambda v: v > limits.exploding * out_end)
+        for p in points:
+            if p.value > limits.exploding * out_end:
+                flagged.setdefault(p.layer, Problem.EXPLODING.value)
+        return [
+            Finding(
+                EXPLODING.code,
+                EXPLODING.name,
+                Severity.ERROR,
+                Problem.EXPLODING,
+                names[crossing],
+                f"the gradient grows {_fmt(path.attenuation)}× from the output ({path.last_layer}) to the input end "
+                f"({path.first_layer}) over {path.length} calls, {_fmt(path.gain)} per call; it exceeds "
+                f"{_fmt(limits.exploding)}× the output's from layer {names[crossing]} inwards",
+                {**evidence, "recurrent": _recurrent_type(result.layers[points[crossing].layer])},
+            )
+        ]
+    return []
+
+
+def _recurrent_type(measure: LayerMeasure) -> str | None:
+    """The recurrent module type when the gradient is followed through time in it, else None."""
+    if measure.type in RECURRENT_CELLS and len(measure.calls) > 1:
+        return measure.type
+    if measure.time_profile:
+        return measure.type
+    return None
+
+
+def _through_time(result: ProbeResult, limits: Thresholds, flagged: dict[int, str]) -> list[Finding]:
+    """Fused RNN/LSTM/GRU modules: the gradient reaching the first time step's input vs the last's."""
+    findings = []
+    for index, measure in enumerate(result.layers):
+        profile = measure.time_profile
+        if len(profile) < 2 or not all(math.isfinite(v) for v in profile):
+            continue
+        ratio = _ratio(profile[0], profile[-1])
+        if ratio is None:
+            continue
+        steps = len(profile)
+        gain = ratio ** (1.0 / (steps - 1)) if ratio > 0 else 0.0
+        evidence = {"attenuation": ratio, "gain": gain, "steps": steps, "recurrent": measure.type}
+        plain = measure.type not in GATED_RECURRENT
+        if ratio < limits.vanishing:
+            if plain:
+                flagged.setdefault(index, Problem.VANISHING.value)
+            findings.append(
+                Finding(
+                    VANISHING_THROUGH_TIME.code,
+                    VANISHING_THROUGH_TIME.name,
+                    Severity.ERROR if plain else Severity.WARNING,
+                    Problem.VANISHING,
+                    measure.name,
+                    f"in {measure.name} ({measure.type}) the gradient reaching the first time step is "
+                    f"{_fmt(ratio)} of that at the last, over {steps} steps ({_fmt(gain)} per step)"
+                    + ("" if plain else GATED_NOTE),
+                    evidence,
+                )
+            )
+        elif ratio > limits.exploding:
+            flagged.setdefault(index, Problem.EXPLODING.value)
+            findings.append(
+                Finding(
+                    EXPLODING_THROUGH_TIME.code,
+                    EXPLODING_THROUGH_TIME.name,
+                    Severity.ERROR,
+                    Problem.EXPLODING,
+                    measure.name,
+                    f"in {measure.name} ({measure.type}) the gradient reaching the first time step is "
+                    f"{_fmt(ratio)}× that at the last, over {steps} steps ({_fmt(gain)} per step)",
+                    evidence,
+                )
+            )
+    return findings
+
+
+def _first_crossing(points: list[_Point], crossed: Callable[[float], bool]) -> int:
+    """Index of the call nearest the output, going backwards, from which the condition holds."""
+    index = len(points) - 1
+    while index > 0 and not crossed(points[index].value):
+        index -= 1
+    return index
+
+
+def _non_finite(result: ProbeResult) -> list[Finding]:
+    findings = []
+    bad_weights = [m.name for m in result.layers if not math.isfinite(m.weight_norm)]
+    if not math.isfinite(result.loss_value) or not result.output_finite:
+        where = f"; weights of {len(bad_weights)} layer(s) are NaN/Inf (first: {bad_weights[0]})" if bad_weights else ""
+        findings.append(
+            Finding(
+                NON_FINITE_FORWARD.code,
+                NON_FINITE_FORWARD.name,
+                Severity.ERROR,
+                Problem.NON_FINITE,
+                bad_weights[0] if bad_weights else None,
+                f"the forward pass produced NaN/Inf (loss = {result.loss_value}){where}",
+                {"loss": result.loss_value, "non_finite_weights": bad_weights},
+            )
+        )
+    bad = [m for m in result.layers if not _all_finite(m)]
+    if bad:
+        findings.append(
+            Finding(
+                NON_FINITE_GRADIENT.code,
+                NON_FINITE_GRADIENT.name,
+                Severity.ERROR,
+                Problem.NON_FINITE,
+                bad[0].name,
+                f"{len(bad)} of {len(result.layers)} layers have NaN/Inf gradients "
+                f"(first in forward order: {bad[0].name})",
+                {"layers": [m.name for m in bad], "non_finite_weights": bad_weights},
+            )
+        )
+    return findings
+
+
+def _all_finite(measure: LayerMeasure) -> bool:
+    norms: list[Norm | None] = [measure.grad, *measure.calls]
+    return all(n.finite for n in norms if n is not None)
+
+
+def _no_gradient(result: ProbeResult, flagged: dict[int, str]) -> list[Finding]:
+    """Layers that ran, with parameters, while no gradient reached them: the path is cut."""
+    reached = any(m.grad is not None for m in result.layers)
+    cut = [i for i, m in enumerate(result.layers) if m.calls and m.grad is None and all(c is None for c in m.calls)]
+    if not reached or not cut:
+        return []
+    for i in cut:
+        flagged[i] = "no_gradient"
+    names = [result.layers[i].name for i in cut]
+    return [
+        Finding(
+            NO_GRADIENT.code,
+            NO_GRADIENT.name,
+            Severity.ERROR,
+            Problem.VANISHING,
+            names[0],
+            f"{len(cut)} layer(s) ran in the forward pass but received no gradient at all (first: {names[0]}): "
+            "the graph is cut between them and the loss (.detach(), torch.no_grad(), .item() or an integer op)",
+            {"layers": names},
+        )
+    ]
+
+
+def _layer_stats(
+    measure: LayerMeasure, position: int, hooks: bool, out_end: float | None, flag: str | None
+) -> LayerStats:
+    call_norms = tuple(math.nan if c is None else c.l2 for c in measure.calls)
+    measured = [c for c in measure.calls if c is not None]
+    act = math.sqrt(sum(c.l2 * c.l2 for c in measured)) if measured else None
+    flags = []
+    if not _all_finite(measure) or not math.isfinite(measure.weight_norm):
+        flags.append(Problem.NON_FINITE.value)
+    if flag is not None:
+        flags.append(flag)
+    reference = None
+    if act is not None and out_end:
+        reference = act / out_end if math.isfinite(out_end) else None
+    return LayerStats(
+        name=measure.name,
+        type=measure.type,
+        position=position,
+        calls=len(measure.calls),
+        params=measure.params,
+        frozen=measure.frozen,
+        weight_norm=measure.weight_norm,
+        grad_norm=None if measure.grad is None else measure.grad.l2,
+        act_grad_norm=act,
+        act_grad_norms=call_norms if hooks else (),
+        act_grad_rel=reference,
+        time_grad_norms=measure.time_profile,
+        flags=tuple(flags),
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"

@@ -1,0 +1,99 @@
+"""What the advice needs to know about a model's structure: activations, norms, cells, init scale."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradcheck_cli.diagnose.module_kinds import GATED_RECURRENT, PLAIN_RECURRENT
+from gradcheck_cli.probe.modules import module_type
+
+RELU_LIKE = {"ReLU", "LeakyReLU", "PReLU", "RReLU", "ReLU6", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardswish"}
+SATURATING = {"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "LogSigmoid", "Tanhshrink"}
+NORMS = {
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+    "LayerNorm",
+    "GroupNorm",
+    "RMSNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+}
+
+
+@dataclass(frozen=True)
+class InitScale:
+    """A weight's standard deviation beside the Xavier and Kaiming (ReLU) scales for its fans."""
+
+    layer: str
+    std: float
+    xavier: float
+    kaiming: float
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """Structural facts about a model, gathered once from its modules."""
+
+    activations: frozenset[str]
+    norms: frozenset[str]
+    recurrent: frozenset[str]
+    init: tuple[InitScale, ...]
+    half_precision: bool
+
+    @property
+    def relu_like(self) -> bool:
+        """Whether any ReLU-family activation module is present."""
+        return bool(self.activations & RELU_LIKE)
+
+    @property
+    def saturating(self) -> frozenset[str]:
+        """The sigmoid/tanh-like activation modules present."""
+        return self.activations & SATURATING
+
+
+def model_traits(model: nn.Module) -> ModelTraits:
+    """Collect the traits of ``model`` without running it."""
+    types = {name: module_type(m) for name, m in model.named_modules()}
+    kinds = set(types.values())
+    recurrent = set(kinds & (PLAIN_RECURRENT | GATED_RECURRENT))
+    for module in model.modules():
+        if isinstance(module, nn.RNN) or module_type(module) == "RNN":
+            recurrent.add("RNN")
+    init = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if types[name] in {"Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D"} and isinstance(weight, torch.Tensor):
+            scale = _init_scale(name, types[name], weight.detach())
+            if scale is not None:
+                init.append(scale)
+    half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+    return ModelTraits(
+        activations=frozenset(kinds & (RELU_LIKE | SATURATING)),
+        norms=frozenset(kinds & NORMS),
+        recurrent=frozenset(recurrent),
+        init=tuple(init),
+        half_precision=half,
+    )
+
+
+def _init_scale(name: str, kind: str, weight: torch.Tensor) -> InitScale | None:
+    if weight.dim() < 2 or weight.numel() < 2 or not weight.is_floating_point():
+        return None
+    if kind == "Conv1D":  # Hugging Face GPT-2 stores (in, out)
+        fan_in, fan_out = weight.shape[0], weight.shape[1]
+    else:
+        receptive = weight[0][0].numel()
+        fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+    flat = weight.reshape(-1)
+    sample = flat[:: -(-flat.numel() // 65536)]  # the scale of an i.i.d. init needs no more than 2^16 entries
+    std = float(sample.float().std())
+    if not math.isfinite(std):
+        return None
+    return InitScale(name, std, math.sqrt(2.0 / (fan_in + fan_out)), math.sqrt(2.0 / fan_in))

@@ -1,0 +1,1 @@
+"""gradcheck inside torch.distributed: what is reduced how, and the torchrun launch."""

@@ -1,0 +1,1 @@
+"""The CI gate: --fail-on, rule selection, baselines and [tool.gradcheck] configuration."""

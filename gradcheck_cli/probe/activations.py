@@ -1,0 +1,196 @@
+"""Activation health on the probe's own forward pass: saturated sigmoid/tanh units, dead ReLUs, φ'(z).
+
+A forward *pre*-hook sees each activation module's pre-activation z before the module runs (so
+``ReLU(inplace=True)`` cannot overwrite it first) and reduces it on the device: the sum of φ'(z)²
+(the activation's share of the seed's per-layer factor σ'(z)·w) and the count of saturated elements
+(φ'(z) below 1 % of its maximum), both over a strided sample of at most 4096 elements per call
+(shares to about ±1.5 %), and, for the ReLU family, over all of z, the units that were ≤ 0 for every
+sample. The same hooks record the order of every leaf-module call, which the init audit uses to
+find the activation that follows each weight. Nothing is synchronised here; hooks live in an
+ExitStack and are gone when the block exits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradcheck_cli.probe.precision import sample
+from gradcheck_cli.probe.recorder import HookStack
+from gradcheck_cli.probe.results import ActivationTotals
+
+SATURATION_BOUND = 0.01
+"""A unit is saturated where φ'(z) is below this fraction of φ's largest derivative."""
+TANH_SATURATION = math.acosh(1.0 / math.sqrt(SATURATION_BOUND))
+"""|z| beyond which 1 − tanh²(z) < 1 % (≈ 2.99)."""
+SIGMOID_SATURATION = math.log((1 + math.sqrt(1 - SATURATION_BOUND)) / (1 - math.sqrt(1 - SATURATION_BOUND)))
+"""|z| beyond which σ'(z) < 1 % of σ'(0) = 1/4 (≈ 5.99)."""
+
+SATURATING_TYPES = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid"})
+DEAD_TYPES = frozenset({"ReLU", "ReLU6"})
+MEASURED_TYPES = SATURATING_TYPES | DEAD_TYPES | frozenset({"LeakyReLU", "GELU", "SiLU", "ELU"})
+CHANNEL_FIRST = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
+CHANNEL_FIRST_NORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d")
+
+
+@dataclass
+class ActivationCall:
+    """Device-side sums of one activation call (0-dim tensors; read after the single sync)."""
+
+    module: int
+    elements: int
+    sampled: int
+    """Elements in the strided sample the derivative and saturation sums are over."""
+    derivative_sq: torch.Tensor
+    saturated: torch.Tensor | None
+    dead_units: torch.Tensor | None
+    units: int
+
+
+def derivative(kind: str, z: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """φ'(z) of the activation ``kind`` (float32 or wider)."""
+    if kind == "Sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    if kind == "Tanh":
+        return 1 - torch.tanh(z).square()
+    if kind == "ReLU":
+        return (z > 0).to(z.dtype)
+    if kind == "ReLU6":
+        return ((z > 0) & (z < 6)).to(z.dtype)
+    if kind == "LeakyReLU":
+        slope = float(getattr(module, "negative_slope", 0.01))
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
+    if kind == "Hardtanh":
+        low, high = float(getattr(module, "min_val", -1.0)), float(getattr(module, "max_val", 1.0))
+        return ((z > low) & (z < high)).to(z.dtype)
+    if kind == "Hardsigmoid":
+        return ((z > -3) & (z < 3)).to(z.dtype) / 6
+    if kind == "GELU":
+        normal = torch.exp(-0.5 * z.square()) / math.sqrt(2 * math.pi)
+        return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * normal
+    if kind == "SiLU":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if kind == "ELU":
+        alpha = float(getattr(module, "alpha", 1.0))
+        return torch.where(z > 0, torch.ones_like(z), alpha * torch.exp(z))
+    raise ValueError(kind)
+
+
+DEAD_POSITIONS = 1024
+"""Dead units are judged on at most about this many values per unit: every sample of the batch, and evenly
+strided positions (pixels, tokens) of each when there are more."""
+
+
+def _positions(z: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """``z`` with its position dimensions (all but batch and unit) strided, as a view: no copy."""
+    positions = [d for d in range(1, z.dim()) if d != unit_dim]
+    if not positions:
+        return z
+    per_unit = z.numel() // z.shape[unit_dim]
+    if per_unit <= DEAD_POSITIONS:
+        return z
+    step = math.ceil((per_unit / max(DEAD_POSITIONS, z.shape[0])) ** (1 / len(positions)))
+    index = [slice(None, None, step) if d in positions else slice(None) for d in range(z.dim())]
+    return z[tuple(index)]
+
+
+def saturation_limit(kind: str) -> float | None:
+    """|z| beyond which the unit counts as saturated, or None for non-saturating activations."""
+    return {"Sigmoid": SIGMOID_SATURATION, "Tanh": TANH_SATURATION}.get(kind)
+
+
+class ActivationRecorder(HookStack):
+    """Leaf-call order and activation statistics of one forward pass, inside a ``with`` block."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._leaves = [(name, m) for name, m in model.named_modules() if next(m.children(), None) is None]
+        self.leaf_calls: list[tuple[str, str]] = []
+        """(name, class name) of every leaf-module call, in forward order."""
+        self.calls: list[ActivationCall] = []
+        self.modules: list[tuple[str, str]] = []
+        """(name, class name) of the measured activation modules; ``ActivationCall.module`` indexes it."""
+        self._index: dict[int, int] = {}
+
+    def _register(self) -> None:
+        for name, module in self._leaves:
+            self._stack.enter_context(module.register_forward_pre_hook(self._hook(name, module)))
+
+    def _hook(self, name: str, module: nn.Module) -> Any:
+        kind = type(module).__name__
+
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            previous = self.leaf_calls[-1][1] if self.leaf_calls else ""
+            producer = next((t for _, t in reversed(self.leaf_calls) if t not in MEASURED_TYPES), previous)
+            self.leaf_calls.append((name, kind))
+            if kind not in MEASURED_TYPES or not args or not isinstance(args[0], torch.Tensor):
+                return
+            z = args[0]
+            if not z.is_floating_point() or z.numel() == 0:
+                return
+            self._measure(id(module), name, kind, module, z.detach(), producer)
+
+        return hook
+
+    def _measure(self, key: int, name: str, kind: str, module: nn.Module, z: torch.Tensor, producer: str) -> None:
+        if key not in self._index:
+            self._index[key] = len(self.modules)
+            self.modules.append((name, kind))
+        with torch.no_grad():
+            part = sample(z)  # shares and means need no more than a strided sample; dead units need all of z
+            slope = derivative(kind, part, module)
+            derivative_sq = slope.square().sum()
+            limit = saturation_limit(kind)
+            saturated = None
+            if limit is not None:
+                saturated = (part.abs() > limit).sum()
+            elif kind in ("Hardtanh", "Hardsigmoid"):
+                saturated = (slope == 0).sum()
+            dead, units, looked = None, 0, z.numel()
+            if kind in DEAD_TYPES and z.dim() >= 2:
+                unit_dim = 1 if z.dim() >= 3 and producer.startswith(CHANNEL_FIRST + CHANNEL_FIRST_NORMS) else -1
+                seen = _positions(z, unit_dim % z.dim())
+                reduce = [d for d in range(z.dim()) if d != unit_dim % z.dim()]
+                peak = torch.amax(seen, dim=reduce)
+                dead, units = (peak <= 0).sum(), peak.numel()
+                looked = seen.numel()
+        call = ActivationCall(self._index[key], looked, part.numel(), derivative_sq, saturated, dead, units)
+        self.calls.append(call)
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """Every statistic to copy to the host, in the order :meth:`summarise` reads them back."""
+        out: list[torch.Tensor] = []
+        for call in self.calls:
+            out.append(call.derivative_sq.reshape(()).double())
+            if call.saturated is not None:
+                out.append(call.saturated.reshape(()).double())
+            if call.dead_units is not None:
+                out.append(call.dead_units.reshape(()).double())
+        return out
+
+    def summarise(self, values: list[float]) -> tuple[ActivationTotals, ...]:
+        """Per activation module, the totals over its calls, from the host copies of :meth:`device_tensors`."""
+        totals = [ActivationTotals(name, kind) for name, kind in self.modules]
+        cursor = 0
+        for call in self.calls:
+            total = totals[call.module]
+            total.calls += 1
+            total.elements += call.elements
+            total.sampled += call.sampled
+            total.derivative_sq += values[cursor]
+            cursor += 1
+            if call.saturated is not None:
+                total.saturated = (total.saturated or 0.0) + values[cursor]
+                cursor += 1
+            if call.dead_units is not None:
+                total.dead = (total.dead or 0.0) + values[cursor]
+                total.units += call.units
+                total.samples_per_unit = max(total.samples_per_unit, call.elements // max(call.units, 1))
+                cursor += 1
+        return tuple(totals)

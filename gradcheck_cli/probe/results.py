@@ -1,0 +1,88 @@
+"""What one probe measured, as plain host values: the types the probe fills and diagnosis, the watch log and
+``gradcheck history`` read. No torch here, so reading a history never imports it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LossChoice:
+    """Which loss was used and why, in words a user can check."""
+
+    kind: str
+    """``model``, ``cross_entropy``, ``mse`` or ``random_projection``."""
+    description: str
+
+
+@dataclass
+class ActivationTotals:
+    """One activation module's sums over all its calls, on the host."""
+
+    name: str
+    type: str
+    calls: int = 0
+    elements: int = 0
+    sampled: int = 0
+    derivative_sq: float = 0.0
+    saturated: float | None = None
+    dead: float | None = None
+    units: int = 0
+    samples_per_unit: int = 0
+
+
+@dataclass(frozen=True)
+class Norm:
+    """An L2 norm and the largest absolute element of the same tensor(s)."""
+
+    l2: float
+    max_abs: float
+
+    @property
+    def finite(self) -> bool:
+        """Whether every element was finite (a NaN or Inf element makes ``max_abs`` non-finite)."""
+        return math.isfinite(self.max_abs)
+
+
+@dataclass(frozen=True)
+class LayerMeasure:
+    """What one probe measured for one module that owns parameters."""
+
+    name: str
+    type: str
+    params: int
+    frozen: bool
+    weight_norm: float
+    grad: Norm | None
+    """Gradient of the parameters it owns; None when no gradient reached any of them."""
+    calls: tuple[Norm | None, ...]
+    """‖∂L/∂output‖ per forward call; None for a call whose output got no gradient."""
+    time_profile: tuple[float, ...] = ()
+    """Fused recurrent modules: ‖∂L/∂x_t‖ per time step of the first call (the gradient through time)."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The raw measurements of one probe, before any diagnosis."""
+
+    layers: tuple[LayerMeasure, ...]
+    call_order: tuple[tuple[int, int], ...]
+    """Every forward call as (layer index, call index of that layer), in forward order."""
+    activation_hooks: bool
+    """Whether module hooks could fire (False for TorchScript): activation gradients measured."""
+    loss: LossChoice
+    loss_value: float
+    mode: str
+    output_finite: bool
+    """Whether every floating-point element of the model's output was finite."""
+    precision: tuple[tuple[float, ...], ...] = ()
+    """Per layer: exponent histogram of its parameter and activation gradients (unscaled)."""
+    activations: tuple[ActivationTotals, ...] = ()
+    """Per activation module: saturation, dead units and φ'(z) sums over its calls."""
+    leaf_calls: tuple[tuple[str, str], ...] = ()
+    """(name, class name) of every leaf-module call in forward order."""
+    autocast: str | None = None
+    """``fp16``/``bf16`` when the pass ran under autocast."""
+    loss_scale: float = 1.0
+    """What the loss was multiplied by before backward; every gradient number is divided back."""

@@ -1,0 +1,1 @@
+"""The frozen report (the one value every renderer reads) and its sections."""

@@ -1,6 +1,0 @@
-"""``python -m gradcheck_cli``."""
-
-from gradcheck_cli.cli import main
-
-if __name__ == "__main__":
-    main()
