@@ -150,7 +150,7 @@ def test_the_built_wheel_ships_every_module_and_runs_without_the_source_tree(tmp
     )
     (wheel,) = (tmp_path / "dist").glob("gradcheck-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
-    expected = {str(p.relative_to(root)) for p in PACKAGE.rglob("*") if p.suffix in (".py", ".typed")}
+    expected = {str(p.relative_to(root)) for p in PACKAGE.rglob("*") if p.suffix in (".py", ".typed", ".css", ".js")}
     assert expected - shipped == set()
     site = tmp_path / "site"
     subprocess.run(

@@ -22,6 +22,7 @@ from rich.console import Console
 from gradcheck_cli.errors import GradcheckError, ModelCodeError, OutOfMemory, first_line, is_out_of_memory
 from gradcheck_cli.exitcodes import ExitCode
 from gradcheck_cli.outputs import OutputGuard, check_distinct, write_text, write_with
+from gradcheck_cli.render.registry import ReportFormat, renderer
 from gradcheck_cli.version import __version__
 
 # Typer ≥ 0.24 vendors click as typer._click; older releases use click itself. Take the usage-error
@@ -76,18 +77,6 @@ class Distributed(str, Enum):
 def _rank() -> int:
     """This process's rank under torchrun (0 alone)."""
     return int(os.environ.get("RANK", "0"))
-
-
-class ReportFormat(str, Enum):
-    """Report formats of ``inspect``: the terminal, JSON, and what CI systems read."""
-
-    text = "text"
-    json = "json"
-    junit = "junit"
-    sarif = "sarif"
-    github = "github"
-    markdown = "markdown"
-    html = "html"
 
 
 # Options that inspect and history share, declared once.
@@ -624,33 +613,7 @@ def _emit(report: Any, kind: ReportFormat, output: Path | None) -> None:
 
 
 def _render(report: Any, kind: ReportFormat) -> str:
-    if kind is ReportFormat.json:
-        from gradcheck_cli.render.json import render_json
-
-        return render_json(report)
-    if kind is ReportFormat.junit:
-        from gradcheck_cli.render.junit import render_junit
-
-        return render_junit(report)
-    if kind is ReportFormat.sarif:
-        from gradcheck_cli.render.sarif import render_sarif
-
-        return render_sarif(report)
-    if kind is ReportFormat.github:
-        from gradcheck_cli.render.github import render_github
-
-        return render_github(report)
-    if kind is ReportFormat.markdown:
-        from gradcheck_cli.render.markdown import render_markdown
-
-        return render_markdown(report)
-    if kind is ReportFormat.html:
-        from gradcheck_cli.render.html import render_html
-
-        return render_html(report)
-    from gradcheck_cli.render.text import render_text
-
-    return render_text(report)
+    return renderer(kind)(report)
 
 
 def _print_examples() -> None:

@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Iterable
 from html import escape
+from importlib import resources
 from typing import Any
 
 from gradcheck_cli.render.causes_text import cause_lines, verification_line
@@ -58,169 +59,21 @@ OPEN_ROWS = 12
 EVIDENCE_ITEMS = 12
 """Lists in a finding's evidence show at most this many items."""
 
+
+def _asset(name: str) -> str:
+    """A file of ``gradcheck_cli/render/assets`` as text (shipped as package data)."""
+    return (resources.files("gradcheck_cli.render") / "assets" / name).read_text(encoding="utf-8")
+
+
 _NUMERIC = ' class="n"'
 _SEVERITY_WORD = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "info"}
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 """The block a layer belongs to: its name up to the first numbered component that has children."""
 
-CSS = """
-:root {
-  color-scheme: light dark;
-  --fg: #1d2125; --bg: #ffffff; --muted: #5f6b76; --line: #dde2e6; --card: #f6f8fa; --code: #f1f3f5;
-  --bad: #c92a2a; --bad-bg: #fff0f0; --good: #2b8a3e; --good-bg: #ebfbee; --warn: #a85a00; --warn-bg: #fff4e6;
-  --info: #1c6dd0; --info-bg: #e7f1ff; --bar: #3b7dd8; --bar-bad: #e03131; --hl: #fff3bf;
-}
-@media (prefers-color-scheme: dark) {
-  :root {
-    --fg: #e6e8ea; --bg: #15181c; --muted: #9aa4ae; --line: #333a41; --card: #1d2227; --code: #22282e;
-    --bad: #ff8787; --bad-bg: #3a1d1f; --good: #69db7c; --good-bg: #1a3323; --warn: #ffc078; --warn-bg: #3a2a17;
-    --info: #74c0fc; --info-bg: #1a2b3d; --bar: #5c9ce6; --bar-bad: #ff6b6b; --hl: #4a4220;
-  }
-}
-* { box-sizing: border-box; }
-html { background: var(--bg); }
-body {
-  margin: 0 auto; max-width: 1180px; padding: 20px 24px 48px; color: var(--fg); background: var(--bg);
-  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-}
-h1, h2, h3 { line-height: 1.25; }
-h2 { margin: 36px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); font-size: 1.3em; }
-h3 { margin: 18px 0 6px; font-size: 1.05em; }
-a { color: var(--info); }
-code, pre, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; }
-code { font-size: 0.9em; background: var(--code); padding: 1px 4px; border-radius: 4px; overflow-wrap: anywhere; }
-pre { background: var(--code); padding: 10px 12px; border-radius: 6px; overflow-x: auto; font-size: 13px; }
-pre code { background: none; padding: 0; font-size: inherit; overflow-wrap: normal; }
-.muted { color: var(--muted); }
-.verdict { border-radius: 10px; padding: 16px 22px; margin: 8px 0 18px; border-left: 8px solid; }
-.verdict.good { background: var(--good-bg); border-color: var(--good); }
-.verdict.bad { background: var(--bad-bg); border-color: var(--bad); }
-.verdict .brand { margin: 0; font-size: 0.85em; letter-spacing: 0.08em; text-transform: uppercase;
-  color: var(--muted); }
-.verdict h1 { margin: 4px 0 6px; font-size: 2.1em; }
-.verdict.good h1 { color: var(--good); }
-.verdict.bad h1 { color: var(--bad); }
-.verdict p { margin: 4px 0; }
-.problem { display: inline-block; margin: 0 4px; padding: 0 10px; border-radius: 999px; font-size: 0.6em;
-  vertical-align: middle; background: var(--bad); color: var(--bg); }
-nav { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 0.92em; margin-bottom: 8px; }
-dl.run { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; margin: 0; }
-dl.run dt { color: var(--muted); }
-dl.run dd { margin: 0; overflow-wrap: anywhere; }
-figure { margin: 8px 0; }
-figure svg { max-width: 100%; height: auto; display: block; }
-figcaption { color: var(--muted); font-size: 0.9em; }
-svg .pt { cursor: pointer; }
-svg .pt:hover circle, svg .pt:focus circle { stroke: currentColor; stroke-width: 1.5; }
-table { border-collapse: collapse; width: 100%; font-size: 0.9em; }
-th, td { padding: 3px 8px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-thead th { position: sticky; top: 0; background: var(--bg); border-bottom: 2px solid var(--line); white-space: nowrap; }
-td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.name { overflow-wrap: anywhere; }
-.js th[data-sort] { cursor: pointer; user-select: none; }
-.js th[data-sort]::after { content: " \\2195"; color: var(--muted); font-size: 0.85em; }
-.js th[aria-sort="ascending"]::after { content: " \\25B2"; color: var(--fg); }
-.js th[aria-sort="descending"]::after { content: " \\25BC"; color: var(--fg); }
-tr.grp th { background: var(--card); font-weight: 600; padding-top: 7px; }
-tr.grp th .muted { font-weight: normal; }
-table.flat tr.grp { display: none; }
-tr.flagged td { background: var(--bad-bg); }
-tr:target td, tr:target th { background: var(--hl); }
-.flag { color: var(--bad); font-weight: 600; }
-.bar { position: relative; display: inline-block; width: 96px; height: 10px; margin-left: 6px;
-  vertical-align: middle; background: var(--card); border-radius: 2px; }
-.bar::before { content: ""; position: absolute; left: 50%; top: -2px; bottom: -2px;
-  border-left: 1px solid var(--muted); }
-.bar i { position: absolute; top: 1px; bottom: 1px; background: var(--bar); border-radius: 1px; }
-tr.flagged .bar i, .bar i.bad { background: var(--bar-bad); }
-.sev { display: inline-block; padding: 0 8px; border-radius: 999px; font-size: 0.85em; font-weight: 600; }
-.sev.error { background: var(--bad-bg); color: var(--bad); }
-.sev.warning { background: var(--warn-bg); color: var(--warn); }
-.sev.info { background: var(--info-bg); color: var(--info); }
-.cause { border-left: 4px solid var(--line); padding: 2px 0 2px 12px; margin: 10px 0; }
-.cause.alarm { border-color: var(--bad); }
-.cause p { margin: 2px 0; }
-.cause ul { margin: 4px 0; padding-left: 20px; }
-ol.recs { padding-left: 0; list-style: none; counter-reset: rec; }
-ol.recs > li { border: 1px solid var(--line); border-radius: 8px; padding: 10px 16px; margin: 12px 0;
-  background: var(--card); }
-ol.recs > li h3 { margin: 2px 0 6px; }
-ol.recs > li h3 .rank { color: var(--muted); margin-right: 6px; }
-.badge { display: inline-block; padding: 0 8px; margin-left: 6px; border-radius: 999px; font-size: 0.8em;
-  font-weight: 600; vertical-align: middle; }
-.badge.fixed { background: var(--good-bg); color: var(--good); }
-.badge.improved { background: var(--warn-bg); color: var(--warn); }
-.badge.unverified { background: var(--code); color: var(--muted); }
-.verification.fixed { color: var(--good); }
-.verification.improved { color: var(--warn); }
-.verification.unverified { color: var(--muted); }
-details { margin: 6px 0; }
-summary { cursor: pointer; color: var(--muted); }
-details.evidence dl { display: grid; grid-template-columns: max-content 1fr; gap: 0 12px; margin: 4px 0;
-  font-size: 0.9em; }
-details.evidence dd { margin: 0; overflow-wrap: anywhere; }
-ul.notes li { margin: 4px 0; }
-footer { margin-top: 40px; color: var(--muted); font-size: 0.85em; border-top: 1px solid var(--line);
-  padding-top: 8px; }
-@media print {
-  nav, .noprint { display: none; }
-  body { max-width: none; padding: 0; font-size: 10.5pt; }
-  thead th { position: static; }
-  .verdict, tr.flagged td, .sev, .badge, .bar i { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
-  figure, ol.recs > li, tr, .cause { break-inside: avoid; }
-  h2 { break-after: avoid; }
-  a { color: inherit; text-decoration: none; }
-}
-"""
-
-SCRIPT = """
-(function () {
-  var root = document.documentElement;
-  root.className += " js";
-  window.addEventListener("beforeprint", function () {
-    Array.prototype.forEach.call(document.querySelectorAll("details"), function (d) { d.open = true; });
-  });
-  function pos(row) { return parseFloat(row.getAttribute("data-pos")); }
-  function key(row, col, numeric) {
-    var cell = row.cells[col];
-    var text = cell.hasAttribute("data-v") ? cell.getAttribute("data-v") : cell.textContent;
-    if (!numeric) { return text.trim().toLowerCase(); }
-    var value = parseFloat(text);
-    return isNaN(value) ? null : value;
-  }
-  function sortBy(table, th) {
-    var body = table.tBodies[0], col = th.cellIndex, numeric = th.getAttribute("data-sort") === "num";
-    var natural = th.hasAttribute("data-natural");
-    var dir = th.getAttribute("aria-sort") === "ascending" ? -1 : 1;
-    Array.prototype.forEach.call(th.parentNode.cells, function (c) { c.removeAttribute("aria-sort"); });
-    th.setAttribute("aria-sort", dir === 1 ? "ascending" : "descending");
-    table.classList.toggle("flat", !(natural && dir === 1));
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      if (natural) { return dir * (pos(a) - pos(b)); }
-      var ga = a.classList.contains("grp") ? 1 : 0, gb = b.classList.contains("grp") ? 1 : 0;
-      if (ga || gb) { return ga - gb || pos(a) - pos(b); }
-      var ka = key(a, col, numeric), kb = key(b, col, numeric);
-      if (ka === kb) { return pos(a) - pos(b); }
-      if (ka === null) { return 1; }
-      if (kb === null) { return -1; }
-      return ka < kb ? -dir : dir;
-    });
-    rows.forEach(function (row) { body.appendChild(row); });
-  }
-  Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), function (table) {
-    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th) {
-      if (!th.hasAttribute("data-sort")) { return; }
-      th.tabIndex = 0;
-      th.title = "sort by this column";
-      th.addEventListener("click", function () { sortBy(table, th); });
-      th.addEventListener("keydown", function (event) {
-        if (event.key === "Enter" || event.key === " ") { event.preventDefault(); sortBy(table, th); }
-      });
-    });
-  });
-})();
-"""
+CSS = _asset("report.css")
+"""The page's style sheet (package data: ``render/assets/report.css``), inlined so the page loads nothing."""
+SCRIPT = _asset("report.js")
+"""The page's one script (``render/assets/report.js``): table sorting, open details when printing."""
 
 
 def script_hash() -> str:
