@@ -15,6 +15,7 @@ from gradcheck_cli.advise.optimise import optimisation_findings, trace_optimisat
 from gradcheck_cli.advise.verify import order_by_effect, verify_recommendations
 from gradcheck_cli.diagnose.activation_health import activation_findings, activation_section
 from gradcheck_cli.diagnose.init_audit import audit_init, init_findings
+from gradcheck_cli.diagnose.rule_codes import FP16_OVERFLOW, FP16_UNDERFLOW
 from gradcheck_cli.diagnose.rules import Diagnosis, Thresholds, diagnose
 from gradcheck_cli.diagnose.traits import model_traits
 from gradcheck_cli.distributed.reduce import Sharding, sharded
@@ -252,7 +253,7 @@ def _measure(
     return result, reference
 
 
-CAUSE_CODES = frozenset({"GC013", "GC014"})
+CAUSE_CODES = frozenset({FP16_UNDERFLOW.code, FP16_OVERFLOW.code})
 """Findings without a problem of their own whose cause still has a fix to recommend."""
 
 

@@ -7,6 +7,13 @@ import statistics
 from collections.abc import Sequence
 
 from gradcheck_cli.diagnose.module_kinds import PLAIN_RECURRENT
+from gradcheck_cli.diagnose.rule_codes import (
+    DEAD_UNITS,
+    FP16_OVERFLOW,
+    FP16_UNDERFLOW,
+    NO_GRADIENT,
+    UNSTABLE_OPTIMISATION,
+)
 from gradcheck_cli.diagnose.traits import ModelTraits
 from gradcheck_cli.report.report import Finding, LayerStats, PathSummary, Problem, Recommendation
 from gradcheck_cli.report.sections import ActivationLayer, Precision
@@ -50,7 +57,7 @@ def advise(
 
 def _unstable_training(findings: Sequence[Finding]) -> list[Recommendation]:
     """GC015, gradients that blow up or collapse while training: a smaller step first."""
-    unstable = next((f for f in findings if f.code == "GC015"), None)
+    unstable = next((f for f in findings if f.code == UNSTABLE_OPTIMISATION.code), None)
     if unstable is None or unstable.problem is None:
         return []
     lr = unstable.evidence.get("lr")
@@ -73,7 +80,7 @@ def _optimizer_class(finding: Finding) -> str:
 
 def _dead_units(findings: Sequence[Finding]) -> list[Recommendation]:
     """Dead ReLUs (GC012): re-initialise, zeroing the biases that pushed them below 0."""
-    dead = next((f for f in findings if f.code == "GC012"), None)
+    dead = next((f for f in findings if f.code == DEAD_UNITS.code), None)
     recs = []
     if dead is not None:
         recs.append(
@@ -94,7 +101,7 @@ def _dead_units(findings: Sequence[Finding]) -> list[Recommendation]:
 
 def _half_precision(findings: Sequence[Finding], precision: Precision | None) -> list[Recommendation]:
     """fp16 under/overflow (GC013, GC014): a GradScaler at the measured scale, or bf16."""
-    half = [f for f in findings if f.code in ("GC013", "GC014")]
+    half = [f for f in findings if f.code in (FP16_UNDERFLOW.code, FP16_OVERFLOW.code)]
     recs = []
     if half and precision is not None:
         exponent = int(math.log2(precision.recommended_scale))
@@ -135,7 +142,7 @@ def _vanishing(
 ) -> list[Recommendation]:
     recs: list[Recommendation] = []
     gain = "n/a" if path.gain is None else f"{path.gain:.3g}"
-    blocked = next((f for f in findings if f.code == "GC005"), None)
+    blocked = next((f for f in findings if f.code == NO_GRADIENT.code), None)
     if blocked is not None:
         recs.append(
             Recommendation(
@@ -148,7 +155,7 @@ def _vanishing(
                 tuple(blocked.evidence.get("layers", [])),
             )
         )
-    vanishing = [f for f in findings if f.problem is Problem.VANISHING and f.code != "GC005"]
+    vanishing = [f for f in findings if f.problem is Problem.VANISHING and f.code != NO_GRADIENT.code]
     recurrent = {str(f.evidence["recurrent"]) for f in vanishing if f.evidence.get("recurrent")}
     through_time = next((f for f in vanishing if f.evidence.get("recurrent")), None)
     if through_time is not None:

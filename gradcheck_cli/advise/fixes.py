@@ -20,7 +20,8 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from gradcheck_cli.diagnose.traits import NORMS, RELU_LIKE, SATURATING
+from gradcheck_cli.diagnose.module_kinds import RELU_LIKE, SATURATING, SIGMOID_LIKE, SWAPPABLE
+from gradcheck_cli.diagnose.traits import NORMS
 from gradcheck_cli.probe.modules import module_type
 
 
@@ -33,8 +34,6 @@ WeightLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
 RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 BLOCK_INNER = NORMS | {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"}
 """Modules between a Linear/Conv and its activation that the residual fix keeps inside the block."""
-SWAPPABLE = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign"})
-"""Saturating activation modules that ``activation_change`` replaces by ``nn.ReLU``."""
 
 Nonlinearity = tuple[str, float]
 LINEAR: Nonlinearity = ("linear", 0.0)
@@ -54,7 +53,7 @@ def nonlinearity_of(module: nn.Module) -> Nonlinearity:
         return ("selu", 0.0)
     if kind in RELU_LIKE:
         return ("relu", 0.0)
-    if kind in {"Sigmoid", "Hardsigmoid", "LogSigmoid"}:
+    if kind in SIGMOID_LIKE:
         return ("sigmoid", 0.0)
     if kind in SATURATING:
         return ("tanh", 0.0)

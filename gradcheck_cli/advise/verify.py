@@ -22,6 +22,7 @@ from torch import nn
 
 from gradcheck_cli.advise.fixes import FIXES, SEEN_IN_FORWARD, UNVERIFIABLE, NotApplicable, clip_gradients
 from gradcheck_cli.advise.optimise import trace_optimisation
+from gradcheck_cli.diagnose.rule_codes import UNSTABLE_OPTIMISATION
 from gradcheck_cli.diagnose.rules import Diagnosis, Thresholds, diagnose
 from gradcheck_cli.errors import first_line
 from gradcheck_cli.load.batch import Batch, make_batch
@@ -101,7 +102,8 @@ def verify_recommendations(
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     results = []
     training_only = report.optimisation is not None and not any(
-        f.severity is Severity.ERROR and f.problem is not None and f.code != "GC015" for f in report.findings
+        f.severity is Severity.ERROR and f.problem is not None and f.code != UNSTABLE_OPTIMISATION.code
+        for f in report.findings
     )
     for rec in recommendations:
         start = time.perf_counter()

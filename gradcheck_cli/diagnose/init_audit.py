@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from gradcheck_cli.diagnose.module_kinds import INIT_GAIN_NAME, RECURRENT
 from gradcheck_cli.diagnose.rule_codes import INIT_SCALE
 from gradcheck_cli.probe.modules import module_type
 from gradcheck_cli.report.report import Finding, Problem, Severity
@@ -66,7 +67,6 @@ ORTHOGONAL_ENTRIES = 1 << 22
 ORTHOGONAL_TOLERANCE = 0.1
 """Orthogonal when √length·max|G/c − I| is below this (i.i.d. weights give about 1 and more)."""
 
-RECURRENT_TYPES = frozenset({"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"})
 CONV_TYPES = frozenset({"Conv1d", "Conv2d", "Conv3d"})
 NORM_PATTERN = re.compile(r"Norm(\d+d)?$")
 RECURRENT_WEIGHT = re.compile(r"(^|\.)weight_(ih|hh|hr)(_l\d+(_reverse)?)?$")
@@ -80,24 +80,6 @@ DERIVED_GAINS = {
     "elu": 1.223,
     "hardswish": 1.670,
     "softplus": 1.846,
-}
-TORCH_ACTIVATIONS = {
-    "ReLU": "relu",
-    "ReLU6": "relu",
-    "Tanh": "tanh",
-    "Hardtanh": "tanh",
-    "Softsign": "tanh",
-    "Sigmoid": "sigmoid",
-    "Hardsigmoid": "sigmoid",
-    "LogSigmoid": "sigmoid",
-    "SELU": "selu",
-    "GELU": "gelu",
-    "SiLU": "silu",
-    "Mish": "mish",
-    "ELU": "elu",
-    "CELU": "elu",
-    "Hardswish": "hardswish",
-    "Softplus": "softplus",
 }
 # Hugging Face and custom activation classes (NewGELUActivation, SiLUActivation...), by name; order matters
 NAMED_ACTIVATIONS = (
@@ -242,7 +224,7 @@ def _collect(model: nn.Module) -> list[_Weight]:
     for name, module in model.named_modules():
         kind = module_type(module)
         candidates: list[tuple[str, object, bool, tuple[str, float, int] | None]] = []
-        if kind in RECURRENT_TYPES or isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        if kind in RECURRENT or isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
             recurrent = _recurrent(module, kind)
             for pname, param in module.named_parameters(recurse=False):
                 if pname.startswith("weight_"):
@@ -325,7 +307,7 @@ def _activation(module: nn.Module | None, kind: str) -> tuple[str, float] | None
     if kind in ("LeakyReLU", "PReLU", "RReLU"):
         slope = _slope(module, kind)
         return f"leaky_relu({slope:.3g})", nn.init.calculate_gain("leaky_relu", slope)
-    name = TORCH_ACTIVATIONS.get(kind) or _named_activation(kind.lower())
+    name = INIT_GAIN_NAME.get(kind) or _named_activation(kind.lower())
     return None if name is None else (name, _gain(name))
 
 

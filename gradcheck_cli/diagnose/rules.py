@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gradcheck_cli.diagnose.gain import stretch_gain
-from gradcheck_cli.diagnose.module_kinds import GATED_RECURRENT, PLAIN_RECURRENT
+from gradcheck_cli.diagnose.module_kinds import GATED_RECURRENT, RECURRENT
 from gradcheck_cli.diagnose.rule_codes import (
     DEAD_UNITS,
     EXPLODING,
@@ -74,7 +74,7 @@ class Thresholds:
         return {"vanishing_attenuation": self.vanishing, "exploding_attenuation": self.exploding}
 
 
-RECURRENT_CELLS = GATED_RECURRENT | PLAIN_RECURRENT
+RECURRENT_CELLS = RECURRENT
 GATED_NOTE = (
     " (a warning, not an error: gated cells start like this and learn to open their forget/update gates; "
     "it limits how far back credit reaches until they do)"

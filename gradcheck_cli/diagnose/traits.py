@@ -8,11 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradcheck_cli.diagnose.module_kinds import GATED_RECURRENT, PLAIN_RECURRENT
+from gradcheck_cli.diagnose.module_kinds import GATED_RECURRENT, PLAIN_RECURRENT, RELU_LIKE, SATURATING
 from gradcheck_cli.probe.modules import module_type
 
-RELU_LIKE = {"ReLU", "LeakyReLU", "PReLU", "RReLU", "ReLU6", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardswish"}
-SATURATING = {"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "LogSigmoid", "Tanhshrink"}
 NORMS = {
     "BatchNorm1d",
     "BatchNorm2d",

@@ -9,6 +9,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from gradcheck_cli.diagnose.rule_codes import (
+    DEAD_UNITS,
+    EXPLODING,
+    FP16_OVERFLOW,
+    FP16_UNDERFLOW,
+    INIT_SCALE,
+    SATURATED_ACTIVATION,
+    UNSTABLE_OPTIMISATION,
+    VANISHING,
+)
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.outputs import write_text
 from gradcheck_cli.parsing import MalformedDocument, loads_json
@@ -42,12 +52,15 @@ def read_baseline(path: Path) -> dict[str, Any]:
     return data
 
 
-PATH_RULES = frozenset({"GC001", "GC002"})
+PATH_RULES = frozenset({VANISHING.code, EXPLODING.code})
 """Rules about the whole path: their ``layer`` is where the gradient crosses the threshold, which moves
 as a model changes, so they are matched by code alone."""
 
 
-RUN_RULES = frozenset({"GC010", "GC011", "GC012", "GC013", "GC014", "GC015"})
+RUN_RULES = frozenset(
+    rule.code
+    for rule in (INIT_SCALE, SATURATED_ACTIVATION, DEAD_UNITS, FP16_UNDERFLOW, FP16_OVERFLOW, UNSTABLE_OPTIMISATION)
+)
 """Rules with one finding per kind for the whole model, whose ``layer`` is only the first one flagged."""
 
 

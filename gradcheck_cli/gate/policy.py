@@ -6,12 +6,13 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from gradcheck_cli.diagnose.rule_codes import RULES
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.gate.baseline import PATH_RULES
 from gradcheck_cli.report.report import Finding, Report
 
-RULE_CODES = frozenset(f"GC{n:03d}" for n in range(1, 19))
-"""The codes of docs/rules.md (kept in step with rules.RULES by a test; no torch import here)."""
+RULE_CODES = frozenset(rule.code for rule in RULES)
+"""The codes of docs/rules.md, from the one table of rules (no torch import here)."""
 
 
 @dataclass(frozen=True)
@@ -83,5 +84,7 @@ def _codes(values: Iterable[str], flag: str) -> frozenset[str]:
     codes = frozenset(token.strip().upper() for value in values for token in value.split(",") if token.strip())
     unknown = sorted(codes - RULE_CODES)
     if unknown:
-        raise GradcheckError(f"{flag} {', '.join(unknown)}: no such rule code; see docs/rules.md (GC001–GC009)")
+        raise GradcheckError(
+            f"{flag} {', '.join(unknown)}: no such rule code; see docs/rules.md ({min(RULE_CODES)}–{max(RULE_CODES)})"
+        )
     return codes

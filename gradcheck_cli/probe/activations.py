@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradcheck_cli.diagnose.module_kinds import DEAD_UNITS_MEASURED, DERIVATIVE_MEASURED
 from gradcheck_cli.probe.precision import sample
 from gradcheck_cli.probe.recorder import HookStack
 from gradcheck_cli.probe.results import ActivationTotals
@@ -30,9 +31,6 @@ TANH_SATURATION = math.acosh(1.0 / math.sqrt(SATURATION_BOUND))
 SIGMOID_SATURATION = math.log((1 + math.sqrt(1 - SATURATION_BOUND)) / (1 - math.sqrt(1 - SATURATION_BOUND)))
 """|z| beyond which σ'(z) < 1 % of σ'(0) = 1/4 (≈ 5.99)."""
 
-SATURATING_TYPES = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid"})
-DEAD_TYPES = frozenset({"ReLU", "ReLU6"})
-MEASURED_TYPES = SATURATING_TYPES | DEAD_TYPES | frozenset({"LeakyReLU", "GELU", "SiLU", "ELU"})
 CHANNEL_FIRST = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 CHANNEL_FIRST_NORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d")
 
@@ -127,9 +125,9 @@ class ActivationRecorder(HookStack):
 
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             previous = self.leaf_calls[-1][1] if self.leaf_calls else ""
-            producer = next((t for _, t in reversed(self.leaf_calls) if t not in MEASURED_TYPES), previous)
+            producer = next((t for _, t in reversed(self.leaf_calls) if t not in DERIVATIVE_MEASURED), previous)
             self.leaf_calls.append((name, kind))
-            if kind not in MEASURED_TYPES or not args or not isinstance(args[0], torch.Tensor):
+            if kind not in DERIVATIVE_MEASURED or not args or not isinstance(args[0], torch.Tensor):
                 return
             z = args[0]
             if not z.is_floating_point() or z.numel() == 0:
@@ -153,7 +151,7 @@ class ActivationRecorder(HookStack):
             elif kind in ("Hardtanh", "Hardsigmoid"):
                 saturated = (slope == 0).sum()
             dead, units, looked = None, 0, z.numel()
-            if kind in DEAD_TYPES and z.dim() >= 2:
+            if kind in DEAD_UNITS_MEASURED and z.dim() >= 2:
                 unit_dim = 1 if z.dim() >= 3 and producer.startswith(CHANNEL_FIRST + CHANNEL_FIRST_NORMS) else -1
                 seen = _positions(z, unit_dim % z.dim())
                 reduce = [d for d in range(z.dim()) if d != unit_dim % z.dim()]
