@@ -138,11 +138,15 @@ def test_the_history_command_imports_no_torch(tmp_path: Path) -> None:
 def test_the_built_wheel_ships_every_module_and_runs_without_the_source_tree(tmp_path: Path) -> None:
     """The tests import the checkout; this proves the installed package: a wheel built from it holds every
     module and ``py.typed``, and installed on its own it runs the command line from another directory."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
-    root = PACKAGE.parent
+    root = tmp_path / "tree"  # a copy: building in the checkout would leave build/ behind
+    shutil.copytree(PACKAGE, root / "gradcheck_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(PACKAGE.parent / name, root / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(root)],
         check=True,
@@ -150,7 +154,9 @@ def test_the_built_wheel_ships_every_module_and_runs_without_the_source_tree(tmp
     )
     (wheel,) = (tmp_path / "dist").glob("gradcheck-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
-    expected = {str(p.relative_to(root)) for p in PACKAGE.rglob("*") if p.suffix in (".py", ".typed", ".css", ".js")}
+    expected = {
+        str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*") if p.suffix in (".py", ".typed", ".css", ".js")
+    }
     assert expected - shipped == set()
     site = tmp_path / "site"
     subprocess.run(
