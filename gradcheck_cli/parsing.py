@@ -30,7 +30,7 @@ def loads_json(text: str | bytes) -> Any:
     except UnicodeDecodeError:
         raise MalformedDocument("not UTF-8 text") from None
     except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
-        raise MalformedDocument(str(exc).splitlines()[0] if str(exc) else "not valid JSON") from None
+        raise MalformedDocument(_reason(exc, "not valid JSON")) from None
 
 
 def loads_toml(text: str) -> dict[str, Any]:
@@ -40,4 +40,12 @@ def loads_toml(text: str) -> dict[str, Any]:
     except RecursionError:
         raise MalformedDocument("nested too deeply to be a real document") from None
     except ValueError as exc:  # TOMLDecodeError, or an integer too long to convert
-        raise MalformedDocument(str(exc).splitlines()[0] if str(exc) else "not valid TOML") from None
+        raise MalformedDocument(_reason(exc, "not valid TOML")) from None
+
+
+def _reason(exc: ValueError, fallback: str) -> str:
+    """The parser's first line, in the user's terms (Python's advice to raise its digit limit is not theirs)."""
+    text = str(exc).splitlines()[0] if str(exc) else fallback
+    if "integer string conversion" in text:
+        return "it holds an integer thousands of digits long, which no real value needs"
+    return text
