@@ -345,3 +345,27 @@ def test_a_huge_version_record_is_one_line(work: Path) -> None:
 
 def inspect_file(work: Path, name: str) -> object:
     return run_cli(["inspect", name, "--model", "nets.py:build", "--input", "x.pt"], cwd=work)
+
+
+def test_hostile_json_and_toml_in_every_document_gradcheck_reads_is_one_line(tmp_path: Path) -> None:
+    import struct
+
+    deep = _nested(100_000)
+    header = ('{"a": ' + deep + "}").encode()
+    (tmp_path / "deep.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    assert_one_line_error(
+        run_cli(["inspect", "deep.safetensors", "--model", "x.py:f"], cwd=tmp_path), "deep.safetensors"
+    )
+    for name, text in (
+        ("deep", '{"x": ' + deep + "}"),
+        ("huge", '{"model_type": "gpt2", "n_layer": ' + "9" * 5000 + "}"),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+        line = assert_one_line_error(run_cli(["inspect", name], cwd=tmp_path), "config.json")
+        assert "set_int_max_str_digits" not in line
+    for name, value in (("nested", "[" * 5000 + "]" * 5000), ("digits", "9" * 5000)):
+        project = tmp_path / name
+        project.mkdir()
+        (project / "pyproject.toml").write_text(f"[tool.gradcheck]\nseed = {value}\n")
+        assert_one_line_error(run_cli(["inspect", "--example", "relu-kaiming"], cwd=project), "pyproject.toml", "TOML")
