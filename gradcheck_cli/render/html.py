@@ -38,15 +38,14 @@ from gradcheck_cli.render.steps_chart import (
 )
 from gradcheck_cli.render.svg_chart import (
     chart_points,
-    forward_order,
     history_chart_svg,
     history_points,
     layer_chart_svg,
-    relative_values,
     steps_chart_svg,
     through_time,
     time_chart_svg,
 )
+from gradcheck_cli.render.view import forward_order, relative_gradients
 from gradcheck_cli.report.report import BaselineDiff, Finding, LayerMove, LayerStats, Recommendation, Report, Severity
 from gradcheck_cli.report.sections import OptimisationTrace, TrainingHistory, Verification
 
@@ -819,7 +818,7 @@ def _layers(report: Report) -> str:
         return "<p>no layer owns parameters</p>"
     activation = report.path.measured_with == "activation_gradients"
     multi = any(layer.calls > 1 for layer in report.layers)
-    rel = relative_values(report)
+    rel = relative_gradients(report)
     headers: list[tuple[str, str, str]] = [("#", "num", "n")]  # title, sort kind, cell class
     headers += [("layer", "text", ""), ("type", "text", "")]
     if multi:

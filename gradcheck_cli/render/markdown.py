@@ -21,6 +21,7 @@ from gradcheck_cli.render.steps_chart import (
     shown_rows,
     steps_view,
 )
+from gradcheck_cli.render.view import relative_gradients
 from gradcheck_cli.report.report import BaselineDiff, Finding, LayerMove, LayerStats, Report, Severity
 from gradcheck_cli.report.sections import TrainingHistory
 
@@ -146,21 +147,8 @@ def _path(report: Report) -> str:
 
 
 def _relative(report: Report) -> dict[str, float | None]:
-    """Each layer's gradient relative to the output end, as the text table shows it."""
-    if report.path.measured_with == "activation_gradients":
-        return {layer.name: _finite_or_raw(layer.act_grad_rel, layer) for layer in report.layers}
-    ordered = _forward(report.layers)
-    reference = next((layer.grad_weight_ratio for layer in reversed(ordered) if layer.grad_weight_ratio), None)
-    return {
-        layer.name: None if layer.grad_weight_ratio is None or not reference else layer.grad_weight_ratio / reference
-        for layer in ordered
-    }
-
-
-def _finite_or_raw(rel: float | None, layer: LayerStats) -> float | None:
-    if rel is None and layer.act_grad_norm is not None and not math.isfinite(layer.act_grad_norm):
-        return layer.act_grad_norm
-    return rel
+    """Each layer's gradient relative to the output end, by name (render/view.py)."""
+    return {report.layers[i].name: value for i, value in relative_gradients(report).items()}
 
 
 def _forward(layers: tuple[LayerStats, ...]) -> list[LayerStats]:

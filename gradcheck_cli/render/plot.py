@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.render.numbers import count, number
+from gradcheck_cli.render.view import parameter_relative, relative_gradients
 from gradcheck_cli.report.report import LayerStats, Report
 from gradcheck_cli.report.sections import OptimisationTrace, TrainingHistory
 from gradcheck_cli.simulate.report import EXPLODING_ABOVE, VANISHING_BELOW, SimulationReport
@@ -417,29 +418,18 @@ def _activation(report: Report) -> bool:
 
 
 def _main_values(report: Report, layers: Sequence[LayerStats]) -> list[float | None]:
-    """What the text table's ÷out column shows: ∂L/∂h ÷ output end, or g/w ÷ output end as a fallback."""
-    if _activation(report):
-        values: list[float | None] = []
-        for layer in layers:
-            rel = layer.act_grad_rel
-            if rel is None and layer.act_grad_norm is not None and not math.isfinite(layer.act_grad_norm):
-                rel = layer.act_grad_norm
-            values.append(rel)
-        return values
-    return _param_values(layers)
+    """What the text table's ÷out column shows, for ``layers`` (render/view.py)."""
+    return _by_layer(report, relative_gradients(report), layers)
 
 
-def _param_values(layers: Sequence[LayerStats]) -> list[float | None]:
-    """‖∂L/∂W‖/‖W‖ divided by that of the output-end layer; NaN where the gradient is NaN/Inf."""
-    reference = next((r for layer in reversed(layers) if _finite_positive(r := layer.grad_weight_ratio)), None)
-    values: list[float | None] = []
-    for layer in layers:
-        if layer.grad_norm is not None and not math.isfinite(layer.grad_norm):
-            values.append(math.nan)
-            continue
-        ratio = layer.grad_weight_ratio
-        values.append(None if ratio is None or reference is None else ratio / reference)
-    return values
+def _param_values(report: Report, layers: Sequence[LayerStats]) -> list[float | None]:
+    """‖∂L/∂W‖/‖W‖ ÷ that of the output-end layer, for ``layers``; NaN where the gradient is NaN/Inf."""
+    return _by_layer(report, parameter_relative(report), layers)
+
+
+def _by_layer(report: Report, values: dict[int, float | None], layers: Sequence[LayerStats]) -> list[float | None]:
+    index = {id(layer): i for i, layer in enumerate(report.layers)}
+    return [values.get(index[id(layer)]) for layer in layers]
 
 
 def measured_points(report: Report) -> int:
@@ -536,7 +526,7 @@ def _draw_main(ax: Axes, report: Report, layers: Sequence[LayerStats], ticks: Se
     low = report.thresholds.get("vanishing_attenuation", VANISHING_BELOW)
     high = report.thresholds.get("exploding_attenuation", EXPLODING_ABOVE)
     main_values = _main_values(report, layers)
-    param_values = _param_values(layers) if activation else []
+    param_values = _param_values(report, layers) if activation else []
     xs = list(range(len(layers)))
     scale = log_scale([*main_values, *param_values], include=(low / 10, high * 10))
     scale.apply(ax)

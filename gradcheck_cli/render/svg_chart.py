@@ -15,6 +15,7 @@ from html import escape
 
 from gradcheck_cli.render.numbers import number
 from gradcheck_cli.render.steps_chart import PROBLEM_WORDS, onset_problems, shown_rows, steps_view
+from gradcheck_cli.render.view import forward_order, relative_gradients
 from gradcheck_cli.report.report import LayerStats, Report
 from gradcheck_cli.report.sections import OptimisationTrace, TrainingHistory
 
@@ -52,37 +53,9 @@ class ChartPoint:
     """Multi-call layers: each call's relative value, in forward order."""
 
 
-def forward_order(report: Report) -> list[int]:
-    """Indices into ``report.layers`` in forward order; layers that never ran last, in definition order."""
-    return sorted(
-        range(len(report.layers)), key=lambda i: (report.layers[i].position < 0, report.layers[i].position, i)
-    )
-
-
-def relative_values(report: Report) -> dict[int, float | None]:
-    """Each layer's gradient relative to the output end, by index into ``report.layers``.
-
-    With activation hooks: ‖∂L/∂h‖ ÷ the output end's (NaN/Inf kept where the norm itself is
-    non-finite). Without (TorchScript, ``torch.export``): ‖∂L/∂W‖/‖W‖ ÷ that of the last layer.
-    """
-    layers = report.layers
-    if report.path.measured_with == "activation_gradients":
-        values: dict[int, float | None] = {}
-        for i, layer in enumerate(layers):
-            rel = layer.act_grad_rel
-            if rel is None and layer.act_grad_norm is not None and not math.isfinite(layer.act_grad_norm):
-                rel = layer.act_grad_norm
-            values[i] = rel
-        return values
-    order = forward_order(report)
-    reference = next((layers[i].grad_weight_ratio for i in reversed(order) if layers[i].grad_weight_ratio), None)
-    ratios = {i: layers[i].grad_weight_ratio for i in order}
-    return {i: None if ratio is None or not reference else ratio / reference for i, ratio in ratios.items()}
-
-
 def chart_points(report: Report) -> list[ChartPoint]:
     """The layers the chart plots, input end first: every layer with a measurement, or flagged without one."""
-    values = relative_values(report)
+    values = relative_gradients(report)
     out_end = _output_norm(report)
     points = []
     for i in forward_order(report):

@@ -13,7 +13,8 @@ from rich.text import Text
 from gradcheck_cli.render.causes_text import causes, verification_line
 from gradcheck_cli.render.numbers import count, number
 from gradcheck_cli.render.steps_chart import first_onset, focus, loss_range, steps_chart
-from gradcheck_cli.report.report import LayerStats, Report, Severity
+from gradcheck_cli.render.view import forward_order, relative_gradients
+from gradcheck_cli.report.report import Report, Severity
 
 BAR_DECADES = 8
 """The bar spans 10^-8 … 10^+8 of the output-end gradient."""
@@ -108,12 +109,10 @@ def _table(report: Report) -> Table:
     table.add_column("log ±8", no_wrap=True)
     table.add_column("‖∂L/∂W‖", justify="right", no_wrap=True)
     table.add_column("flags", overflow="fold")
-    ordered = sorted(report.layers, key=lambda layer: (layer.position < 0, layer.position))
-    reference = _parameter_reference(ordered) if not activation else None
-    for layer in ordered:
-        rel = layer.act_grad_rel if activation else _ratio(layer.grad_weight_ratio, reference)
-        if rel is None and layer.act_grad_norm is not None and not math.isfinite(layer.act_grad_norm):
-            rel = layer.act_grad_norm
+    relative = relative_gradients(report)
+    for index in forward_order(report):
+        layer = report.layers[index]
+        rel = relative[index]
         style = "red" if layer.flags else ""
         row: list[str | Text] = [
             "–" if layer.position < 0 else str(layer.position),
@@ -127,17 +126,6 @@ def _table(report: Report) -> Table:
         ]
         table.add_row(*row, style=style or None)
     return table
-
-
-def _parameter_reference(layers: list[LayerStats]) -> float | None:
-    for layer in reversed(layers):
-        if layer.grad_weight_ratio:
-            return layer.grad_weight_ratio
-    return None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
 
 
 def _num(value: float | None) -> str:
