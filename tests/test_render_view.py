@@ -55,3 +55,19 @@ def test_activation_path_is_the_measured_ratio_and_forward_order_puts_unused_lay
     assert by_name["first"] == pytest.approx(first.act_grad_rel)
     assert by_name["unused"] is None
     assert report.layers[forward_order(report)[-1]].name == "unused"
+
+
+@pytest.mark.parametrize("name", ["relu-kaiming", "relu-xavier"])
+def test_every_human_format_states_the_one_verdict(name: str) -> None:
+    from gradcheck_cli.load.examples import EXAMPLES
+    from gradcheck_cli.render.github import render_github
+    from gradcheck_cli.render.html import render_html
+    from gradcheck_cli.render.view import verdict
+
+    model, batch = EXAMPLES[name].build(0)
+    report = check(model, batch, verify=False)
+    words = verdict(report)
+    assert words.healthy is report.healthy
+    assert words.summary == ("gradients flow from the output to the input" if report.healthy else "vanishing")
+    for render in (render_text, render_markdown, render_github, render_html):
+        assert words.summary in render(report), render.__module__

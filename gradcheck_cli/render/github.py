@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from gradcheck_cli.render.markdown import render_markdown
+from gradcheck_cli.render.view import verdict
 from gradcheck_cli.report.report import Finding, Report, Severity
 
 COMMANDS = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "notice"}
@@ -102,10 +103,8 @@ def _annotation(report: Report, finding: Finding) -> str:
 
 
 def _verdict(report: Report) -> str:
-    if report.healthy:
-        text = "healthy: gradients flow from the output to the input"
-    else:
-        text = "unhealthy: " + ", ".join(p.value for p in report.problems)
+    words = verdict(report)
+    text = f"{'healthy' if words.healthy else 'unhealthy'}: {words.summary}"
     if report.path.attenuation is not None:
         text += f" (input/output gradient {report.path.attenuation:.3g} over {report.path.length} calls)"
     if report.baseline is not None:

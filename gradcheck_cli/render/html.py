@@ -26,7 +26,6 @@ from gradcheck_cli.render.steps_chart import (
     PROBLEM_WORDS,
     VERDICT_WORDS,
     clip_sentence,
-    first_onset,
     focus,
     gain_sentence,
     healthy_sentence,
@@ -45,7 +44,7 @@ from gradcheck_cli.render.svg_chart import (
     through_time,
     time_chart_svg,
 )
-from gradcheck_cli.render.view import forward_order, relative_gradients
+from gradcheck_cli.render.view import first_onset, forward_order, relative_gradients, verdict
 from gradcheck_cli.report.report import BaselineDiff, Finding, LayerMove, LayerStats, Recommendation, Report, Severity
 from gradcheck_cli.report.sections import OptimisationTrace, TrainingHistory, Verification
 
@@ -196,10 +195,7 @@ def _verdict(report: Report) -> str:
     ]
     if report.healthy:
         cls, head = "good", "✓ healthy"
-        tail = '<p class="summary">gradients flow from the output to the input</p>'
-        if report.history is not None:
-            n = len(report.history.steps)
-            tail = f'<p class="summary">no problem at any of the {_plural(n, "recorded step")}</p>'
+        tail = f'<p class="summary">{_e(verdict(report).summary)}</p>'
     else:
         cls = "bad"
         head = "✗ unhealthy " + "".join(f'<span class="problem">{_e(p.value)}</span>' for p in report.problems)

@@ -10,7 +10,6 @@ from gradcheck_cli.render.numbers import count, number
 from gradcheck_cli.render.steps_chart import (
     MAX_ROWS,
     clip_sentence,
-    first_onset,
     focus,
     gain_sentence,
     healthy_sentence,
@@ -21,7 +20,7 @@ from gradcheck_cli.render.steps_chart import (
     shown_rows,
     steps_view,
 )
-from gradcheck_cli.render.view import relative_gradients
+from gradcheck_cli.render.view import relative_gradients, verdict
 from gradcheck_cli.report.report import BaselineDiff, Finding, LayerMove, LayerStats, Report, Severity
 from gradcheck_cli.report.sections import TrainingHistory
 
@@ -79,19 +78,9 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
 
 
 def _verdict(report: Report) -> str:
-    history = report.history
-    if report.healthy:
-        head = "## gradcheck: ✅ healthy"
-        tail = "gradients flow from the output to the input"
-        if history is not None:
-            n = len(history.steps)
-            tail = f"no problem at any of the {n} recorded step{'' if n == 1 else 's'}"
-    else:
-        head = "## gradcheck: ❌ unhealthy"
-        tail = ", ".join(p.value for p in report.problems)
-        first = first_onset(history, (p.value for p in report.problems)) if history is not None else None
-        if first is not None:
-            tail += f" from step {first.step}"
+    words = verdict(report)
+    head = "## gradcheck: ✅ healthy" if words.healthy else "## gradcheck: ❌ unhealthy"
+    tail = words.summary + (f" from step {words.onset_step}" if words.onset_step is not None else "")
     counts = [
         f"{n} {severity.value}{'s' if n != 1 and severity is not Severity.INFO else ''}"
         for severity in (Severity.ERROR, Severity.WARNING, Severity.INFO)

@@ -197,13 +197,6 @@ def onset_sentence(onset: Onset) -> str:
     return text
 
 
-def first_onset(history: TrainingHistory, problems: Iterable[str] | None = None) -> Onset | None:
-    """The earliest onset, among ``problems`` when given (the report's problems: a repaired one may not count)."""
-    wanted = None if problems is None else set(problems)
-    chosen = [o for o in history.onsets if wanted is None or o.problem in wanted]
-    return min(chosen, key=lambda o: o.step, default=None)
-
-
 def onset_sentences(history: TrainingHistory) -> list[tuple[bool, str]]:
     """(resolved, sentence) per onset, in onset order."""
     return [(onset.resolved_step is not None, onset_sentence(onset)) for onset in history.onsets]

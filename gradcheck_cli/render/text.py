@@ -12,8 +12,8 @@ from rich.text import Text
 
 from gradcheck_cli.render.causes_text import causes, verification_line
 from gradcheck_cli.render.numbers import count, number
-from gradcheck_cli.render.steps_chart import first_onset, focus, loss_range, steps_chart
-from gradcheck_cli.render.view import forward_order, relative_gradients
+from gradcheck_cli.render.steps_chart import focus, loss_range, steps_chart
+from gradcheck_cli.render.view import forward_order, relative_gradients, verdict
 from gradcheck_cli.report.report import Report, Severity
 
 BAR_DECADES = 8
@@ -216,16 +216,8 @@ def _baseline(report: Report) -> Text:
 
 
 def _verdict(report: Report) -> Text:
-    history = report.history
-    if history is not None:
-        if report.healthy:
-            n = len(history.steps)
-            return Text(
-                f"✓ healthy: no problem at any of the {n} recorded step{'' if n == 1 else 's'}", style="bold green"
-            )
-        first = first_onset(history, (p.value for p in report.problems))
-        since = f" (from step {first.step})" if first is not None else ""
-        return Text(f"✗ unhealthy: {', '.join(p.value for p in report.problems)}{since}", style="bold red")
-    if report.healthy:
-        return Text("✓ healthy: gradients flow from the output to the input", style="bold green")
-    return Text(f"✗ unhealthy: {', '.join(p.value for p in report.problems)}", style="bold red")
+    words = verdict(report)
+    if words.healthy:
+        return Text(f"✓ healthy: {words.summary}", style="bold green")
+    since = f" (from step {words.onset_step})" if words.onset_step is not None else ""
+    return Text(f"✗ unhealthy: {words.summary}{since}", style="bold red")

@@ -4,8 +4,11 @@ to the output end (the number the text table, the Markdown table, the SVG chart 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from gradcheck_cli.report.report import Report
+from gradcheck_cli.report.sections import Onset, TrainingHistory
 
 
 def forward_order(report: Report) -> list[int]:
@@ -51,3 +54,38 @@ def parameter_relative(report: Report) -> dict[int, float | None]:
 
 def _finite_positive(value: float | None) -> bool:
     return value is not None and math.isfinite(value) and value > 0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The words of the verdict every format shows, chosen once."""
+
+    healthy: bool
+    problems: tuple[str, ...]
+    """The problems' names (``vanishing``, ``non_finite``…), empty when healthy."""
+    summary: str
+    """Healthy: what that means here (the gradients flow; or no problem at any recorded step of a training
+    history). Unhealthy: the problems, comma-separated."""
+    onset_step: int | None
+    """A training history's first step where one of the problems began; None otherwise."""
+
+
+def verdict(report: Report) -> Verdict:
+    """The verdict of ``report`` in words: healthy or the problems, and for a history since which step."""
+    history = report.history
+    problems = tuple(p.value for p in report.problems)
+    if report.healthy:
+        summary = "gradients flow from the output to the input"
+        if history is not None:
+            n = len(history.steps)
+            summary = f"no problem at any of the {n} recorded step{'' if n == 1 else 's'}"
+        return Verdict(True, (), summary, None)
+    first = first_onset(history, problems) if history is not None else None
+    return Verdict(False, problems, ", ".join(problems), None if first is None else first.step)
+
+
+def first_onset(history: TrainingHistory, problems: Iterable[str] | None = None) -> Onset | None:
+    """The earliest onset, among ``problems`` when given (the report's problems: a repaired one may not count)."""
+    wanted = None if problems is None else set(problems)
+    chosen = [o for o in history.onsets if wanted is None or o.problem in wanted]
+    return min(chosen, key=lambda o: o.step, default=None)
