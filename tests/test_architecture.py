@@ -132,6 +132,12 @@ def test_the_history_command_imports_no_torch(tmp_path: Path) -> None:
 
     code = "import sys; from gradcheck_cli.training import history, log; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    (tmp_path / "log.jsonl").write_text("")  # the whole command, up to its one-line error
+    command = (
+        "import sys; from gradcheck_cli.cli import app; sys.argv = ['gradcheck', 'history', 'log.jsonl']\n"
+        "try:\n    app.main()\nexcept SystemExit:\n    pass\nsys.exit(1 if 'torch' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", command], cwd=tmp_path, timeout=60).returncode == 0
 
 
 @pytest.mark.slow

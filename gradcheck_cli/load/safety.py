@@ -79,3 +79,22 @@ class tensors_only_pickle:
     @staticmethod
     def load(file: Any, **kwargs: Any) -> Any:
         return _TensorsOnlyUnpickler(file, **kwargs).load()
+
+
+def load_tensors_only(source: Path) -> Any:
+    """``torch.load`` that imports only torch's tensors-only globals, whatever the pickle protocol.
+
+    torch's own weights-only reader first; a file it cannot parse (``pickle_protocol=4``/5: "Unsupported
+    operand") is read by :class:`tensors_only_pickle`, which raises :class:`RefusedGlobal` for anything else.
+    Other refusals are torch's ``UnpicklingError``.
+    """
+    import warnings
+
+    with warnings.catch_warnings():  # newer protocols are read below, without the warning's advice
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "Unsupported operand" not in str(exc):
+                raise
+        return torch.load(source, map_location="cpu", weights_only=False, pickle_module=tensors_only_pickle)

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import io
 import math
-import pickle
 import re
-import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -216,16 +214,10 @@ def _fake_load(path: Path) -> Any:
     """The file's tensors rebuilt on the meta device, tensors-only (any pickle protocol)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from gradcheck_cli.load.safety import tensors_only_pickle
+    from gradcheck_cli.load.safety import load_tensors_only
 
-    with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):
-        warnings.filterwarnings("ignore", message="Detected pickle protocol")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "Unsupported operand" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=tensors_only_pickle)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return load_tensors_only(path)
 
 
 def iter_tensors(value: Any) -> Iterator[tuple[str, torch.Tensor]]:

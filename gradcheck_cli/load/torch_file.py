@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from gradcheck_cli.errors import CheckpointError, GradcheckError, UntrustedCheck
 from gradcheck_cli.load.factory import importable_from_cwd
 from gradcheck_cli.load.limits import MemoryBudget, memory_budget, require_regular_file
 from gradcheck_cli.load.loaded import LoadedModel
-from gradcheck_cli.load.safety import RefusedGlobal, tensors_only_pickle, unsafe_globals
+from gradcheck_cli.load.safety import RefusedGlobal, load_tensors_only, unsafe_globals
 from gradcheck_cli.load.sizes import ZIP_MAGIC, check_legacy_torch_file, check_tensors, check_zip_archive
 from gradcheck_cli.load.sniff import PICKLE_PROTOCOL
 from gradcheck_cli.load.weights import is_state_dict, with_architecture
@@ -67,21 +66,14 @@ def read_torch_file(
 def _load(path: Path, *, trust: bool, what: str) -> Any:
     """The file's content, tensors-only unless ``trust`` and the file needs more."""
     try:
-        with warnings.catch_warnings():  # newer protocols are read below, without the warning's advice
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_tensors_only(path)
+    except RefusedGlobal as exc:  # a newer protocol's pickle names code
+        _refuse_untrusted(path, [exc.name], trust)
     except pickle.UnpicklingError as exc:
-        if "Unsupported operand" in str(exc):  # pickle_protocol=4/5: opcodes torch's own reader lacks
-            return _load_newer_protocol(path, trust=trust, what=what)
         unsafe = unsafe_globals(path, exc)
         if not unsafe:
             raise CheckpointError(f"{path} is not a readable PyTorch {what}: {_reason(exc)}") from None
-        if not trust:
-            raise UntrustedCheckpointError(
-                f"{path} would import and run code when unpickled ({', '.join(unsafe)}); "
-                "pass --trust only if you trust where it came from, or save tensors only (a state_dict)",
-                unsafe,
-            ) from None
+        _refuse_untrusted(path, unsafe, trust)
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path} is not a readable PyTorch {what}: {first_line(exc)}") from None
     importable_from_cwd()  # a pickled module's classes live in the user's project
@@ -96,25 +88,14 @@ def _load(path: Path, *, trust: bool, what: str) -> Any:
         raise CheckpointError(f"{path} could not be unpickled: {first_line(exc)}") from None
 
 
-def _load_newer_protocol(path: Path, *, trust: bool, what: str) -> Any:
-    """A file saved with a newer pickle protocol: Python's unpickler restricted to the tensors-only globals;
-    a global outside them needs ``--trust`` as for any other file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=tensors_only_pickle)
-    except RefusedGlobal as exc:
-        if not trust:
-            raise UntrustedCheckpointError(
-                f"{path} would import and run code when unpickled ({exc.name}); pass --trust only if you trust "
-                "where it came from, or save tensors only (a state_dict)",
-                [exc.name],
-            ) from None
-    except Exception as exc:  # a damaged file
-        raise CheckpointError(f"{path} is not a readable PyTorch {what}: {first_line(exc)}") from None
-    importable_from_cwd()
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path} could not be unpickled: {first_line(exc)}") from None
+def _refuse_untrusted(path: Path, unsafe: list[str], trust: bool) -> None:
+    """Without ``trust``, a file whose pickle would import ``unsafe`` code is refused, naming it."""
+    if not trust:
+        raise UntrustedCheckpointError(
+            f"{path} would import and run code when unpickled ({', '.join(unsafe)}); "
+            "pass --trust only if you trust where it came from, or save tensors only (a state_dict)",
+            unsafe,
+        ) from None
 
 
 def _reason(error: pickle.UnpicklingError) -> str:

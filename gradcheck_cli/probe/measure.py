@@ -32,6 +32,7 @@ from gradcheck_cli.errors import (
     raised_in_gradcheck,
 )
 from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.load.sizes import iter_tensors
 from gradcheck_cli.probe.activations import ActivationRecorder
 from gradcheck_cli.probe.loss import choose_loss, float_leaves
 from gradcheck_cli.probe.modules import module_type, parametrised_modules, supports_module_hooks
@@ -272,27 +273,15 @@ def _cuda_devices(params: list[nn.Parameter]) -> list[int]:
     return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
 
 
-def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a batch as the user gave it: a tensor, a Batch, nested tuples, lists and dicts."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Batch):
-        yield from _tensors_in((value.args, value.kwargs, value.target))
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors_in(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors_in(item)
-
-
 @contextlib.contextmanager
 def untouched_tensors(model: nn.Module, batch: Any) -> Iterator[None]:
     """The batch's tensors and the model's plain tensor attributes (not parameters, not buffers) as they were:
     backward would leave a ``.grad`` on a leaf that requires grad, and a hook's removal an empty hook dict
     where there was none."""
     attributes = [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
-    tensors = {id(t): t for t in (*_tensors_in(batch), *attributes) if not isinstance(t, nn.Parameter)}
+    given = (batch.args, batch.kwargs, batch.target) if isinstance(batch, Batch) else batch
+    inputs = [t for _, t in iter_tensors(given)]
+    tensors = {id(t): t for t in (*inputs, *attributes) if not isinstance(t, nn.Parameter)}
     saved = [(t, t.grad if t.is_leaf else None, t._backward_hooks) for t in tensors.values() if t.requires_grad]
     try:
         yield
