@@ -3,10 +3,13 @@
     python bench/run.py                      # every workload, 7 repetitions, CPU
     python bench/run.py --only gpt2 --reps 9 --device cuda
 
-For each workload: after warm-up, each repetition times, in turn, (1) a bare forward+backward with the
-same loss gradcheck differentiates, (2) ``gradcheck_cli.check(model, batch, verify=False)`` (one probe and
-the diagnosis) and (3) the naive per-parameter approach (forward+backward, then ``p.grad.norm().item()``
-for every parameter, as ``wandb.watch`` and the forum ``plot_grad_flow`` snippet do). Ratios are taken per
+For each workload: after warm-up, each repetition times, in turn and alternating the order, (1) a bare
+forward+backward with the same loss gradcheck differentiates, (2) ``gradcheck_cli.check(model, batch,
+verify=False)`` (one probe and the diagnosis), and what users run instead: (3) the naive per-parameter
+approach (forward+backward, then ``p.grad.norm().item()`` for every parameter, the forum ``plot_grad_flow``
+snippet), (4) forward+backward under ``torch.autograd.detect_anomaly()``, and (5) when wandb is installed,
+``wandb.watch(model, log="gradients", log_freq=1)`` in an offline run with one ``wandb.log`` per step (on a
+second instance of the model, so its hooks never fire in the other modes). Ratios are taken per
 repetition against that repetition's bare pass; the table gives their median and min–max. Peak memory is
 measured in fresh subprocesses (one per workload and mode), after one warm-up pass: the peak resident set
 (VmHWM, reset through /proc/self/clear_refs) above the resident set before the pass, so the model's
@@ -120,7 +123,31 @@ WORKLOADS: dict[str, tuple[str, Callable[[torch.device], Workload]]] = {
     "resnet50": ("HF ResNet-50 (ResNetConfig()), 4×3×224×224", _resnet50),
     "lstm": ("nn.LSTM 2×256, 200 steps, batch 16", _lstm),
 }
-MODES = ("bare", "gradcheck", "naive")
+MODES = ("bare", "gradcheck", "naive", "anomaly", "wandb")
+PEERS = MODES[1:]
+
+
+def _wandb_runner(name: str, device: torch.device) -> Callable[[], None] | None:
+    """``wandb.watch`` as its docs show it, offline, on its own copy of the workload; None without wandb."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    import os
+    import tempfile
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    work = WORKLOADS[name][1](device)
+    work.model.train()
+    run = wandb.init(mode="offline", dir=tempfile.mkdtemp(prefix="gradcheck-bench-wandb-"), reinit="finish_previous")
+    run.watch(work.model, log="gradients", log_freq=1)
+
+    def watched() -> None:
+        work.bare()
+        run.log({})
+        work.model.zero_grad(set_to_none=True)
+
+    return watched
 
 
 def _runner(work: Workload, mode: str) -> Callable[[], None]:
@@ -138,7 +165,12 @@ def _runner(work: Workload, mode: str) -> Callable[[], None]:
         _ = [p.grad.norm().item() for p in params if p.grad is not None]
         work.model.zero_grad(set_to_none=True)
 
-    return {"bare": bare, "gradcheck": gradcheck, "naive": naive}[mode]
+    def anomaly() -> None:
+        with torch.autograd.detect_anomaly(check_nan=True):
+            work.bare()
+        work.model.zero_grad(set_to_none=True)
+
+    return {"bare": bare, "gradcheck": gradcheck, "naive": naive, "anomaly": anomaly}[mode]
 
 
 def _timed(run: Callable[[], None], device: torch.device) -> float:
@@ -155,23 +187,24 @@ def time_workload(name: str, device: torch.device, reps: int, warmup: int) -> di
     """Medians and ranges of gradcheck/bare and naive/bare over ``reps`` alternating repetitions."""
     work = WORKLOADS[name][1](device)
     work.model.train()
-    runs = {mode: _runner(work, mode) for mode in MODES}
+    runs = {mode: _runner(work, mode) for mode in MODES if mode != "wandb"}
+    watched = _wandb_runner(name, device)
+    if watched is not None:
+        runs["wandb"] = watched
+    modes = tuple(runs)
     for _ in range(warmup):
-        for mode in MODES:
+        for mode in modes:
             runs[mode]()
-    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     for rep in range(reps):
-        order = MODES if rep % 2 == 0 else tuple(reversed(MODES))  # alternate which mode runs first
+        order = modes if rep % 2 == 0 else tuple(reversed(modes))  # alternate which mode runs first
         for mode in order:
             seconds[mode].append(_timed(runs[mode], device))
-    ratios = {
-        mode: [t / b for t, b in zip(seconds[mode], seconds["bare"], strict=True)] for mode in ("gradcheck", "naive")
-    }
+    ratios = {mode: [t / b for t, b in zip(seconds[mode], seconds["bare"], strict=True)] for mode in modes[1:]}
     return {
         "workload": name,
+        "seconds": {mode: statistics.median(values) for mode, values in seconds.items()},
         "bare_s": statistics.median(seconds["bare"]),
-        "gradcheck_s": statistics.median(seconds["gradcheck"]),
-        "naive_s": statistics.median(seconds["naive"]),
         "ratio": {mode: _summary(values) for mode, values in ratios.items()},
         "parameters": sum(p.numel() for p in work.model.parameters()),
     }
@@ -224,22 +257,33 @@ def _memory_in_subprocess(name: str, mode: str, device: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+PEER_TITLES = {
+    "gradcheck": "gradcheck `check()`",
+    "naive": "naive `.item()`",
+    "anomaly": "`detect_anomaly`",
+    "wandb": '`wandb.watch(log="gradients")`',
+}
+
+
+def _ratio(summary: dict[str, float] | None) -> str:
+    return "–" if summary is None else f"{summary['median']:.3f} ({summary['min']:.3f}–{summary['max']:.3f})"
+
+
 def _table(results: list[dict[str, Any]]) -> str:
-    head = (
-        "| workload | params | bare fwd+bwd | gradcheck ÷ bare, median (min–max) | naive .item() ÷ bare, median "
-        "(min–max) | peak memory gradcheck ÷ bare |\n|---|---|---|---|---|---|"
-    )
-    rows = [head]
+    """One row per workload: each peer ÷ bare as median (min–max), then peak memory."""
+    titles = [f"{PEER_TITLES[peer]} ÷ bare" for peer in PEERS]
+    rows = [
+        "| workload | params | bare fwd+bwd | " + " | ".join(titles) + " | peak memory gradcheck ÷ bare |",
+        "|---|---|---|" + "---|" * len(titles) + "---|",
+    ]
     for r in results:
-        g, n = r["ratio"]["gradcheck"], r["ratio"]["naive"]
         memory = r.get("memory_ratio")
-        rows.append(
-            f"| {WORKLOADS[r['workload']][0]} | {r['parameters'] / 1e6:.1f}M | {r['bare_s'] * 1000:.0f} ms | "
-            f"{g['median']:.3f} ({g['min']:.3f}–{g['max']:.3f}) | {n['median']:.3f} ({n['min']:.3f}–{n['max']:.3f}) | "
-            + ("–" if memory is None else f"{memory:.3f} ({r['memory_gradcheck'] / 2**20:.0f} / "
-               f"{r['memory_bare'] / 2**20:.0f} MiB)")
-            + " |"
+        cells = [_ratio(r["ratio"].get(peer)) for peer in PEERS]
+        peak = "–" if memory is None else (
+            f"{memory:.3f} ({r['memory_gradcheck'] / 2**20:.0f} / {r['memory_bare'] / 2**20:.0f} MiB)"
         )  # fmt: skip
+        head = f"| {WORKLOADS[r['workload']][0]} | {r['parameters'] / 1e6:.1f}M | {r['bare_s'] * 1000:.0f} ms | "
+        rows.append(head + " | ".join(cells) + f" | {peak} |")
     return "\n".join(rows)
 
 
