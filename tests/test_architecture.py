@@ -126,56 +126,6 @@ def test_the_report_imports_nothing_of_ours_but_itself(name: str) -> None:
     assert ours == []
 
 
-MAX_MODULE_LINES = 500
-MAX_FUNCTION_LINES = 80
-MAX_PARAMETERS = 10  # for the core; a Typer command's parameters are its flags
-
-
-def _functions() -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
-    for name, path in MODULES.items():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                yield name, node
-
-
-def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
-    args = node.args
-    named = [*args.posonlyargs, *args.args, *args.kwonlyargs]
-    count = len(named) + (args.vararg is not None) + (args.kwarg is not None)
-    return count - (bool(named) and named[0].arg in ("self", "cls"))
-
-
-def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
-    """Lines from the first statement (the docstring counts) to the last, nested functions included."""
-    return (node.end_lineno or node.lineno) - node.body[0].lineno + 1
-
-
-def test_no_module_is_longer_than_a_sitting() -> None:
-    long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
-    assert long == {}
-
-
-def test_no_function_body_is_longer_than_a_screen() -> None:
-    long = [f"{m}:{f.lineno} {f.name}" for m, f in _functions() if _body_lines(f) > MAX_FUNCTION_LINES]
-    assert long == []
-
-
-def test_core_functions_take_few_parameters() -> None:
-    wide = [
-        f"{m}:{f.lineno} {f.name}" for m, f in _functions() if _stage(m) != "cli" and _parameters(f) > MAX_PARAMETERS
-    ]
-    assert wide == []
-
-
-def test_the_limits_see_what_they_measure() -> None:
-    """The checks above read real functions: the parameter count of a known wide signature is right."""
-    tree = ast.parse("def f(self, a, /, b, *c, d, **e): pass\ndef g(x): pass")
-    wide, narrow = (n for n in tree.body if isinstance(n, ast.FunctionDef))
-    assert (_parameters(wide), _parameters(narrow)) == (5, 1)
-    assert (_body_lines(wide), _body_lines(narrow)) == (1, 1)
-    assert sum(1 for _ in _functions()) > 500
-
-
 def test_the_history_command_imports_no_torch(tmp_path: Path) -> None:
     import subprocess
     import sys
