@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any, ParamSpec
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 import torch
 from torch import nn
@@ -15,8 +16,9 @@ from gradcheck_cli.advise.optimise import optimisation_findings, trace_optimisat
 from gradcheck_cli.advise.verify import order_by_effect, verify_recommendations
 from gradcheck_cli.diagnose.activation_health import activation_findings, activation_section
 from gradcheck_cli.diagnose.init_audit import audit_init, init_findings
+from gradcheck_cli.diagnose.precision import precision_findings, precision_section
 from gradcheck_cli.diagnose.rule_codes import FP16_OVERFLOW, FP16_UNDERFLOW
-from gradcheck_cli.diagnose.rules import Diagnosis, Thresholds, diagnose
+from gradcheck_cli.diagnose.rules import Diagnosis, diagnose
 from gradcheck_cli.diagnose.traits import model_traits
 from gradcheck_cli.distributed.reduce import Sharding, sharded
 from gradcheck_cli.distributed.reduce import detect as detect_sharding
@@ -26,11 +28,16 @@ from gradcheck_cli.load.model_copy import copy_model
 from gradcheck_cli.probe.measure import AUTOCAST_DTYPES, kept_buffers, probe, probe_scaled, untouched_tensors
 from gradcheck_cli.probe.modules import module_type, unwrap
 from gradcheck_cli.probe.nonfinite import locate_non_finite
-from gradcheck_cli.probe.precision import ZERO_BIN, precision_findings, precision_section, recommended_scale
+from gradcheck_cli.probe.precision import ZERO_BIN, recommended_scale
 from gradcheck_cli.probe.results import LayerMeasure, ProbeResult
 from gradcheck_cli.report.report import Finding, Problem, Recommendation, Report, RunInfo
+from gradcheck_cli.report.sections import ActivationLayer, InitAudit, Precision
+from gradcheck_cli.settings import Autocast, CheckOptions, ProbeSettings, Provenance, check_settings
 from gradcheck_cli.timing import phase
 from gradcheck_cli.version import __version__
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 P = ParamSpec("P")
 
@@ -54,161 +61,191 @@ def _leaving_user_state(run: Callable[P, Report]) -> Callable[P, Report]:
 def check(
     model: nn.Module,
     batch: Batch | torch.Tensor | tuple[Any, ...] | list[Any] | dict[str, Any],
-    *,
-    seed: int = 0,
-    train: bool = True,
-    unfreeze: bool = False,
-    thresholds: Thresholds | None = None,
-    verify: bool = True,
-    autocast: str | None = None,
-    steps: int = 0,
-    lr: float = 1e-3,
-    optimizer: str = "sgd",
-    trained: str | None = None,
-    source: str = "python object",
-    checkpoint_kind: str = "module",
-    notes: tuple[str, ...] = (),
-    batch_source: str = "passed to check()",
+    settings: ProbeSettings | None = None,
+    provenance: Provenance | None = None,
+    **options: Unpack[CheckOptions],
 ) -> Report:
     """Probe ``model`` on ``batch`` once, diagnose the gradients and return the frozen report.
 
     ``batch`` is what a batch file would hold (a tensor, ``(inputs..., target)``, a dict of
-    keyword tensors) or a ready :class:`Batch`. A model whose parameters are all frozen is
-    refused (:class:`~gradcheck_cli.errors.BatchError`) unless ``unfreeze``. ``notes`` (what the loader had to do) are
-    carried into the report. The model is left as it was found: its modes,
-    ``requires_grad`` flags and ``.grad`` values are restored and no hook remains.
+    keyword tensors) or a ready :class:`Batch`. ``settings`` says what to probe and how
+    (:class:`~gradcheck_cli.settings.ProbeSettings`), ``provenance`` where the model and batch came from
+    (:class:`~gradcheck_cli.settings.Provenance`: its ``notes`` are carried into the report, its ``trained``
+    reason skips the initialisation audit). Any field of either may be given as a keyword instead, which
+    replaces it: ``check(model, batch, verify=False)``, ``check(model, batch, steps=5, lr=0.1)``; a keyword
+    that names no field is a ``TypeError``.
+
+    A model whose parameters are all frozen is refused (:class:`~gradcheck_cli.errors.BatchError`) unless
+    ``unfreeze``. The model is left as it was found: its modes, ``requires_grad`` flags and ``.grad``
+    values are restored and no hook remains.
 
     Beyond the one probe: ``verify`` applies each recommendation to a copy of the model and
     probes the copy on the same batch (the list is then ordered by the verified effect);
     ``autocast`` (``"fp16"``/``"bf16"``) probes under ``torch.autocast`` (fp16 with a
     GradScaler-style loss scale) beside a float32 reference; ``steps`` > 0 runs that many
-    ``optimizer`` steps at ``lr`` on a copy (the optimisation probe); ``trained`` (a reason,
-    e.g. the checkpoint held optimizer state) skips the initialisation audit.
+    ``optimizer`` steps at ``lr`` on a copy (the optimisation probe).
     """
+    return _check(model, batch, *check_settings(settings, provenance, options, "check"))
+
+
+def _check(
+    model: nn.Module,
+    batch: Batch | torch.Tensor | tuple[Any, ...] | list[Any] | dict[str, Any],
+    settings: ProbeSettings,
+    provenance: Provenance,
+) -> Report:
+    """:func:`check` with its settings resolved: probe, judge, locate NaN, optimise, advise, verify."""
     sharding = detect_sharding(model)
     wrapper, model = model, unwrap(model)
     ready = batch if isinstance(batch, Batch) else make_batch(batch, model)
-    limits = thresholds or Thresholds()
-    if autocast is not None and autocast not in AUTOCAST_DTYPES:
-        raise GradcheckError(f"autocast {autocast!r} is not a half precision; use fp16 or bf16")
-    if sharding is not None and (autocast is not None or steps):
+    if sharding is not None and (settings.autocast is not None or settings.steps):
         raise GradcheckError("--autocast and --steps do not run on a distributed model yet; drop them")
     with phase("probe"):
         if sharding is not None:
-            result = _probe_sharded(wrapper, ready, sharding, seed=seed, train=train, unfreeze=unfreeze)
-            reference = None
+            result, reference = _probe_sharded(wrapper, ready, sharding, settings), None
         else:
-            result, reference = _measure(model, ready, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast)
+            result, reference = _measure(model, ready, settings)
     with phase("diagnose"):
-        traits = model_traits(model)
-        diagnosis = diagnose(result, limits)
-        activations = activation_section(result.activations)
-        precision = precision_section(
-            [m.name for m in result.layers],
-            (reference or result).precision,
-            [_peak(m) for m in (reference or result).layers],
-            autocast=autocast,
-            scale_used=result.loss_scale,
-            lost=_lost(reference, result) if reference is not None else (),
-        )
-        auditable = result.activation_hooks and (sharding is None or sharding.mode == "ddp")
-        audit = audit_init(model, result.leaf_calls, trained=trained) if auditable else None
-        half = autocast == "fp16" or any(p.dtype == torch.float16 for p in model.parameters())
-        findings = list(diagnosis.findings)  # what is wrong, then why: init, activations, precision
-        if audit is not None:
-            findings += init_findings(audit)
-        findings += activation_findings(activations)
-        if not any(f.problem is Problem.NON_FINITE for f in findings):  # NaN/Inf already: fp16 is not the story
-            findings += precision_findings(precision, half=half)
+        judged = _judge(model, result, reference, sharding, settings, provenance.trained)
+    findings = judged.findings
     origin = None
-    if sharding is None and any(f.problem is Problem.NON_FINITE for f in findings):
+    if sharding is None and _non_finite(findings):
         with phase("locate_non_finite"):
             origin = locate_non_finite(
-                model, ready, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast,
-                loss_scale=result.loss_scale,
+                model, ready, seed=settings.seed, train=settings.train, unfreeze=settings.unfreeze,
+                autocast=settings.autocast_name, loss_scale=result.loss_scale,
             )  # fmt: skip
     trace = None
-    if steps:
+    if settings.steps:
         with phase("optimise"):
-            trace = trace_optimisation(
-                model, ready, steps=steps, lr=lr, optimizer=optimizer, seed=seed, train=train, unfreeze=unfreeze,
-                thresholds=limits,
-            )  # fmt: skip
+            trace = trace_optimisation(model, ready, settings)
         if not (trace.verdict == "non_finite" and trace.onset_step == 0):  # NaN before any step: GC003/GC004's
             findings += optimisation_findings(trace)
-
-    advised = any(f.problem is not None or f.code in CAUSE_CODES for f in findings)
     with phase("diagnose"):
-        recommendations = (
-            advise(
-                findings,
-                diagnosis.layers,
-                diagnosis.path,
-                traits,
-                activations=activations,
-                precision=precision,
-                half=half,
-            )
-            if advised
-            else ()
-        )
-    all_notes = list(notes)
+        recommendations = _advise(model, judged, findings)
+    notes = _notes(provenance, sharding, judged, result, settings)
+    report = dataclasses.replace(
+        _report(model, ready, result, judged.diagnosis, findings, recommendations, notes, settings, provenance),
+        init_audit=judged.audit,
+        activations=judged.activations,
+        precision=judged.precision,
+        non_finite_origin=origin,
+        optimisation=trace,
+    )
+    if not (settings.verify and sharding is None and recommendations):
+        return report
+    with phase("verify"):
+        verifications = verify_recommendations(model, ready, report, settings, loss_scale=result.loss_scale)
+    ordered, verifications = order_by_effect(recommendations, verifications)
+    return dataclasses.replace(report, recommendations=ordered, verifications=verifications)
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """One probe judged: the rules' diagnosis, the sections beside it, and every finding in report order."""
+
+    diagnosis: Diagnosis
+    activations: tuple[ActivationLayer, ...]
+    precision: Precision
+    audit: InitAudit | None
+    findings: tuple[Finding, ...]
+    """What is wrong, then why: the rules', the init audit's, the activations', the precision's."""
+    half: bool
+    """The model trains in fp16 (fp16 parameters or fp16 autocast)."""
+
+
+def _judge(
+    model: nn.Module,
+    result: ProbeResult,
+    reference: ProbeResult | None,
+    sharding: Sharding | None,
+    settings: ProbeSettings,
+    trained: str | None,
+) -> _Judged:
+    """The rules over ``result``; the float32 ``reference`` (if any) is the truth half precision is judged by."""
+    diagnosis = diagnose(result, settings.thresholds)
+    activations = activation_section(result.activations)
+    truth = reference or result
+    precision = precision_section(
+        [m.name for m in result.layers],
+        truth.precision,
+        [_peak(m) for m in truth.layers],
+        autocast=settings.autocast_name,
+        scale_used=result.loss_scale,
+        lost=_lost(reference, result) if reference is not None else (),
+    )
+    auditable = result.activation_hooks and (sharding is None or sharding.mode == "ddp")
+    audit = audit_init(model, result.leaf_calls, trained=trained) if auditable else None
+    half = settings.autocast is Autocast.fp16 or any(p.dtype == torch.float16 for p in model.parameters())
+    findings = list(diagnosis.findings)
+    if audit is not None:
+        findings += init_findings(audit)
+    findings += activation_findings(activations)
+    if not _non_finite(findings):  # NaN/Inf already: fp16 is not the story
+        findings += precision_findings(precision, half=half)
+    return _Judged(diagnosis, activations, precision, audit, tuple(findings), half)
+
+
+def _non_finite(findings: Sequence[Finding]) -> bool:
+    return any(f.problem is Problem.NON_FINITE for f in findings)
+
+
+def _advise(model: nn.Module, judged: _Judged, findings: tuple[Finding, ...]) -> tuple[Recommendation, ...]:
+    """The recommendations, when a finding names a problem or a cause that has a fix."""
+    if not any(f.problem is not None or f.code in CAUSE_CODES for f in findings):
+        return ()
+    return advise(
+        findings,
+        judged.diagnosis.layers,
+        judged.diagnosis.path,
+        model_traits(model),
+        activations=judged.activations,
+        precision=judged.precision,
+        half=judged.half,
+    )
+
+
+def _notes(
+    provenance: Provenance, sharding: Sharding | None, judged: _Judged, result: ProbeResult, settings: ProbeSettings
+) -> list[str]:
+    """The loader's notes, then what this run did that the numbers alone do not say."""
+    notes = list(provenance.notes)
     if sharding is not None:
-        all_notes.append(
+        notes.append(
             f"distributed ({sharding.mode}, {sharding.world} ranks): each rank probed its 1/{sharding.world} of the "
             "batch; norms are reduced across ranks to those of the whole batch (docs/distributed.md); the "
             "recommendations are not verified and the first NaN/Inf is not located here: run gradcheck on one "
             "process for those"
             + ("; the init audit needs unsharded weights and was skipped" if sharding.mode == "fsdp" else "")
         )
-        verify = False
-    frozen = [layer.name for layer in diagnosis.layers if layer.frozen]
+    layers = judged.diagnosis.layers
+    frozen = [layer.name for layer in layers if layer.frozen]
     if frozen:
-        everything = "all parameters" if len(frozen) == len(diagnosis.layers) else f"{len(frozen)} frozen layer(s)"
-        all_notes.append(
+        everything = "all parameters" if len(frozen) == len(layers) else f"{len(frozen)} frozen layer(s)"
+        notes.append(
             f"{everything} had requires_grad=False; gradcheck enabled gradients for this probe only, so the flow "
             "through them is measured too (flags restored afterwards)"
         )
     if not result.activation_hooks:
-        all_notes.append(
+        notes.append(
             "module hooks do not fire on TorchScript modules or torch.export programs: "
             "only parameter gradients were measured"
         )
-    if autocast is not None:
-        all_notes.append(
-            f"probed under torch.autocast({AUTOCAST_DTYPES[autocast]})"
-            + (f" with the loss scaled by {result.loss_scale:g}; gradients are reported unscaled" if half else "")
+    if settings.autocast is not None:
+        scaled = f" with the loss scaled by {result.loss_scale:g}; gradients are reported unscaled"
+        notes.append(
+            f"probed under torch.autocast({AUTOCAST_DTYPES[settings.autocast.value]})"
+            + (scaled if judged.half else "")
             + "; a float32 pass is the reference for what half precision loses"
         )
-    report = dataclasses.replace(
-        _report(
-            model, ready, result, diagnosis, findings, recommendations, all_notes, limits, seed, source,
-            checkpoint_kind, batch_source,
-        ),
-        init_audit=audit,
-        activations=activations,
-        precision=precision,
-        non_finite_origin=origin,
-        optimisation=trace,
-    )  # fmt: skip
-    if not (verify and recommendations):
-        return report
-    with phase("verify"):
-        verifications = verify_recommendations(
-            model, ready, report, seed=seed, train=train, unfreeze=unfreeze, thresholds=limits, autocast=autocast,
-            loss_scale=result.loss_scale,
-        )  # fmt: skip
-    ordered, verifications = order_by_effect(recommendations, verifications)
-    return dataclasses.replace(report, recommendations=ordered, verifications=verifications)
+    return notes
 
 
-def _probe_sharded(
-    wrapper: nn.Module, batch: Batch, sharding: Sharding, *, seed: int, train: bool, unfreeze: bool
-) -> ProbeResult:
+def _probe_sharded(wrapper: nn.Module, batch: Batch, sharding: Sharding, settings: ProbeSettings) -> ProbeResult:
     """The probe through the DDP/FSDP2 wrapper (so backward reduces the gradients), every number reduced across
     ranks, layers named as in the unwrapped module."""
     with sharded(sharding):
-        result = probe(wrapper, batch, seed=seed, train=train, unfreeze=unfreeze)
+        result = probe(wrapper, batch, seed=settings.seed, train=settings.train, unfreeze=settings.unfreeze)
     if wrapper is unwrap(wrapper):
         return result
     prefix = _wrapper_prefix(wrapper)
@@ -231,23 +268,22 @@ def _wrapper_prefix(wrapper: nn.Module) -> str:
     return ""
 
 
-def _measure(
-    model: nn.Module, batch: Batch, *, seed: int, train: bool, unfreeze: bool, autocast: str | None
-) -> tuple[ProbeResult, ProbeResult | None]:
+def _measure(model: nn.Module, batch: Batch, settings: ProbeSettings) -> tuple[ProbeResult, ProbeResult | None]:
     """The probe the report reads, and a float32 reference where half precision is involved.
 
     Under ``autocast`` the float32 pass comes first (it sets the loss scale for fp16); for a model that
     holds fp16/bf16 parameters, a float32 copy is probed as well.
     """
+    seed, train, unfreeze = settings.seed, settings.train, settings.unfreeze
     result = probe(model, batch, seed=seed, train=train, unfreeze=unfreeze)
     held_in_half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
     # a model held in half precision has already rounded its small gradients away: a float32 copy is the truth
-    reference = _float32_reference(model, batch, seed=seed, train=train, unfreeze=unfreeze) if held_in_half else None
-    if autocast is not None:
+    reference = _float32_reference(model, batch, settings) if held_in_half else None
+    if settings.autocast is not None:
         truth = reference or result
-        scale = recommended_scale(truth.precision) if autocast == "fp16" else 1.0
+        scale = recommended_scale(truth.precision) if settings.autocast is Autocast.fp16 else 1.0
         half = probe_scaled(
-            model, batch, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast, loss_scale=scale
+            model, batch, seed=seed, train=train, unfreeze=unfreeze, autocast=settings.autocast_name, loss_scale=scale
         )
         return half, truth
     return result, reference
@@ -262,25 +298,23 @@ def _report(
     batch: Batch,
     result: ProbeResult,
     diagnosis: Diagnosis,
-    findings: list[Finding],
+    findings: tuple[Finding, ...],
     recommendations: tuple[Recommendation, ...],
     notes: list[str],
-    limits: Thresholds,
-    seed: int,
-    source: str,
-    checkpoint_kind: str,
-    batch_source: str,
+    settings: ProbeSettings,
+    provenance: Provenance,
 ) -> Report:
+    """The report of one probe, before its sections (init audit, activations, precision...) are added."""
     device = next((str(p.device) for p in model.parameters()), "cpu")
     run = RunInfo(
-        source=source,
-        checkpoint_kind=checkpoint_kind,
+        source=provenance.source,
+        checkpoint_kind=provenance.checkpoint_kind,
         model_type=module_type(model),
         parameters=sum(p.numel() for p in model.parameters()),
         mode=result.mode,
-        seed=seed,
+        seed=settings.seed,
         batch=batch.describe(),
-        batch_source=batch_source,
+        batch_source=provenance.batch_source,
         loss=result.loss.description,
         loss_kind=result.loss.kind,
         loss_value=result.loss_value,
@@ -292,14 +326,14 @@ def _report(
         run=run,
         layers=diagnosis.layers,
         path=diagnosis.path,
-        findings=tuple(findings),
+        findings=findings,
         recommendations=recommendations,
         notes=tuple(notes),
-        thresholds=limits.as_dict(),
+        thresholds=settings.thresholds.as_dict(),
     )
 
 
-def _float32_reference(model: nn.Module, batch: Batch, *, seed: int, train: bool, unfreeze: bool) -> ProbeResult | None:
+def _float32_reference(model: nn.Module, batch: Batch, settings: ProbeSettings) -> ProbeResult | None:
     """The same probe on a float32 copy of a half-precision model: what its gradients would be unrounded."""
     try:
         copy = copy_model(model).float()
@@ -311,7 +345,7 @@ def _float32_reference(model: nn.Module, batch: Batch, *, seed: int, train: bool
         target=batch.target,
     )
     try:
-        return probe(copy, floats, seed=seed, train=train, unfreeze=unfreeze)
+        return probe(copy, floats, seed=settings.seed, train=settings.train, unfreeze=settings.unfreeze)
     except GradcheckError:
         return None
 

@@ -180,16 +180,12 @@ def _check(
         raise ValueError(f"thresholds must satisfy 0 < vanishing < 1 < exploding (got {vanishing}, {exploding})")
     from gradcheck_cli.api import check
     from gradcheck_cli.diagnose.rules import Thresholds
+    from gradcheck_cli.settings import ProbeSettings, Provenance
 
-    return check(
-        model,
-        batch,
-        seed=seed,
-        train=train,
-        unfreeze=unfreeze,
-        thresholds=Thresholds(vanishing=vanishing, exploding=exploding),
-        batch_source="passed to assert_gradients_healthy()",
+    settings = ProbeSettings(
+        seed=seed, train=train, unfreeze=unfreeze, thresholds=Thresholds(vanishing=vanishing, exploding=exploding)
     )
+    return check(model, batch, settings, Provenance(batch_source="passed to assert_gradients_healthy()"))
 
 
 def _gate(tokens: list[str]) -> FailOn:

@@ -100,6 +100,42 @@ def _stage(name: str) -> str | None:
     return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in STAGES) else None
 
 
+STAGE_IMPORTS = {  # docs/architecture.md's table: the stages each stage may import (top-level modules: all)
+    "load": {"probe"},
+    "probe": {"load", "distributed", "report"},
+    "diagnose": {"probe", "report"},
+    "advise": {"diagnose", "probe", "load", "report"},
+    "report": set(),
+    "render": {"report"},
+    "gate": {"report", "diagnose"},
+    "training": {"probe", "diagnose", "distributed", "report"},
+    "distributed": {"probe", "load"},
+    "simulate": {"probe", "diagnose", "load", "report"},
+    "integrations": {"training", "diagnose"},
+    "cli": set(STAGES) | {"integrations"},
+}
+FACT_TABLES = {
+    "gradcheck_cli.diagnose.module_kinds",  # which modules are activations, norms, weights
+    "gradcheck_cli.diagnose.rule_codes",  # every rule's code, name and SARIF text
+    "gradcheck_cli.diagnose.rules",  # the thresholds' defaults
+    "gradcheck_cli.simulate.report",  # the simulation's frozen report (render draws it)
+}
+"""Plain facts and value types any stage may read (they import no stage above them)."""
+
+
+def test_each_stage_imports_only_the_stages_its_row_names() -> None:
+    wrong = [
+        f"{name} -> {target}"
+        for name, targets in GRAPH.items()
+        for target in targets
+        if (stage := _stage(name)) is not None
+        and (other := _stage(target)) not in (None, stage)
+        and other not in STAGE_IMPORTS[stage]
+        and target not in FACT_TABLES
+    ]
+    assert wrong == []
+
+
 def test_no_import_cycles() -> None:
     assert _cycles() == []
 
@@ -124,6 +160,56 @@ def test_nothing_below_the_command_line_imports_typer(name: str) -> None:
 def test_the_report_imports_nothing_of_ours_but_itself(name: str) -> None:
     ours = [i for i in GRAPH[name] if _stage(i) != "report"]
     assert ours == []
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+MAX_PARAMETERS = 10  # for the core; a Typer command's parameters are its flags
+
+
+def _functions() -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield name, node
+
+
+def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    args = node.args
+    named = [*args.posonlyargs, *args.args, *args.kwonlyargs]
+    count = len(named) + (args.vararg is not None) + (args.kwarg is not None)
+    return count - (bool(named) and named[0].arg in ("self", "cls"))
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines from the first statement (the docstring counts) to the last, nested functions included."""
+    return (node.end_lineno or node.lineno) - node.body[0].lineno + 1
+
+
+def test_no_module_is_longer_than_a_sitting() -> None:
+    long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
+
+
+def test_no_function_body_is_longer_than_a_screen() -> None:
+    long = [f"{m}:{f.lineno} {f.name}" for m, f in _functions() if _body_lines(f) > MAX_FUNCTION_LINES]
+    assert long == []
+
+
+def test_core_functions_take_few_parameters() -> None:
+    wide = [
+        f"{m}:{f.lineno} {f.name}" for m, f in _functions() if _stage(m) != "cli" and _parameters(f) > MAX_PARAMETERS
+    ]
+    assert wide == []
+
+
+def test_the_limits_see_what_they_measure() -> None:
+    """The checks above read real functions: the parameter count of a known wide signature is right."""
+    tree = ast.parse("def f(self, a, /, b, *c, d, **e): pass\ndef g(x): pass")
+    wide, narrow = (n for n in tree.body if isinstance(n, ast.FunctionDef))
+    assert (_parameters(wide), _parameters(narrow)) == (5, 1)
+    assert (_body_lines(wide), _body_lines(narrow)) == (1, 1)
+    assert sum(1 for _ in _functions()) > 500
 
 
 def test_the_history_command_imports_no_torch(tmp_path: Path) -> None:

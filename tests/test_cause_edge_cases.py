@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gradcheck_cli import check
-from gradcheck_cli.advise.fixes import following_activations
+from gradcheck_cli.advise.fix_targets import following_activations
 from gradcheck_cli.load.batch import Batch
 from gradcheck_cli.load.examples import get_example, mlp
 from gradcheck_cli.load.torch_file import training_evidence

@@ -212,3 +212,43 @@ def test_configured_model_does_not_block_examples_and_write_baseline_skips_the_c
     )  # fmt: skip
     assert proc.returncode == 0, show(proc)
     assert json.loads((tmp_path / "base.json").read_text())["status"] == "healthy"
+
+
+def test_every_configuration_key_sets_the_default_of_an_inspect_flag() -> None:
+    import inspect as python_inspect
+
+    from gradcheck_cli.cli.config_defaults import PARAMETERS
+    from gradcheck_cli.cli.inspect_cmd import inspect
+    from gradcheck_cli.gate.config import KEYS
+
+    assert set(PARAMETERS) == set(KEYS)
+    assert set(PARAMETERS.values()) <= set(python_inspect.signature(inspect).parameters)
+
+
+def test_flags_win_over_the_configuration_by_clicks_rule_and_outputs_pair_as_click_parsed_them(tmp_path: Path) -> None:
+    configured = tmp_path / "configured"
+    configured.mkdir()
+    (configured / "pyproject.toml").write_text("[tool.gradcheck]\nseed = -1\n")
+    (tmp_path / "broken.toml").write_text("[tool.gradcheck]\nvanishing_blow = 1e-9\n")
+    runs = run_many(
+        {
+            "flag_wins": [*KAIMING, "--no-verify", "--seed", "5", "-f", "json"],  # the bad seed is never used
+            "configured": [*KAIMING, "--no-verify"],
+        },
+        cwd=configured,
+    )
+    runs |= run_many(
+        {
+            "spellings": [*KAIMING, "--no-verify", "--format=github", "-fsarif", "-og.sarif"],
+            "debug": [*KAIMING, "--config", "broken.toml", "--debug"],
+        },
+        cwd=tmp_path,
+    )
+    assert report_of(runs["flag_wins"], 0)["run"]["seed"] == 5
+    assert_one_line_error(runs["configured"], "seed", "pyproject.toml")
+    assert runs["spellings"].returncode == 0, show(runs["spellings"])
+    assert runs["spellings"].stdout.startswith("::notice")
+    assert json.loads((tmp_path / "g.sarif").read_text())["version"] == "2.1.0"
+    debug = runs["debug"]
+    assert debug.returncode == 2 and "Traceback" in debug.stderr, show(debug)
+    assert debug.stderr.rstrip().splitlines()[-1].startswith("error: unknown key 'vanishing_blow'")

@@ -44,7 +44,7 @@ from cli_support import (
 )
 from gradcheck_cli.errors import CheckpointError, GradcheckError, UntrustedCheckpointError
 from gradcheck_cli.load import Kind, load_checkpoint
-from gradcheck_cli.load.dcp import _MetadataUnpickler
+from gradcheck_cli.load.dcp_metadata import _MetadataUnpickler
 from gradcheck_cli.load.sniff import sniff
 
 MARKER_MODULE = "gradcheck_dcp_marker"

@@ -6,6 +6,8 @@ import json
 import math
 
 import pytest
+import torch
+from torch import nn
 
 from gradcheck_cli.api import check
 from gradcheck_cli.errors import GradcheckError
@@ -14,6 +16,7 @@ from gradcheck_cli.load.examples import EXAMPLES
 from gradcheck_cli.render.json import render_json
 from gradcheck_cli.render.text import render_text
 from gradcheck_cli.report.report import Problem, Severity
+from gradcheck_cli.settings import Autocast, Optimizer, ProbeSettings, Provenance
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +106,31 @@ def test_multihead_attention_out_proj_is_not_reported_unused():
 
     model, batch = torch_transformer()
     assert not [f for f in check(model, batch).findings if f.code == "GC007"]
+
+
+def _small() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), torch.randn(16, 4)
+
+
+def test_check_takes_frozen_settings_and_keywords_that_replace_their_fields():
+    model, batch = _small()
+    report = check(model, batch, ProbeSettings(seed=3, train=False), Provenance(source="mine"), seed=5, notes=("n",))
+    assert (report.run.seed, report.run.mode, report.run.source) == (5, "eval", "mine")
+    assert "n" in report.notes and report.run.batch_source == Provenance().batch_source
+
+
+def test_check_refuses_a_keyword_that_names_no_setting():
+    model, batch = _small()
+    with pytest.raises(TypeError, match="'verifiy'"):
+        check(model, batch, verifiy=False)
+
+
+def test_settings_take_the_choices_as_strings_and_refuse_others_in_one_line():
+    assert ProbeSettings(autocast="bf16", optimizer=" AdamW ") == ProbeSettings(
+        autocast=Autocast.bf16, optimizer=Optimizer.adamw
+    )
+    with pytest.raises(GradcheckError, match="autocast 'fp32' is not a half precision"):
+        ProbeSettings(autocast="fp32")
+    with pytest.raises(GradcheckError, match="--optimizer must be one of sgd, adam, adamw, got 'rmsprop'"):
+        ProbeSettings(optimizer="rmsprop")

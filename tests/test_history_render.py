@@ -20,18 +20,15 @@ from torch import nn
 from cli_support import Proc, run_many, show
 from gradcheck_cli import watch
 from gradcheck_cli.render import plot
+from gradcheck_cli.render.charts.engine import DPI
+from gradcheck_cli.render.charts.inspect_figure import report_figure_size
 from gradcheck_cli.render.html import SCRIPT, render_html, script_hash
+from gradcheck_cli.render.html.figures import MAX_HISTORY_POINTS, history_points
 from gradcheck_cli.render.json import render_json
 from gradcheck_cli.render.markdown import render_markdown
-from gradcheck_cli.render.steps_chart import (
-    MAX_ROWS,
-    recorded_step,
-    render_steps_chart,
-    shown_rows,
-    steps_view,
-)
-from gradcheck_cli.render.svg_chart import MAX_HISTORY_POINTS, history_points
+from gradcheck_cli.render.steps_chart import render_steps_chart
 from gradcheck_cli.render.text import render_text
+from gradcheck_cli.render.view import MAX_ROWS, recorded_step, shown_rows, steps_view
 from gradcheck_cli.report.report import Report
 from gradcheck_cli.report.sections import Onset, TrainingHistory
 from gradcheck_cli.training.history import history_report, judge
@@ -268,8 +265,8 @@ def test_cli_writes_markdown_html_and_a_png(cli: tuple[Path, dict[str, Proc]], r
     data = (out / "sick.png").read_bytes()
     assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
-    want = plot.report_figure_size(reports["sick"])
-    assert abs(width - round(want[0] * plot.DPI)) <= 1 and abs(height - round(want[1] * plot.DPI)) <= 1
+    want = report_figure_size(reports["sick"])
+    assert abs(width - round(want[0] * DPI)) <= 1 and abs(height - round(want[1] * DPI)) <= 1
     svg = ET.parse(out / "healthy.svg").getroot()
     assert svg.tag.endswith("svg")
     assert not [e for e in svg.iter() if e.get("id", "").startswith("onset-line")]  # nothing began
@@ -406,7 +403,7 @@ def test_html_history_section_is_self_contained_with_one_point_per_shown_record(
     shown = history_points(history)
     assert len(points) == len(shown) == min(len(history.steps), MAX_HISTORY_POINTS)
     assert len(classed(chart, "onset")) == len(_expected_marks(name, history))
-    red = [p for p in points if any(c.get("fill") == "#e03131" for c in p.iter("circle"))]
+    red = [p for p in points if "flagged" in (p.get("class") or "").split()]
     assert bool(red) == bool(history.problem_steps)
     section = page.plain.split("Training history", 2)[-1]
     if history.onsets:
@@ -436,6 +433,6 @@ def test_plot_draws_the_history_panels_with_the_onsets(reports: dict[str, Report
     ids = [e.get("id", "") for e in root.iter() if e.get("id", "").startswith("onset-line")]
     assert len(ids) == len(_expected_marks("sick", _history(report))) and ids[0] == "onset-line"
     without = replace(report, history=None)
-    assert plot.report_figure_size(report)[1] > plot.report_figure_size(without)[1]
+    assert report_figure_size(report)[1] > report_figure_size(without)[1]
     text = svg.read_text(encoding="utf-8")
     assert "training step" in text and "gradcheck history" in text

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo
+from gradcheck_cli.diagnose.following import DERIVED_GAINS
 from gradcheck_cli.diagnose.init_audit import (
     COMPOUND_LIMIT,
-    DERIVED_GAINS,
     INIT_SCALE,
     LAYER_LIMIT,
     audit_init,
@@ -592,7 +592,7 @@ def fresh_sweep(count: int) -> tuple[int, int, dict[str, float]]:
     """Fresh weights of random shapes and schemes: (audited, looking trained, largest value of each statistic)."""
     import random
 
-    from gradcheck_cli.diagnose.init_audit import MEAN_DRIFT, _stats, _trained_evidence
+    from gradcheck_cli.diagnose.weight_statistics import MEAN_DRIFT, trained_evidence, weight_stats
 
     rng = random.Random(0)
     dims = [1, 2, 3, 4, 5, 8, 9, 10, 16, 27, 32, 64, 72, 100, 128, 256, 576, 1000]
@@ -605,11 +605,11 @@ def fresh_sweep(count: int) -> tuple[int, int, dict[str, float]]:
         weight = torch.empty(rows, cols)
         torch.manual_seed(trial)
         INITS[rng.choice(sorted(INITS))](weight)
-        stats = _stats(weight)
+        stats = weight_stats(weight)
         if stats is None or stats.orthogonal or stats.std == 0 or stats.constant:
             continue
         audited_count += 1
-        looking_trained += _trained_evidence(stats) is not None
+        looking_trained += trained_evidence(stats) is not None
         if stats.spread_z is not None:
             worst["spread_z"] = max(worst["spread_z"], stats.spread_z)
         if stats.spike is not None:  # in units of the limit's margin: the limit is 1 + 2·side^(-2/3)
@@ -622,7 +622,7 @@ def fresh_sweep(count: int) -> tuple[int, int, dict[str, float]]:
 
 def trained_rows() -> list[tuple[str, str, str, str, str, str]]:
     """(model, layer, spike / limit, spread (z), mean z, verdict) after the tests' training."""
-    from gradcheck_cli.diagnose.init_audit import _stats, _trained_evidence
+    from gradcheck_cli.diagnose.weight_statistics import trained_evidence, weight_stats
 
     rows = []
     for name, build, task in (
@@ -635,7 +635,7 @@ def trained_rows() -> list[tuple[str, str, str, str, str, str]]:
         before, after = train(model, x, y)
         for layer, module in model.named_modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                stats = _stats(module.weight.detach().reshape(module.weight.shape[0], -1))
+                stats = weight_stats(module.weight.detach().reshape(module.weight.shape[0], -1))
                 assert stats is not None
                 spike = "—" if stats.spike is None else f"{stats.spike:.2f} / {stats.spike_limit:.2f}"
                 spread = "—" if stats.spread is None else f"{stats.spread:.2f} ({stats.spread_z:.1f})"
@@ -646,7 +646,7 @@ def trained_rows() -> list[tuple[str, str, str, str, str, str]]:
                         spike,
                         spread,
                         f"{stats.mean_z:.1f}",
-                        _trained_evidence(stats) or "looks initialised",
+                        trained_evidence(stats) or "looks initialised",
                     )
                 )
     return rows

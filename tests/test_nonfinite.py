@@ -11,7 +11,8 @@ from torch import nn
 from gradcheck_cli.errors import BatchError
 from gradcheck_cli.load.batch import Batch
 from gradcheck_cli.load.examples import EXAMPLES, mlp
-from gradcheck_cli.probe.nonfinite import locate_non_finite, non_finite_flag
+from gradcheck_cli.probe.nonfinite import locate_non_finite
+from gradcheck_cli.probe.nonfinite_checks import non_finite_flag
 from gradcheck_cli.report.sections import NonFiniteOrigin, TensorSummary
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels
@@ -409,7 +410,7 @@ def test_the_replay_gives_the_same_summaries_as_the_tensors_kept_in_flight(monke
     model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), ExpBlowUp(), nn.Linear(16, 10))
     batch = _classification(model, 16)
     kept = locate_non_finite(model, batch)
-    monkeypatch.setattr(nonfinite, "_untouched", lambda kept: False)
+    monkeypatch.setattr(nonfinite, "untouched", lambda kept: False)
     replayed = locate_non_finite(model, batch)
     assert kept.forward_module == "3" and replayed == kept
 

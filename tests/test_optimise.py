@@ -22,7 +22,8 @@ from gradcheck_cli.advise.optimise import (
 from gradcheck_cli.errors import BatchError, GradcheckError
 from gradcheck_cli.load.batch import Batch
 from gradcheck_cli.load.examples import mlp
-from gradcheck_cli.render.steps_chart import MAX_ROWS, render_steps_chart, shown_rows
+from gradcheck_cli.render.steps_chart import render_steps_chart
+from gradcheck_cli.render.view import MAX_ROWS, shown_rows
 from gradcheck_cli.report.report import Problem, Severity
 from gradcheck_cli.report.sections import OptimisationTrace, StepRecord
 

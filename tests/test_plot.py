@@ -1,9 +1,11 @@
-"""``--plot``: the matplotlib pictures of inspect and simulate reports (render/plot.py)."""
+"""``--plot``: the pictures of inspect and simulate reports (render/plot.py, drawn by render/charts)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
+import subprocess
 import sys
 import warnings
 import xml.etree.ElementTree as ET
@@ -16,15 +18,14 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("matplotlib")
-
-import itertools
-
 from gradcheck_cli.api import check
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.load.batch import Batch
 from gradcheck_cli.load.examples import get_example, mlp
 from gradcheck_cli.render import plot
+from gradcheck_cli.render.charts import engine, layer_axis, logaxis, simulation
+from gradcheck_cli.render.charts.inspect_figure import draw_report, report_figure_size
+from gradcheck_cli.render.charts.layers import measured_points
 from gradcheck_cli.report.report import Report
 from gradcheck_cli.simulate.chain import simulate_chain
 from gradcheck_cli.simulate.logistic import simulate_logistic_map
@@ -84,7 +85,7 @@ def _ids(svg: Path, prefix: str) -> list[str]:
 
 
 def _expected_px(size: tuple[float, float]) -> tuple[int, int]:
-    return round(size[0] * plot.DPI), round(size[1] * plot.DPI)
+    return round(size[0] * engine.DPI), round(size[1] * engine.DPI)
 
 
 def _assert_size(data: bytes, size: tuple[float, float]) -> None:
@@ -99,9 +100,9 @@ def _assert_size(data: bytes, size: tuple[float, float]) -> None:
 def test_png_has_the_signature_and_the_size_the_layer_count_asks_for(relu_xavier: Report, tmp_path: Path) -> None:
     data = _draw(plot.plot_report, relu_xavier, tmp_path / "flow.png")
     assert len(data) > 20_000
-    _assert_size(data, plot.report_figure_size(relu_xavier))
+    _assert_size(data, report_figure_size(relu_xavier))
     small = _example("dead-relu")
-    assert plot.report_figure_size(small)[0] < plot.report_figure_size(relu_xavier)[0]  # width follows depth
+    assert report_figure_size(small)[0] < report_figure_size(relu_xavier)[0]  # width follows depth
 
 
 def test_svg_draws_one_point_per_measured_layer(relu_xavier: Report, gpt2: Report, tmp_path: Path) -> None:
@@ -111,7 +112,7 @@ def test_svg_draws_one_point_per_measured_layer(relu_xavier: Report, gpt2: Repor
         _draw(plot.plot_report, report, svg)
         points = _ids(svg, "layer-point-")
         assert sorted(points) == sorted(f"layer-point-{i}" for i in range(n))
-        assert plot.measured_points(report) == n
+        assert measured_points(report) == n
 
 
 def test_a_layer_without_a_measurement_is_not_drawn(relu_xavier: Report, tmp_path: Path) -> None:
@@ -123,12 +124,22 @@ def test_a_layer_without_a_measurement_is_not_drawn(relu_xavier: Report, tmp_pat
     assert len(points) == 49 and "layer-point-10" not in points
 
 
+def test_a_layer_that_received_no_gradient_is_drawn_at_the_bottom(relu_xavier: Report, tmp_path: Path) -> None:
+    layers = list(relu_xavier.layers)
+    layers[3] = replace(layers[3], act_grad_rel=None, act_grad_norm=None, flags=("no_gradient",))
+    blocked = replace(relu_xavier, layers=tuple(layers))
+    svg = tmp_path / "blocked.svg"
+    _draw(plot.plot_report, blocked, svg)
+    assert "layer-point-3" in _ids(svg, "layer-point-") and measured_points(blocked) == 50
+    assert "received no gradient" in svg.read_text(encoding="utf-8")  # the side column says what the circle is
+
+
 def test_a_deep_model_names_at_most_25_layers_without_overlap(relu_xavier: Report, tmp_path: Path) -> None:
     svg = tmp_path / "deep.svg"
     _draw(plot.plot_report, relu_xavier, svg)
     ticks = _ids(svg, "layer-tick-")
-    assert 10 <= len(ticks) <= plot.MAX_TICKS
-    ticks_of = plot.layer_ticks([layer.name for layer in relu_xavier.layers])
+    assert 10 <= len(ticks) <= layer_axis.MAX_TICKS
+    ticks_of = layer_axis.layer_ticks([layer.name for layer in relu_xavier.layers])
     assert ticks_of[0].start == 0 and ticks_of[-1].end == 49  # the input and output ends keep their names
     _assert_tick_labels_do_not_overlap(relu_xavier)
 
@@ -138,7 +149,7 @@ def _assert_tick_labels_do_not_overlap(report: Report) -> None:
     across the strips (dx·sin θ), is at least one line of text."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    figure = plot._draw_report(plot._figure_class(), report)
+    figure = draw_report(report)
     try:
         canvas = FigureCanvasAgg(figure)
         canvas.draw()
@@ -171,33 +182,33 @@ def _transformer(blocks: int, base: Report) -> Report:
 
 
 def test_transformer_layers_are_named_by_block(gpt2: Report, tmp_path: Path) -> None:
-    assert plot.block_key("transformer.h.3.attn.c_attn") == "transformer.h.3"
-    assert plot.block_key("layer2.1.conv1") == "layer2.1"
-    assert plot.block_key("lm_head") == "lm_head"
-    assert plot.block_key("7") == "7"
+    assert layer_axis.block_key("transformer.h.3.attn.c_attn") == "transformer.h.3"
+    assert layer_axis.block_key("layer2.1.conv1") == "layer2.1"
+    assert layer_axis.block_key("lm_head") == "lm_head"
+    assert layer_axis.block_key("7") == "7"
 
     report = _transformer(12, gpt2)  # 76 layers
     names = [layer.name for layer in report.layers]
-    ticks = plot.layer_ticks(names)
+    ticks = layer_axis.layer_ticks(names)
     labels = [t.label for t in ticks]
-    assert len(ticks) <= plot.MAX_TICKS
+    assert len(ticks) <= layer_axis.MAX_TICKS
     assert [f"transformer.h.{b}.*" for b in range(12)] == [label for label in labels if ".h." in label]
     h3 = next(t for t in ticks if t.label == "transformer.h.3.*")
     assert names[h3.start] == "transformer.h.3.ln_1" and names[h3.end] == "transformer.h.3.mlp.c_proj"
     assert labels[-1] == "lm_head" and labels[0] == "transformer.wte"
     centres = [t.centre for t in ticks]
-    assert min(b - a for a, b in itertools.pairwise(centres)) >= len(names) / plot.MAX_TICKS
+    assert min(b - a for a, b in itertools.pairwise(centres)) >= len(names) / layer_axis.MAX_TICKS
     _assert_tick_labels_do_not_overlap(report)
 
     deep = _transformer(48, gpt2)  # 292 layers, more blocks than labels
-    deep_ticks = plot.layer_ticks([layer.name for layer in deep.layers])
-    assert 10 <= len(deep_ticks) <= plot.MAX_TICKS
+    deep_ticks = layer_axis.layer_ticks([layer.name for layer in deep.layers])
+    assert 10 <= len(deep_ticks) <= layer_axis.MAX_TICKS
     assert all(t.label.startswith("transformer.h.") for t in deep_ticks[1:-1])
     svg = tmp_path / "deep-transformer.svg"
     _draw(plot.plot_report, deep, svg)
     assert len(_ids(svg, "layer-point-")) == 292
     assert len(_ids(svg, "layer-tick-")) == len(deep_ticks)
-    assert plot.report_figure_size(deep)[0] <= 15.0 + plot.SIDE_WIDTH  # width grows with depth, within limits
+    assert report_figure_size(deep)[0] <= 15.0 + engine.SIDE_WIDTH  # width grows with depth, within limits
 
 
 def test_zeros_and_nan_are_drawn_as_marked_points(relu_xavier: Report, tmp_path: Path) -> None:
@@ -213,7 +224,7 @@ def test_zeros_and_nan_are_drawn_as_marked_points(relu_xavier: Report, tmp_path:
     svg = tmp_path / "nan.svg"
     _draw(plot.plot_report, nan, svg)
     assert len(_ids(svg, "layer-point-")) == len(nan.layers) == 4
-    scale = plot.log_scale([1e-3, 0.0, math.nan, 1.0])
+    scale = logaxis.log_scale([1e-3, 0.0, math.nan, 1.0])
     assert scale.zero_y is not None and scale.zero_y < 1e-3 and scale.place(0.0) == scale.zero_y
     assert scale.bad_y is not None and scale.bad_y > 1.0 and scale.place(math.inf) == scale.bad_y
 
@@ -225,8 +236,8 @@ def test_a_module_called_many_times_gets_a_gradient_through_time_panel(tmp_path:
     cell = replace(report.layers[0], calls=40, act_grad_norms=through_time)
     recurrent = replace(report, layers=(cell, *report.layers[1:]))
     data = _draw(plot.plot_report, recurrent, tmp_path / "rnn.png")
-    _assert_size(data, plot.report_figure_size(recurrent))
-    assert plot.report_figure_size(recurrent)[1] > plot.report_figure_size(report)[1]  # one more panel
+    _assert_size(data, report_figure_size(recurrent))
+    assert report_figure_size(recurrent)[1] > report_figure_size(report)[1]  # one more panel
     svg = tmp_path / "rnn.svg"
     _draw(plot.plot_report, recurrent, svg)
     assert _ids(svg, "call-series-0") == ["call-series-0"]
@@ -239,18 +250,20 @@ def test_optimisation_panel_marks_the_onset(exploding_steps: Report, tmp_path: P
     _draw(plot.plot_report, exploding_steps, svg)
     assert _ids(svg, "onset-line") == ["onset-line"]
     data = _draw(plot.plot_report, exploding_steps, tmp_path / "steps.png")
-    _assert_size(data, plot.report_figure_size(exploding_steps))
+    _assert_size(data, report_figure_size(exploding_steps))
     without = replace(exploding_steps, optimisation=None)
-    assert plot.report_figure_size(exploding_steps)[1] > plot.report_figure_size(without)[1]
+    assert report_figure_size(exploding_steps)[1] > report_figure_size(without)[1]
 
 
-def test_report_image_gives_svg_bytes_for_embedding(relu_xavier: Report) -> None:
-    svg = plot.report_image(relu_xavier, "svg")
-    root = ET.fromstring(svg)
-    assert root.tag.endswith("svg")
-    assert plot.report_image(relu_xavier, "png").startswith(PNG_SIGNATURE)
-    with pytest.raises(GradcheckError):
-        plot.report_image(relu_xavier, "gif")
+def test_pdf_and_svg_come_out_the_same_every_time(relu_xavier: Report, tmp_path: Path) -> None:
+    """Deterministic files (no dates, fixed SVG ids) and text kept as text in the SVG."""
+    first, second = tmp_path / "a.svg", tmp_path / "b.svg"
+    _draw(plot.plot_report, relu_xavier, first)
+    _draw(plot.plot_report, relu_xavier, second)
+    assert first.read_bytes() == second.read_bytes()
+    assert "<text" in first.read_text(encoding="utf-8") and "layers in forward order" in first.read_text("utf-8")
+    pdf = _draw(plot.plot_report, relu_xavier, tmp_path / "flow.pdf")
+    assert pdf.startswith(b"%PDF") and pdf == _draw(plot.plot_report, relu_xavier, tmp_path / "again.pdf")
 
 
 # ---------------------------------------------------------------- errors
@@ -261,20 +274,20 @@ def test_wrong_suffix_is_a_one_line_error_naming_both_formats(relu_xavier: Repor
         with pytest.raises(GradcheckError) as caught:
             plot.plot_report(relu_xavier, tmp_path / name)
         message = str(caught.value)
-        assert ".png" in message and ".svg" in message and "\n" not in message
+        assert ".png" in message and ".svg" in message and ".pdf" in message and "\n" not in message
         assert not (tmp_path / name).exists()
     assert plot.plot_format(Path("FLOW.PNG")) == "png" and plot.plot_format(Path("a.b.svg")) == "svg"
+    assert plot.plot_format(Path("flow.pdf")) == "pdf"
 
 
-def test_missing_matplotlib_is_a_one_line_error(
-    relu_xavier: Report, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    for draw, report in ((plot.plot_report, relu_xavier), (plot.plot_simulation, simulate_chain(10, 0.9))):
-        with pytest.raises(GradcheckError) as caught:
-            draw(report, tmp_path / "flow.png")  # type: ignore[operator]
-        assert str(caught.value) == "--plot needs matplotlib: pip install 'gradcheck[plot]'"
-    assert not (tmp_path / "flow.png").exists()
+def test_matplotlib_is_imported_only_when_a_picture_is_drawn() -> None:
+    """``gradcheck --version`` and ``history`` stay fast: importing the renderers does not import matplotlib."""
+    code = (
+        "import sys, gradcheck_cli.render.plot, gradcheck_cli.render.html, gradcheck_cli.render.registry; "
+        "print('matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_drawing_leaves_matplotlib_global_state_alone(relu_xavier: Report, tmp_path: Path) -> None:
@@ -312,7 +325,7 @@ def test_every_simulation_mode_draws_a_png(simulations: dict[str, SimulationRepo
     for name, report in simulations.items():
         data = _draw(plot.plot_simulation, report, tmp_path / f"{name}.png")
         assert len(data) > 10_000, name
-        _assert_size(data, plot.simulation_figure_size(report))
+        _assert_size(data, simulation.simulation_figure_size(report))
 
 
 def test_simulation_svgs_hold_the_expected_lines(simulations: dict[str, SimulationReport], tmp_path: Path) -> None:
@@ -333,5 +346,5 @@ def test_simulation_svgs_hold_the_expected_lines(simulations: dict[str, Simulati
 
 
 def test_simulation_wrong_suffix(simulations: dict[str, SimulationReport], tmp_path: Path) -> None:
-    with pytest.raises(GradcheckError, match=r"\.png or \.svg"):
+    with pytest.raises(GradcheckError, match=r"\.png, \.svg or \.pdf"):
         plot.plot_simulation(simulations["chain"], tmp_path / "chain.jpg")

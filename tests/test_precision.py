@@ -6,18 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from gradcheck_cli.diagnose.precision import precision_findings, precision_layer, precision_section
 from gradcheck_cli.load.batch import Batch
 from gradcheck_cli.load.examples import get_example, mlp
 from gradcheck_cli.probe.measure import probe
-from gradcheck_cli.probe.precision import (
-    SAMPLE,
-    exponent_histogram,
-    grouped_histograms,
-    precision_findings,
-    precision_layer,
-    precision_section,
-    recommended_scale,
-)
+from gradcheck_cli.probe.precision import SAMPLE, exponent_histogram, grouped_histograms, recommended_scale
 from zoo import HEALTHY
 
 pytestmark = pytest.mark.numeric  # .ci/run repeats these under other CPU kernels

@@ -18,6 +18,7 @@ from torch import nn
 from gradcheck_cli import api
 from gradcheck_cli.advise import fixes, verify
 from gradcheck_cli.advise.fixes import NotApplicable
+from gradcheck_cli.advise.structure_fixes import Residual
 from gradcheck_cli.advise.verify import order_by_effect, verify_recommendations
 from gradcheck_cli.load.batch import Batch
 from gradcheck_cli.load.examples import EXAMPLES
@@ -396,7 +397,7 @@ def test_residual_wraps_shape_preserving_blocks_only():
     )
     words = fixes.residual(model)
     assert "1 shape-preserving" in words
-    assert isinstance(model[2], fixes.Residual) and len(model[2].body) == 3
+    assert isinstance(model[2], Residual) and len(model[2].body) == 3
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 8 * 16)
     with pytest.raises(NotApplicable, match="shape"):
         fixes.residual(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))

@@ -140,8 +140,21 @@ def _median_ratio(traits: ModelTraits, scheme: str) -> float | None:
 def _vanishing(
     findings: Sequence[Finding], path: PathSummary, traits: ModelTraits, measured: str = ""
 ) -> list[Recommendation]:
-    recs: list[Recommendation] = []
+    """A cut graph (GC005), vanishing through time (GC008), then the depth remedies: init, activation, norms."""
+    recs = _cut_graph(findings)
+    vanishing = [f for f in findings if f.problem is Problem.VANISHING and f.code != NO_GRADIENT.code]
+    recs += _vanishing_through_time(vanishing)
+    if all(f.evidence.get("recurrent") for f in vanishing):
+        return recs  # a cut graph alone (GC005), or vanishing through time: no depth remedies
     gain = "n/a" if path.gain is None else f"{path.gain:.3g}"
+    recs += _vanishing_init(traits, gain, measured)
+    recs += _normalise_and_shortcut(path, traits, Problem.VANISHING)
+    return recs
+
+
+def _cut_graph(findings: Sequence[Finding]) -> list[Recommendation]:
+    """Layers that ran but got no gradient (GC005): the graph is cut between them and the loss."""
+    recs: list[Recommendation] = []
     blocked = next((f for f in findings if f.code == NO_GRADIENT.code), None)
     if blocked is not None:
         recs.append(
@@ -155,7 +168,12 @@ def _vanishing(
                 tuple(blocked.evidence.get("layers", [])),
             )
         )
-    vanishing = [f for f in findings if f.problem is Problem.VANISHING and f.code != NO_GRADIENT.code]
+    return recs
+
+
+def _vanishing_through_time(vanishing: Sequence[Finding]) -> list[Recommendation]:
+    """Plain RNNs: gated cells and an orthogonal recurrent matrix; LSTM/GRU: an open forget gate."""
+    recs: list[Recommendation] = []
     recurrent = {str(f.evidence["recurrent"]) for f in vanishing if f.evidence.get("recurrent")}
     through_time = next((f for f in vanishing if f.evidence.get("recurrent")), None)
     if through_time is not None:
@@ -196,8 +214,12 @@ def _vanishing(
                     (str(through_time.layer),),
                 )
             )
-    if all(f.evidence.get("recurrent") for f in vanishing):
-        return recs  # a cut graph alone (GC005), or vanishing through time: no depth remedies
+    return recs
+
+
+def _vanishing_init(traits: ModelTraits, gain: str, measured: str) -> list[Recommendation]:
+    """Weights below the variance-preserving scale, or saturating activations: re-initialise or swap."""
+    recs: list[Recommendation] = []
     xavier_ratio = _median_ratio(traits, "xavier")
     kaiming_ratio = _median_ratio(traits, "kaiming")
     if traits.relu_like and kaiming_ratio is not None and kaiming_ratio < 0.85:
@@ -240,7 +262,6 @@ def _vanishing(
                     (Problem.VANISHING,),
                 )
             )
-    recs += _normalise_and_shortcut(path, traits, Problem.VANISHING)
     return recs
 
 

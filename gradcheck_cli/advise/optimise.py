@@ -36,12 +36,12 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from gradcheck_cli.diagnose.rule_codes import UNSTABLE_OPTIMISATION
+from gradcheck_cli.diagnose.rule_codes import NON_FINITE_FORWARD, NON_FINITE_GRADIENT, UNSTABLE_OPTIMISATION
 from gradcheck_cli.diagnose.rules import Thresholds, diagnose
 from gradcheck_cli.errors import GradcheckError, first_line
 from gradcheck_cli.load.batch import Batch
@@ -49,15 +49,17 @@ from gradcheck_cli.load.model_copy import copy_model
 from gradcheck_cli.probe.measure import probe
 from gradcheck_cli.report.report import Finding, Problem, Severity
 from gradcheck_cli.report.sections import OptimisationTrace, StepRecord
+from gradcheck_cli.settings import Optimizer, ProbeOptions, ProbeSettings, probe_settings
 
-OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
-"""Accepted ``--optimizer`` values and how messages spell them (plain SGD: no momentum)."""
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 MAX_STEPS = 10_000
 
 GROWTH_LIMIT = 1e3
+"""Exploding: the total gradient norm (or the attenuation) above this multiple of step 0's."""
 LOSS_GROWTH = 10.0
 """Exploding also when the loss exceeds this multiple of step 0's while the gradient norm has grown ≥ 10×."""
-"""Exploding: the total gradient norm (or the attenuation) above this multiple of step 0's."""
 COLLAPSE_LIMIT = 1e-3
 """Collapsing: the total gradient norm (or the attenuation) below this fraction of step 0's."""
 CROSSING_MARGIN = 10.0
@@ -79,18 +81,13 @@ NON_FINITE = "non_finite"
 
 
 def trace_optimisation(
-    model: nn.Module,
-    batch: Batch,
-    *,
-    steps: int,
-    lr: float,
-    optimizer: str = "sgd",
-    seed: int = 0,
-    train: bool = True,
-    unfreeze: bool = False,
-    thresholds: Thresholds | None = None,
+    model: nn.Module, batch: Batch, settings: ProbeSettings | None = None, **options: Unpack[ProbeOptions]
 ) -> OptimisationTrace:
-    """Take ``steps`` optimiser steps on ``batch`` with a deep copy of ``model`` and trace the gradients.
+    """Take ``settings.steps`` optimiser steps on ``batch`` with a deep copy of ``model`` and trace the gradients.
+
+    ``settings`` (:class:`~gradcheck_cli.settings.ProbeSettings`) gives the steps, learning rate, optimiser,
+    seed, mode, ``unfreeze`` and thresholds; any of its fields may be given as a keyword instead
+    (``trace_optimisation(model, batch, steps=20, lr=0.05)``).
 
     Every step probes the copy with the same seed (the same dropout masks, the same surrogate loss),
     records what it measured, then steps the optimiser with the gradients the probe left. The state
@@ -100,15 +97,16 @@ def trace_optimisation(
     when none is. ``model`` itself is never modified: not its weights, gradients, flags, modes nor
     buffers. Memory: one copy of the model plus the optimiser's state (Adam: two more copies).
     """
-    name = _validate(steps, lr, optimizer)
-    limits = thresholds or Thresholds()
+    settings = probe_settings(settings, options, "trace_optimisation")
+    steps, lr = _validate(settings.steps, settings.lr)
+    seed, train, unfreeze, limits = settings.seed, settings.train, settings.unfreeze, settings.thresholds
     work = _copy(model)
-    opt = _optimizer(name, _trained_parameters(work, unfreeze), float(lr))
+    opt = _optimizer(settings.optimizer, _trained_parameters(work, unfreeze), lr)
 
     layers: tuple[str, ...] = ()
     records: list[StepRecord] = []
     stopped = False
-    for step in range(int(steps) + 1):
+    for step in range(steps + 1):
         result = probe(work, batch, seed=seed, train=train, unfreeze=unfreeze, keep_grads=True)
         diagnosis = diagnose(result, limits)
         if step == 0:
@@ -145,19 +143,18 @@ def trace_optimisation(
     else:
         verdict, onset, _ = classify(records, limits)
     return OptimisationTrace(
-        optimizer=name, lr=float(lr), layers=layers, steps=tuple(records), verdict=verdict, onset_step=onset
-    )
+        optimizer=settings.optimizer.value, lr=lr, layers=layers, steps=tuple(records), verdict=verdict,
+        onset_step=onset,
+    )  # fmt: skip
 
 
-def _validate(steps: int, lr: float, optimizer: str) -> str:
+def _validate(steps: int, lr: float) -> tuple[int, float]:
+    """``steps`` and ``lr`` as numbers the loop can use, or the one-line error naming the flag."""
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= MAX_STEPS:
         raise GradcheckError(f"--steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
         raise GradcheckError(f"--lr must be a positive finite number such as 0.01, got {lr!r}")
-    name = optimizer.strip().lower() if isinstance(optimizer, str) else ""
-    if name not in OPTIMIZERS:
-        raise GradcheckError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    return name
+    return int(steps), float(lr)
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -185,12 +182,12 @@ def _trained_parameters(model: nn.Module, unfreeze: bool) -> list[nn.Parameter]:
     return trained or (floating if unfreeze else [])
 
 
-def _optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def _optimizer(kind: Optimizer, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if not params:  # nothing to train: probe() refuses such a model with the message users need
         params = [nn.Parameter(torch.zeros(()))]
-    if name == "adam":
+    if kind is Optimizer.adam:
         return torch.optim.Adam(params, lr=lr)
-    if name == "adamw":
+    if kind is Optimizer.adamw:
         return torch.optim.AdamW(params, lr=lr)
     return torch.optim.SGD(params, lr=lr)
 
@@ -320,12 +317,12 @@ def optimisation_findings(trace: OptimisationTrace, thresholds: Thresholds | Non
     """
     if trace.verdict == STABLE or not trace.steps:
         return ()
+    limits = thresholds or Thresholds()
     records = trace.steps
     first, last = records[0], records[-1]
     onset = trace.onset_step if trace.onset_step is not None else last.step
     at = next((r for r in records if r.step == onset), last)
-    setting = f"{OPTIMIZERS.get(trace.optimizer, trace.optimizer)} at lr {trace.lr:g}"
-    found = _departures(records, thresholds or Thresholds())
+    found = _departures(records, limits)
     evidence: dict[str, Any] = {
         "verdict": trace.verdict,
         "criterion": next((c for v, s, c in found if v == trace.verdict and s == onset), trace.verdict),
@@ -340,55 +337,13 @@ def optimisation_findings(trace: OptimisationTrace, thresholds: Thresholds | Non
         "attenuation_step0": first.attenuation,
         "attenuation_onset": at.attenuation,
     }
-
     if trace.verdict == NON_FINITE:
         problem = Problem.NON_FINITE
-        if onset == 0:
-            text = "the loss or a gradient is NaN/Inf before any optimiser step (see GC003/GC004)"
-            change = _first_non_finite(trace, at)
-        else:
-            text = f"after {onset} step(s) of {setting} the loss or a gradient became NaN/Inf (loss {_fmt(at.loss)})"
-            earlier = _departures(records[:-1], thresholds or Thresholds())
-            if earlier:
-                verdict, step, _ = earlier[0]
-                before = next(r for r in records if r.step == step)
-                evidence["left_band_step"] = step
-                evidence["left_band_verdict"] = verdict
-                text += (
-                    f"; it was {verdict} from step {step}: total gradient norm {_fmt(before.grad_norm)} against "
-                    f"{_fmt(first.grad_norm)} at step 0, loss {_fmt(before.loss)} against {_fmt(first.loss)}"
-                )
-            change = _first_non_finite(trace, at) or _most_changed(trace, records[-2], EXPLODING)
-        if change is not None and math.isinf(change.factor):
-            text += f"; the first layer with a NaN/Inf gradient: {change.layer}"
-        elif change is not None:
-            text += f"; the layer whose gradient grew most before that: {change.layer} ({_fmt(change.factor)}×)"
-        text += "; lower the learning rate, or clip the gradient norm with error_if_nonfinite=True"
+        text, change, more = _non_finite_story(trace, onset, at, limits)
     else:
         problem = Problem.EXPLODING if trace.verdict == EXPLODING else Problem.VANISHING
-        change = _most_changed(trace, at, trace.verdict)
-        norm = f"total gradient norm {_fmt(at.grad_norm)} against {_fmt(first.grad_norm)} at step 0"
-        path = f"path attenuation {_fmt(at.attenuation)} against {_fmt(first.attenuation)} at step 0"
-        what = "grew" if trace.verdict == EXPLODING else "collapsed"
-        if evidence["criterion"].startswith("attenuation"):
-            what = "at the input end " + what
-            norm, path = path, norm
-        text = (
-            f"during {last.step} step(s) of {setting} the gradient {what} from step {onset}: {norm} "
-            f"({path}), loss {_fmt(at.loss)} against {_fmt(first.loss)}"
-        )
-        if change is not None:
-            moved = "fell to exactly 0" if change.factor == 0 else f"{_fmt(change.factor)}× step 0's"
-            text += f"; the layer whose gradient changed most: {change.layer} ({moved})"
-        later = [(v, s) for v, s, _ in found if v != trace.verdict and s is not None and s > onset]
-        if later:
-            evidence["then"] = {"verdict": later[0][0], "onset_step": later[0][1]}
-            text += f"; then {later[0][0]} from step {later[0][1]}"
-        text += (
-            "; lower the learning rate or clip the gradient norm"
-            if trace.verdict == EXPLODING
-            else "; steps this large drive units dead or into saturation: lower the learning rate"
-        )
+        text, change, more = _departure_story(trace, onset, at, found, evidence["criterion"])
+    evidence.update(more)
     evidence["layer_change"] = None if change is None else change.factor
     return (
         Finding(
@@ -401,6 +356,86 @@ def optimisation_findings(trace: OptimisationTrace, thresholds: Thresholds | Non
             evidence,
         ),
     )
+
+
+_Story = tuple[str, _Change | None, dict[str, Any]]
+"""A finding's message, the layer it names, and the evidence beyond what every GC015 carries."""
+
+
+def _non_finite_story(trace: OptimisationTrace, onset: int, at: StepRecord, limits: Thresholds) -> _Story:
+    """NaN/Inf: before any step (the probe's own findings say why), or after steps, with where it was heading."""
+    records, first = trace.steps, trace.steps[0]
+    evidence: dict[str, Any] = {}
+    if onset == 0:
+        codes = f"{NON_FINITE_GRADIENT.code}/{NON_FINITE_FORWARD.code}"
+        text = f"the loss or a gradient is NaN/Inf before any optimiser step (see {codes})"
+        change = _first_non_finite(trace, at)
+    else:
+        text = (
+            f"after {onset} step(s) of {_setting(trace)} the loss or a gradient became NaN/Inf (loss {_fmt(at.loss)})"
+        )
+        earlier = _departures(records[:-1], limits)
+        if earlier:
+            verdict, step, _ = earlier[0]
+            before = next(r for r in records if r.step == step)
+            evidence["left_band_step"] = step
+            evidence["left_band_verdict"] = verdict
+            text += (
+                f"; it was {verdict} from step {step}: total gradient norm {_fmt(before.grad_norm)} against "
+                f"{_fmt(first.grad_norm)} at step 0, loss {_fmt(before.loss)} against {_fmt(first.loss)}"
+            )
+        change = _first_non_finite(trace, at) or _most_changed(trace, records[-2], EXPLODING)
+    if change is not None and math.isinf(change.factor):
+        text += f"; the first layer with a NaN/Inf gradient: {change.layer}"
+    elif change is not None:
+        text += f"; the layer whose gradient grew most before that: {change.layer} ({_fmt(change.factor)}×)"
+    text += "; lower the learning rate, or clip the gradient norm with error_if_nonfinite=True"
+    return text, change, evidence
+
+
+def _departure_story(
+    trace: OptimisationTrace,
+    onset: int,
+    at: StepRecord,
+    found: Sequence[tuple[str, int | None, str]],
+    criterion: str,
+) -> _Story:
+    """Exploding or collapsing: the measure that decided, against step 0's, and what came next."""
+    first, last = trace.steps[0], trace.steps[-1]
+    evidence: dict[str, Any] = {}
+    change = _most_changed(trace, at, trace.verdict)
+    norm = f"total gradient norm {_fmt(at.grad_norm)} against {_fmt(first.grad_norm)} at step 0"
+    path = f"path attenuation {_fmt(at.attenuation)} against {_fmt(first.attenuation)} at step 0"
+    what = "grew" if trace.verdict == EXPLODING else "collapsed"
+    if criterion.startswith("attenuation"):
+        what = "at the input end " + what
+        norm, path = path, norm
+    text = (
+        f"during {last.step} step(s) of {_setting(trace)} the gradient {what} from step {onset}: {norm} "
+        f"({path}), loss {_fmt(at.loss)} against {_fmt(first.loss)}"
+    )
+    if change is not None:
+        moved = "fell to exactly 0" if change.factor == 0 else f"{_fmt(change.factor)}× step 0's"
+        text += f"; the layer whose gradient changed most: {change.layer} ({moved})"
+    later = [(v, s) for v, s, _ in found if v != trace.verdict and s is not None and s > onset]
+    if later:
+        evidence["then"] = {"verdict": later[0][0], "onset_step": later[0][1]}
+        text += f"; then {later[0][0]} from step {later[0][1]}"
+    text += (
+        "; lower the learning rate or clip the gradient norm"
+        if trace.verdict == EXPLODING
+        else "; steps this large drive units dead or into saturation: lower the learning rate"
+    )
+    return text, change, evidence
+
+
+def _setting(trace: OptimisationTrace) -> str:
+    """The optimiser and learning rate as messages write them: ``SGD at lr 0.5``."""
+    try:
+        spelled = Optimizer(trace.optimizer).spelled
+    except ValueError:  # a trace from elsewhere may name another optimiser: as it is
+        spelled = trace.optimizer
+    return f"{spelled} at lr {trace.lr:g}"
 
 
 def _first_non_finite(trace: OptimisationTrace, at: StepRecord) -> _Change | None:

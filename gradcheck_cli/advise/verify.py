@@ -9,12 +9,14 @@ caller's random state is left as it was) and each copy is freed before the next 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import re
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from gradcheck_cli.probe.measure import probe, probe_scaled
 from gradcheck_cli.probe.modules import unwrap
 from gradcheck_cli.report.report import LayerStats, Problem, Recommendation, Report, Severity
 from gradcheck_cli.report.sections import Outcome, Verification
+from gradcheck_cli.settings import Optimizer, ProbeSettings
 
 SMALLEST = 1.401298464324817e-45
 """float32's smallest subnormal: a gradient that underflowed to exactly 0 counts as this small."""
@@ -44,21 +47,18 @@ def verify_recommendations(
     model: nn.Module,
     batch: Batch | torch.Tensor | tuple[Any, ...] | list[Any] | dict[str, Any],
     report: Report,
+    settings: ProbeSettings | None = None,
     *,
-    seed: int = 0,
-    train: bool = True,
-    unfreeze: bool = False,
-    thresholds: Thresholds | None = None,
-    autocast: str | None = None,
     loss_scale: float = 1.0,
 ) -> tuple[Verification, ...]:
     """Apply each of ``report.recommendations`` to a deep copy of ``model`` and re-probe it.
 
-    ``autocast``/``loss_scale``: the copies are probed the way the report's own pass was (``--autocast``).
+    ``settings`` are the ones the report was made with (seed, mode, ``unfreeze``, thresholds, ``autocast``);
+    by default the defaults with the report's own thresholds. ``loss_scale``: the scale the report's own
+    pass used (``--autocast fp16``), so the copies are probed the same way.
     ``batch`` is the one the report was measured on (a :class:`Batch`, or what ``check()``
     accepts). Returns one :class:`Verification` per recommendation, in the same order. ``before`` is the
-    report's verdict; ``after`` is ``diagnose(probe(copy, batch, ...))`` with the same seed, mode,
-    ``unfreeze`` and thresholds (by default the report's own thresholds).
+    report's verdict; ``after`` is ``diagnose(probe(copy, batch, ...))`` with the same settings.
 
     ``effect`` is how many orders of magnitude the run moved into (or towards) the healthy band
     [``thresholds.vanishing``, ``thresholds.exploding``]. A run's distance from the band is the
@@ -81,110 +81,133 @@ def verify_recommendations(
     the reason. When the model cannot be deep-copied, every recommendation comes back
     unverified with that reason.
     """
-
     model = unwrap(model)
     ready = batch if isinstance(batch, Batch) else make_batch(batch, model)
-    limits = thresholds or _report_thresholds(report)
-    before = report_outcome(report)
-    before_distance = _distance(before.attenuation, report.layers, before.finite, limits)
-    recommendations = report.recommendations
-    needs_copy = [r for r in recommendations if r.id in FIXES or r.id == "gradient_clipping"]
-    first: nn.Module | None = None
-    first_seconds = 0.0
-    if needs_copy:
-        started = time.perf_counter()
+    run = _Run.of(model, ready, report, settings or ProbeSettings(thresholds=_report_thresholds(report)), loss_scale)
+    copies = _Copies(model)
+    if any(_changes_a_copy(r.id) for r in report.recommendations):
         try:
-            first = _copy_model(model)
-            first_seconds = time.perf_counter() - started
+            copies.prepare()
         except Exception as exc:  # deepcopy can raise anything a __deepcopy__/__reduce__ raises
             reason = f"the model cannot be deep-copied ({type(exc).__name__}: {first_line(exc)}), so no fix was tried"
-            return tuple(Verification(r.id, False, before=before, reason=reason) for r in recommendations)
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    results = []
-    training_only = report.optimisation is not None and not any(
-        f.severity is Severity.ERROR and f.problem is not None and f.code != UNSTABLE_OPTIMISATION.code
-        for f in report.findings
-    )
-    for rec in recommendations:
-        start = time.perf_counter()
-        if rec.id == "lower_lr" and report.optimisation is not None:
-            results.append(_verify_lower_lr(model, ready, report, before, seed, train, unfreeze, limits))
-            continue
-        if rec.id == "mixed_precision_scaling" and report.precision is not None:
-            results.append(_verify_scaling(model, ready, report, before, seed, train, unfreeze, limits))
-            continue
-        if rec.id not in FIXES and rec.id != "gradient_clipping":
-            reason = UNVERIFIABLE.get(rec.id, f"gradcheck has no in-memory fix for {rec.id!r}")
-            results.append(Verification(rec.id, False, before=before, reason=reason))
-            continue
-        try:
-            work = first if first is not None else _copy_model(model)
-        except Exception as exc:
-            reason = f"the model cannot be deep-copied ({type(exc).__name__}: {first_line(exc)})"
-            results.append(Verification(rec.id, False, before=before, reason=reason))
-            continue
-        start -= first_seconds  # the first copy was made up front, to fail early
-        first, first_seconds = None, 0.0
-        alive = weakref.ref(work)
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            outcome = _apply(work, rec, report, ready, seed, train, unfreeze, limits, autocast, loss_scale)
-        del work
-        if alive() is not None:  # a reference cycle inside the model: free the copy before the next one
-            gc.collect()
-        seconds = time.perf_counter() - start
-        if isinstance(outcome, str):
-            results.append(Verification(rec.id, False, before=before, reason=outcome, seconds=seconds))
-            continue
-        applied, after, diagnosis, clipped = outcome
-        distance = _distance(after.attenuation, diagnosis.layers, after.finite, limits)
-        effect = 0.0 if clipped else before_distance - distance
-        fixed = not clipped and not any(f.problem is not None for f in diagnosis.findings)
-        if training_only and not clipped:
-            fixed = False
-            applied += (
-                "; the problem shows only during training (GC015), which one pass of the copy cannot show: "
-                "re-run with --steps to see"
-            )
-        results.append(
-            Verification(
-                rec.id,
-                True,
-                applied=applied,
-                before=before,
-                after=after,
-                effect=effect,
-                fixed=fixed,
-                seconds=seconds,
-            )
+            return tuple(Verification(r.id, False, before=run.before, reason=reason) for r in report.recommendations)
+    return tuple(_verify(run, rec, copies) for rec in report.recommendations)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every verification of one report shares: the model, batch and settings, and the "before"."""
+
+    model: nn.Module
+    batch: Batch
+    report: Report
+    settings: ProbeSettings
+    loss_scale: float
+    before: Outcome
+    before_distance: float
+    training_only: bool
+    """Only the optimisation probe found a problem (GC015): one pass of a copy cannot show it fixed."""
+    devices: list[int]
+    """The CUDA devices whose RNG each fix's seeded initialisers fork."""
+
+    @classmethod
+    def of(cls, model: nn.Module, batch: Batch, report: Report, settings: ProbeSettings, loss_scale: float) -> _Run:
+        before = report_outcome(report)
+        distance = _distance(before.attenuation, report.layers, before.finite, settings.thresholds)
+        training_only = report.optimisation is not None and not any(
+            f.severity is Severity.ERROR and f.problem is not None and f.code != UNSTABLE_OPTIMISATION.code
+            for f in report.findings
         )
-    return tuple(results)
+        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        return cls(model, batch, report, settings, loss_scale, before, distance, training_only, devices)
+
+
+class _Copies:
+    """Fresh copies of the model, one per fix; the first made up front (to fail early), its time kept for the
+    fix that uses it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        self._first: nn.Module | None = None
+        self._first_seconds = 0.0
+
+    def prepare(self) -> None:
+        """Make the first copy now; raises what copying raises."""
+        started = time.perf_counter()
+        self._first = _copy_model(self._model)
+        self._first_seconds = time.perf_counter() - started
+
+    def take(self) -> tuple[nn.Module, float]:
+        """A copy nobody else holds, and the seconds already spent making it."""
+        if self._first is None:
+            return _copy_model(self._model), 0.0
+        work, seconds = self._first, self._first_seconds
+        self._first, self._first_seconds = None, 0.0
+        return work, seconds
+
+
+def _changes_a_copy(rec_id: str) -> bool:
+    return rec_id in FIXES or rec_id == "gradient_clipping"
+
+
+def _verify(run: _Run, rec: Recommendation, copies: _Copies) -> Verification:
+    """One recommendation tried: on the optimisation probe, in fp16, on a changed copy, or unverified with why."""
+    report, before = run.report, run.before
+    if rec.id == "lower_lr" and report.optimisation is not None:
+        return _verify_lower_lr(run)
+    if rec.id == "mixed_precision_scaling" and report.precision is not None:
+        return _verify_scaling(run)
+    if not _changes_a_copy(rec.id):
+        reason = UNVERIFIABLE.get(rec.id, f"gradcheck has no in-memory fix for {rec.id!r}")
+        return Verification(rec.id, False, before=before, reason=reason)
+    start = time.perf_counter()
+    try:
+        work, spent = copies.take()
+    except Exception as exc:
+        reason = f"the model cannot be deep-copied ({type(exc).__name__}: {first_line(exc)})"
+        return Verification(rec.id, False, before=before, reason=reason)
+    start -= spent  # the first copy was made up front, to fail early
+    alive = weakref.ref(work)
+    with torch.random.fork_rng(devices=run.devices):
+        torch.manual_seed(run.settings.seed)
+        outcome = _apply(work, rec, run)
+    del work
+    if alive() is not None:  # a reference cycle inside the model: free the copy before the next one
+        gc.collect()
+    seconds = time.perf_counter() - start
+    if isinstance(outcome, str):
+        return Verification(rec.id, False, before=before, reason=outcome, seconds=seconds)
+    applied, after, diagnosis, clipped = outcome
+    distance = _distance(after.attenuation, diagnosis.layers, after.finite, run.settings.thresholds)
+    effect = 0.0 if clipped else run.before_distance - distance
+    fixed = not clipped and not any(f.problem is not None for f in diagnosis.findings)
+    if run.training_only and not clipped:
+        fixed = False
+        applied += (
+            f"; the problem shows only during training ({UNSTABLE_OPTIMISATION.code}), which one pass of the copy "
+            "cannot show: "
+            "re-run with --steps to see"
+        )
+    return Verification(
+        rec.id, True, applied=applied, before=before, after=after, effect=effect, fixed=fixed, seconds=seconds
+    )
 
 
 LR_FACTOR = 0.1
 """``lower_lr`` is verified by re-running the optimisation probe at this fraction of the learning rate."""
 
 
-def _verify_lower_lr(
-    model: nn.Module,
-    batch: Batch,
-    report: Report,
-    before: Outcome,
-    seed: int,
-    train: bool,
-    unfreeze: bool,
-    limits: Thresholds,
-) -> Verification:
+def _verify_lower_lr(run: _Run) -> Verification:
     """Re-run the optimisation probe (same steps, optimiser, seed) at a tenth of the learning rate."""
-    trace = report.optimisation
+    trace = run.report.optimisation
     assert trace is not None
+    before = run.before
     started = time.perf_counter()
     lr = trace.lr * LR_FACTOR
     try:
-        again = trace_optimisation(
-            model, batch, steps=max(1, len(trace.steps) - 1), lr=lr, optimizer=trace.optimizer, seed=seed,
-            train=train, unfreeze=unfreeze, thresholds=limits,
-        )  # fmt: skip
+        steps = max(1, len(trace.steps) - 1)
+        again_with = dataclasses.replace(run.settings, steps=steps, lr=lr, optimizer=Optimizer(trace.optimizer))
+        again = trace_optimisation(run.model, run.batch, again_with)
     except Exception as exc:  # the copy or the optimiser can fail on unusual models
         reason = f"re-running the optimisation probe failed ({type(exc).__name__}: {first_line(exc)})"
         return Verification("lower_lr", False, before=before, reason=reason)
@@ -211,16 +234,7 @@ SCALING_FIXED = 0.01
 """Loss scaling counts as a fix when no layer loses more than this share of its gradient to fp16 underflow."""
 
 
-def _verify_scaling(
-    model: nn.Module,
-    batch: Batch,
-    report: Report,
-    before: Outcome,
-    seed: int,
-    train: bool,
-    unfreeze: bool,
-    limits: Thresholds,
-) -> Verification:
+def _verify_scaling(run: _Run) -> Verification:
     """Probe in fp16 without and with the recommended loss scale; compare the gradient lost to zero.
 
     A model held in fp16 is probed as it is; a float32 model under fp16 autocast. The loss is
@@ -228,6 +242,8 @@ def _verify_scaling(
     What is lost, per layer, is the share of gradient elements that are zero in fp16 but not in the
     float32 reference (the report's own measurement); the verification compares the worst layer.
     """
+    model, batch, report, before = run.model, run.batch, run.report, run.before
+    seed, train, unfreeze = run.settings.seed, run.settings.train, run.settings.unfreeze
     assert report.precision is not None
     started = time.perf_counter()
     scale = report.precision.recommended_scale
@@ -244,7 +260,7 @@ def _verify_scaling(
         return Verification("mixed_precision_scaling", False, before=before, reason=reason)
     scale = scaled.loss_scale
     lost_before, lost_after = _worst_lost(plain, reference), _worst_lost(scaled, reference)
-    diagnosis = diagnose(scaled, limits)
+    diagnosis = diagnose(scaled, run.settings.thresholds)
     after = diagnosis_outcome(diagnosis)
     where = "as it is (fp16)" if half else "under fp16 autocast"
     applied = (
@@ -344,19 +360,10 @@ _Applied = tuple[str, Outcome, Diagnosis, bool]
 """What was done, the copy's outcome and diagnosis, and whether it was clipping."""
 
 
-def _apply(
-    work: nn.Module,
-    rec: Recommendation,
-    report: Report,
-    batch: Batch,
-    seed: int,
-    train: bool,
-    unfreeze: bool,
-    limits: Thresholds,
-    autocast: str | None = None,
-    loss_scale: float = 1.0,
-) -> _Applied | str:
-    """Apply ``rec`` to ``work`` and probe it; the reason as a string when that is not possible."""
+def _apply(work: nn.Module, rec: Recommendation, run: _Run) -> _Applied | str:
+    """Apply ``rec`` to ``work`` and probe it as the report's own pass was; the reason as a string when that is not
+    possible."""
+    report, settings = run.report, run.settings
     clipping = rec.id == "gradient_clipping"
     if not clipping and isinstance(work, torch.jit.ScriptModule):
         return "TorchScript modules cannot be changed in memory: apply the fix to the Python model and script it again"
@@ -373,12 +380,12 @@ def _apply(
             SEEN_IN_FORWARD.reset(token)
     try:
         result = probe(
-            work, batch, seed=seed, train=train, unfreeze=unfreeze, keep_grads=clipping, autocast=autocast,
-            loss_scale=loss_scale,
+            work, run.batch, seed=settings.seed, train=settings.train, unfreeze=settings.unfreeze,
+            keep_grads=clipping, autocast=settings.autocast_name, loss_scale=run.loss_scale,
         )  # fmt: skip
     except Exception as exc:
         return f"the changed copy could not be probed: {first_line(exc)}"
-    diagnosis = diagnose(result, limits)
+    diagnosis = diagnose(result, settings.thresholds)
     after = diagnosis_outcome(diagnosis)
     if clipping:
         max_norm = _max_norm(rec, report)

@@ -23,6 +23,8 @@ DEAD_UNITS_MEASURED = frozenset({"ReLU", "ReLU6"})
 DERIVATIVE_MEASURED = SATURATION_MEASURED | DEAD_UNITS_MEASURED | frozenset({"LeakyReLU", "GELU", "SiLU", "ELU"})
 """Activations whose φ'(z) RMS the probe measures on its own forward pass."""
 
+LEAKY_RELU_LIKE = frozenset({"LeakyReLU", "PReLU", "RReLU"})
+"""Activations with a negative slope: the init gain is ``calculate_gain("leaky_relu", slope)`` of their own slope."""
 INIT_GAIN_NAME = {
     "ReLU": "relu",
     "ReLU6": "relu",
@@ -41,4 +43,5 @@ INIT_GAIN_NAME = {
     "Hardswish": "hardswish",
     "Softplus": "softplus",
 }
-"""The init audit's gain for the activation after a weight: ``calculate_gain``'s name, or a derived gain's."""
+"""Every other activation class with the name of its init gain (``calculate_gain``'s, or a derived one): with
+:data:`LEAKY_RELU_LIKE`, the activations whose scale a weight before them should match."""

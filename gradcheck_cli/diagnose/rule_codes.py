@@ -1,4 +1,5 @@
-"""Every rule's stable code and name (docs/rules.md); codes are never renumbered."""
+"""Every rule's stable code and name (docs/rules.md), codes never renumbered, and how a finding is recognised
+across runs (baselines, SARIF fingerprints). No torch here: renderers and the gate read it."""
 
 from __future__ import annotations
 
@@ -52,3 +53,18 @@ RULES = (
     TRAINING_LOSS_NON_FINITE,
     TRAINING_LOSS_DIVERGENCE,
 )
+
+PATH_RULES = frozenset({VANISHING.code, EXPLODING.code})
+"""Rules about the whole path: their ``layer`` is where the gradient crosses the threshold, which moves
+as a model changes, so they are matched by code alone."""
+
+MODEL_RULES = frozenset(
+    rule.code
+    for rule in (INIT_SCALE, SATURATED_ACTIVATION, DEAD_UNITS, FP16_UNDERFLOW, FP16_OVERFLOW, UNSTABLE_OPTIMISATION)
+)
+"""Rules with one finding per kind for the whole model, whose ``layer`` is only the first one flagged."""
+
+
+def finding_key(code: str, layer: str | None) -> tuple[str, str | None]:
+    """How a finding is recognised across runs: code and layer, or code alone for path- and model-level rules."""
+    return (code, None) if code in PATH_RULES | MODEL_RULES else (code, layer)

@@ -9,16 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gradcheck_cli.diagnose.rule_codes import (
-    DEAD_UNITS,
-    EXPLODING,
-    FP16_OVERFLOW,
-    FP16_UNDERFLOW,
-    INIT_SCALE,
-    SATURATED_ACTIVATION,
-    UNSTABLE_OPTIMISATION,
-    VANISHING,
-)
+from gradcheck_cli.diagnose.rule_codes import finding_key
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.outputs import write_text
 from gradcheck_cli.parsing import MalformedDocument, loads_json
@@ -50,23 +41,6 @@ def read_baseline(path: Path) -> dict[str, Any]:
     ):
         raise GradcheckError(f"--baseline {path} is not a gradcheck JSON report (write one with --write-baseline)")
     return data
-
-
-PATH_RULES = frozenset({VANISHING.code, EXPLODING.code})
-"""Rules about the whole path: their ``layer`` is where the gradient crosses the threshold, which moves
-as a model changes, so they are matched by code alone."""
-
-
-RUN_RULES = frozenset(
-    rule.code
-    for rule in (INIT_SCALE, SATURATED_ACTIVATION, DEAD_UNITS, FP16_UNDERFLOW, FP16_OVERFLOW, UNSTABLE_OPTIMISATION)
-)
-"""Rules with one finding per kind for the whole model, whose ``layer`` is only the first one flagged."""
-
-
-def finding_key(code: str, layer: str | None) -> tuple[str, str | None]:
-    """How a finding is recognised across runs: code and layer, or code alone for path- and model-level rules."""
-    return (code, None) if code in PATH_RULES | RUN_RULES else (code, layer)
 
 
 def compare(

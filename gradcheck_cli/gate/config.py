@@ -64,7 +64,7 @@ class Config:
         It names code, so it is used only with ``trust`` (``--trust``); otherwise a configured ``model``
         raises :class:`GradcheckError` saying which file names which code and how to allow it.
         """
-        spec = self._resolved_model()
+        spec = self.resolved_model()
         if spec is not None and not trust:
             raise GradcheckError(
                 f"{self.source} names code to import and run ([tool.gradcheck] model = {self.values['model']!r}), "
@@ -75,12 +75,14 @@ class Config:
 
     def model_note(self) -> str | None:
         """For the report of a run that used the configured ``model``: which file named that code."""
-        spec = self._resolved_model()
+        spec = self.resolved_model()
         if spec is None:
             return None
         return f"--trust: imported and ran model {spec}, named by [tool.gradcheck] in {self.source}"
 
-    def _resolved_model(self) -> str | None:
+    def resolved_model(self) -> str | None:
+        """``model`` as configured, a ``file.py:factory`` path taken relative to the config file; not checked
+        against the trust rule (:meth:`model_spec` is)."""
         spec = self.values.get("model")
         if spec is None or self.source is None:
             return spec

@@ -6,9 +6,8 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from gradcheck_cli.diagnose.rule_codes import RULES
+from gradcheck_cli.diagnose.rule_codes import PATH_RULES, RULES
 from gradcheck_cli.errors import GradcheckError
-from gradcheck_cli.gate.baseline import PATH_RULES
 from gradcheck_cli.report.report import Finding, Report
 
 RULE_CODES = frozenset(rule.code for rule in RULES)
@@ -32,7 +31,7 @@ class Policy:
     def keeps(self, code: str, layer: str | None) -> bool:
         """Whether a finding with this code about this layer stays in the report.
 
-        Path-level findings (GC001, GC002) name only where the gradient crosses the threshold;
+        Path-level findings (:data:`PATH_RULES`) name only where the gradient crosses the threshold;
         ``apply`` drops them when every layer flagged with their problem is ignored.
         """
         if self.select is not None and code not in self.select:

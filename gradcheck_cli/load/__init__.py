@@ -26,9 +26,12 @@ __all__ = [
 
 
 def load_checkpoint(
-    path: Path, *, model_spec: str | None, trust: bool, budget: MemoryBudget | None = None
+    path: Path, *, model_spec: str | None, trust: bool, budget: MemoryBudget | None = None, strict: bool = True
 ) -> LoadedModel:
     """Load ``path`` (a file, a Hugging Face directory or a DCP directory) into a CPU module.
+
+    ``strict`` has ``load_state_dict``'s meaning for weights loaded into ``--model`` (torch and safetensors
+    files); with ``strict=False`` the report lists what was ignored or left at its initial value.
 
     Every size the checkpoint declares is checked against ``budget`` (the process-wide
     :func:`memory_budget` by default) before it is allocated. Raises
@@ -39,11 +42,11 @@ def load_checkpoint(
     if kind in (Kind.TORCH_ZIP, Kind.TORCH_LEGACY):
         from gradcheck_cli.load.torch_file import load_torch_file
 
-        return load_torch_file(path, model_spec=model_spec, trust=trust, budget=budget)
+        return load_torch_file(path, model_spec=model_spec, trust=trust, budget=budget, strict=strict)
     if kind is Kind.SAFETENSORS:
         from gradcheck_cli.load.safetensors_file import load_safetensors_file
 
-        return load_safetensors_file(path, model_spec=model_spec, budget=budget)
+        return load_safetensors_file(path, model_spec=model_spec, budget=budget, strict=strict)
     if kind in (Kind.TORCHSCRIPT, Kind.EXPORTED):
         return _load_archive(path, kind, trust=trust, budget=budget)
     if kind is Kind.DCP:

@@ -1,8 +1,11 @@
-"""Resolve ``--model MODULE:FACTORY`` (or ``path/to/file.py:FACTORY``) to an ``nn.Module``."""
+"""Resolve ``--model MODULE:FACTORY``, ``path/to/file.py:FACTORY`` or ``path/to/file.py`` to an ``nn.Module``.
+
+A ``.py`` file is a user's script: only its definitions are taken (:mod:`gradcheck_cli.load.script_defs`),
+never its top-level training. Without ``:FACTORY`` the script's one ``nn.Module`` class is built.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pkgutil
 import sys
@@ -12,11 +15,46 @@ from typing import Any
 from torch import nn
 
 from gradcheck_cli.errors import ModelFactoryError, first_line
+from gradcheck_cli.load.script_defs import ScriptDefinitions, load_definitions, missing_global_hint
+
+
+def is_script(spec: str) -> bool:
+    """``spec`` names a Python file (with or without ``:FACTORY``) rather than an importable module."""
+    module_part = spec.rpartition(":")[0] if ":" in spec else spec
+    return module_part.endswith(".py") or os.sep in module_part or "/" in module_part
+
+
+def _split_script(spec: str) -> tuple[Path, str]:
+    """``file.py:FACTORY`` → (file.py, FACTORY); ``file.py`` → (file.py, '')."""
+    head, sep, attr = spec.rpartition(":")
+    return (Path(head), attr) if sep else (Path(spec), "")
+
+
+def script_definitions(spec: str) -> tuple[Path, ScriptDefinitions]:
+    """The definitions of the script ``spec`` names (``file.py`` or ``file.py:FACTORY``)."""
+    path = _split_script(spec)[0]
+    if not path.is_file():
+        raise ModelFactoryError(f"--model {spec}: file {path} not found")
+    return path, load_definitions(path, spec)
+
+
+def spec_notes(spec: str) -> tuple[str, ...]:
+    """What the report should say about how ``spec`` was read (a script's skipped top-level work)."""
+    if not is_script(spec):
+        return ()
+    path, definitions = script_definitions(spec)
+    note = definitions.skipped_note(path)
+    return (note,) if note else ()
 
 
 def build_model(spec: str) -> nn.Module:
     """Import the object ``spec`` names and turn it into a module: call it unless it is one."""
-    target = _resolve(spec)
+    definitions: ScriptDefinitions | None = None
+    if is_script(spec):
+        path, definitions = script_definitions(spec)
+        target = _script_target(spec, path, definitions)
+    else:
+        target = _resolve(spec)
     if isinstance(target, nn.Module):
         return target
     if not callable(target):
@@ -24,24 +62,55 @@ def build_model(spec: str) -> nn.Module:
     try:
         model = target()
     except (Exception, SystemExit) as exc:  # a factory that calls sys.exit() must not pass the gate
-        raise ModelFactoryError(f"--model {spec}: calling it raised {type(exc).__name__}: {first_line(exc)}") from None
+        hint = missing_global_hint(exc, definitions, _split_script(spec)[0]) if definitions is not None else ""
+        raise ModelFactoryError(
+            f"--model {spec}: calling it raised {type(exc).__name__}: {first_line(exc)}{hint}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise ModelFactoryError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _script_target(spec: str, path: Path, definitions: ScriptDefinitions) -> Any:
+    """``file.py:NAME`` resolves NAME; a bare ``file.py`` its only ``nn.Module`` class."""
+    attr = _split_script(spec)[1]
+    if attr:
+        try:
+            return pkgutil.resolve_name(f"{definitions.module.__name__}:{attr}")
+        except (AttributeError, ValueError):
+            raise ModelFactoryError(
+                f"--model {spec}: {path.name} defines no {attr!r}{missing_note(definitions, path)}"
+            ) from None
+    classes = module_classes(definitions.module)
+    if len(classes) != 1:
+        found = f"it defines {', '.join(classes)}" if classes else "it defines no nn.Module class"
+        raise ModelFactoryError(
+            f"--model {spec}: name the class or function that builds the model, e.g. --model {path}:"
+            f"{classes[0] if classes else 'build_model'} ({found})"
+        )
+    return getattr(definitions.module, classes[0])
+
+
+def module_classes(module: Any) -> list[str]:
+    """The ``nn.Module`` subclasses a module defines itself (not the ones it imports)."""
+    return [
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type) and issubclass(value, nn.Module) and value.__module__ == module.__name__
+    ]
+
+
+def missing_note(definitions: ScriptDefinitions, path: Path) -> str:
+    note = definitions.skipped_note(path)
+    return f" ({note})" if note else ""
 
 
 def _resolve(spec: str) -> Any:
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
         raise ModelFactoryError(
-            f"--model must look like 'package.module:factory' or 'path/file.py:factory', got {spec!r}"
+            f"--model must look like 'package.module:factory', 'path/file.py:factory' or 'path/file.py', got {spec!r}"
         )
-    if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
-        module = _import_file(Path(module_part), spec)
-        try:
-            return pkgutil.resolve_name(f"{module.__name__}:{attr}")
-        except (AttributeError, ValueError):
-            raise ModelFactoryError(f"--model {spec}: {module_part} has no attribute {attr!r}") from None
     importable_from_cwd()
     try:
         return pkgutil.resolve_name(spec)
@@ -60,22 +129,3 @@ def importable_from_cwd() -> None:
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
-
-
-def _import_file(path: Path, spec: str) -> Any:
-    if not path.is_file():
-        raise ModelFactoryError(f"--model {spec}: file {path} not found")
-    name = f"gradcheck_user_model_{abs(hash(str(path.resolve())))}"
-    loader_spec = importlib.util.spec_from_file_location(name, path)
-    if loader_spec is None or loader_spec.loader is None:
-        raise ModelFactoryError(f"--model {spec}: cannot import {path} as Python")
-    module = importlib.util.module_from_spec(loader_spec)
-    sys.modules[name] = module
-    try:
-        loader_spec.loader.exec_module(module)
-    except (Exception, SystemExit) as exc:  # a factory that calls sys.exit() must not pass the gate
-        del sys.modules[name]
-        raise ModelFactoryError(
-            f"--model {spec}: importing {path} raised {type(exc).__name__}: {first_line(exc)}"
-        ) from None
-    return module

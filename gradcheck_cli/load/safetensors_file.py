@@ -10,7 +10,7 @@ from gradcheck_cli.errors import CheckpointError, first_line
 from gradcheck_cli.load.limits import MemoryBudget, format_bytes, memory_budget, require_regular_file
 from gradcheck_cli.load.loaded import LoadedModel
 from gradcheck_cli.load.sizes import raise_hint
-from gradcheck_cli.load.weights import with_architecture
+from gradcheck_cli.load.weights import Weights, with_architecture
 
 
 def read_safetensors(path: Path, budget: MemoryBudget | None = None) -> dict[str, torch.Tensor]:
@@ -33,9 +33,11 @@ def read_safetensors(path: Path, budget: MemoryBudget | None = None) -> dict[str
         raise CheckpointError(f"{path} is not a readable safetensors file: {first_line(exc)}") from None
 
 
-def load_safetensors_file(path: Path, *, model_spec: str | None, budget: MemoryBudget | None = None) -> LoadedModel:
-    """Load a safetensors file into the ``--model`` architecture."""
+def load_safetensors_file(
+    path: Path, *, model_spec: str | None, budget: MemoryBudget | None = None, strict: bool = True
+) -> LoadedModel:
+    """Load a safetensors file into the ``--model`` architecture (``strict`` as in ``load_state_dict``)."""
     state = read_safetensors(path, budget)
     if not state:
         raise CheckpointError(f"{path} holds no tensors")
-    return with_architecture(state, path, model_spec, "safetensors")
+    return with_architecture([Weights(state)], path, model_spec, "safetensors", strict=strict)

@@ -4,8 +4,9 @@
   size, read from the central directory; a stored record must declare what it stores; deflated records may
   expand by at most the budget's expansion allowance (``torch.save`` writes records stored, TorchScript
   deflates only its small code files; ``np.savez_compressed`` is legitimate but bounded the same way).
-- Legacy (non-zip) torch files: the storages the pickle declares, rebuilt on the meta device under
-  ``FakeTensorMode`` (nothing allocated, nothing read), must fit in the file and the budget.
+- Legacy (non-zip) torch files: the distinct storages the pickle declares (read without running it,
+  :mod:`~gradcheck_cli.load.legacy_storages`) must fit in the file; the tensors, rebuilt on the meta device
+  under ``FakeTensorMode`` (nothing allocated, nothing read), must fit the budget.
 - Loaded tensors: ``numel × element size`` against the bytes their storage really holds. A stride-0
   (expanded) view costs nothing to load, but the forward pass, a device move or a dtype cast materialises
   it; beyond the expansion allowance it is refused.
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from gradcheck_cli.errors import GradcheckError
+from gradcheck_cli.load.legacy_storages import declared_storage_bytes
 from gradcheck_cli.load.limits import FLAG, MemoryBudget, format_bytes, memory_budget
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -188,22 +190,16 @@ def check_legacy_torch_file(
     allocation, no data read), tensors-only. A file that does not load that way is left to the real load.
     """
     budget = budget if budget is not None else memory_budget()
-    try:
-        fake = _fake_load(path)
-    except Exception:  # needs --trust, damaged, or an exotic tensor type: the real load says what it is
-        return
-    storages: dict[int, int] = {}
-    for _, tensor in iter_tensors(fake):
-        try:
-            storages[_storage_id(tensor)] = tensor.untyped_storage().nbytes()
-        except Exception:  # sparse and other storage-less layouts
-            continue
-    total = sum(storages.values())
-    if total > file_size:
+    total = declared_storage_bytes(path)  # distinct storages: views of one buffer count once
+    if total is not None and total > file_size:
         raise error(
             f"{what} {path} declares {format_bytes(total)} of tensor storage but the file holds only "
             f"{format_bytes(file_size)}; it is damaged or crafted: re-save it with torch.save"
         )
+    try:
+        fake = _fake_load(path)
+    except Exception:  # needs --trust, damaged, or an exotic tensor type: the real load says what it is
+        return
     check_tensors(fake, source=path, what=what, error=error, budget=budget)
 
 

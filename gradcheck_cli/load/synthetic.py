@@ -10,13 +10,11 @@ from torch import nn
 
 from gradcheck_cli.errors import BatchError
 from gradcheck_cli.load.batch import Batch, describe_value
-from gradcheck_cli.probe.modules import module_type
+from gradcheck_cli.probe.modules import first_layer, module_type
 
 BATCH = 8
 SEQUENCE = 16
 IMAGE = 32
-INPUT_ATTRIBUTES = ("in_features", "in_channels", "num_embeddings", "input_size", "embed_dim")
-"""Attributes through which a layer says what input it takes (Linear, Conv, Embedding, RNN, attention)."""
 DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -66,7 +64,7 @@ def inferred_batch(model: nn.Module, seed: int) -> tuple[Batch, str]:
     hf = _hf_batch(model, generator)
     if hf is not None:
         return hf
-    first = _first_layer(model)
+    first = first_layer(model)
     if first is None:
         raise BatchError("cannot infer a batch for this model; pass --input BATCH or --input-shape 8,3,32,32")
     name, module = first
@@ -77,36 +75,6 @@ def inferred_batch(model: nn.Module, seed: int) -> tuple[Batch, str]:
             f"cannot infer a batch from the first layer {name} ({kind}); pass --input BATCH or --input-shape"
         )
     return Batch(args=(x,)), f"random {describe_value(x)} inferred from the first layer {name} ({kind})"
-
-
-def expected_input(model: nn.Module) -> str | None:
-    """What the model's first layer expects, in words (for 'the batch does not fit' errors)."""
-    first = _first_layer(model)
-    if first is None:
-        return None
-    name, module = first
-    kind = module_type(module)
-    for attribute in INPUT_ATTRIBUTES:
-        value = getattr(module, attribute, None)
-        if isinstance(value, int):
-            return f"the first layer {name} ({kind}) expects {attribute}={value}"
-    return None
-
-
-def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The first module, in definition order, that says what input it takes."""
-    for name, module in model.named_modules():
-        if _input_size(module) is not None:
-            return name, module
-    return None
-
-
-def _input_size(module: nn.Module) -> int | None:
-    for attribute in INPUT_ATTRIBUTES:
-        value = getattr(module, attribute, None)
-        if isinstance(value, int) and next(module.parameters(recurse=False), None) is not None:
-            return value
-    return None
 
 
 def _input_for(module: nn.Module, kind: str, generator: torch.Generator) -> torch.Tensor | None:

@@ -16,24 +16,23 @@ import torch
 from torch import nn
 
 from gradcheck_cli.errors import CheckpointError, GradcheckError, UntrustedCheckpointError, first_line
-from gradcheck_cli.load.factory import importable_from_cwd
+from gradcheck_cli.load.factory import importable_from_cwd, is_script, script_definitions, spec_notes
 from gradcheck_cli.load.limits import MemoryBudget, memory_budget, require_regular_file
 from gradcheck_cli.load.loaded import LoadedModel
+from gradcheck_cli.load.pickled_main import main_classes, main_from, trust_command
 from gradcheck_cli.load.safety import RefusedGlobal, load_tensors_only, unsafe_globals
 from gradcheck_cli.load.sizes import ZIP_MAGIC, check_legacy_torch_file, check_tensors, check_zip_archive
 from gradcheck_cli.load.sniff import PICKLE_PROTOCOL
-from gradcheck_cli.load.weights import is_state_dict, with_architecture
-
-STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "module", "net")
-"""Keys under which training checkpoints keep the weights, in the order they are tried."""
+from gradcheck_cli.load.weights import Weights, is_state_dict, with_architecture
 
 
 def load_torch_file(
-    path: Path, *, model_spec: str | None, trust: bool, budget: MemoryBudget | None = None
+    path: Path, *, model_spec: str | None, trust: bool, budget: MemoryBudget | None = None, strict: bool = True
 ) -> LoadedModel:
     """Load a ``torch.save`` file (zip or legacy) into a module, its sizes checked against ``budget`` first."""
-    content = read_torch_file(path, trust=trust, what="checkpoint", budget=budget)
-    return _interpret(content, path, model_spec)
+    script = model_spec if model_spec is not None and is_script(model_spec) else None
+    content = read_torch_file(path, trust=trust, what="checkpoint", budget=budget, main_script=script)
+    return _interpret(content, path, model_spec, strict)
 
 
 def read_torch_file(
@@ -43,8 +42,10 @@ def read_torch_file(
     what: str,
     error: type[GradcheckError] = CheckpointError,
     budget: MemoryBudget | None = None,
+    main_script: str | None = None,
 ) -> Any:
-    """``torch.load`` tensors-only; with ``trust``, fall back to full unpickling where that is needed.
+    """``torch.load`` tensors-only; with ``trust``, fall back to full unpickling where that is needed
+    (a pickle's ``__main__`` classes read from ``main_script``, the script that saved it).
 
     Sizes come first (``error`` with one line when over ``budget``, the process-wide one by default): the
     file must be a regular file, a zip's records and a legacy file's storages must fit before anything is
@@ -58,28 +59,41 @@ def read_torch_file(
         check_zip_archive(path, what=what, error=error, budget=budget)
     elif head.startswith(PICKLE_PROTOCOL):
         check_legacy_torch_file(path, size, what=what, error=error, budget=budget)
-    content = _load(path, trust=trust, what=what)
+    content = _load(path, trust=trust, what=what, main_script=main_script)
     check_tensors(content, source=path, what=what, error=error, budget=budget)
     return content
 
 
-def _load(path: Path, *, trust: bool, what: str) -> Any:
+def _load(path: Path, *, trust: bool, what: str, main_script: str | None) -> Any:
     """The file's content, tensors-only unless ``trust`` and the file needs more."""
     try:
         return load_tensors_only(path)
     except RefusedGlobal as exc:  # a newer protocol's pickle names code
-        _refuse_untrusted(path, [exc.name], trust)
+        unsafe = [exc.name]
     except pickle.UnpicklingError as exc:
         unsafe = unsafe_globals(path, exc)
         if not unsafe:
             raise CheckpointError(f"{path} is not a readable PyTorch {what}: {_reason(exc)}") from None
-        _refuse_untrusted(path, unsafe, trust)
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path} is not a readable PyTorch {what}: {first_line(exc)}") from None
+    _refuse_untrusted(path, unsafe, trust)
+    return _unpickle(path, what, unsafe, main_script)
+
+
+def _unpickle(path: Path, what: str, unsafe: list[str], main_script: str | None) -> Any:
+    """Full unpickling (the user trusts the file); ``__main__`` classes come from ``main_script``."""
     importable_from_cwd()  # a pickled module's classes live in the user's project
+    pickle_module: Any = None
+    if main_classes(unsafe) and main_script is not None:
+        pickle_module = main_from(script_definitions(main_script)[1].module)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module)
     except (ModuleNotFoundError, AttributeError) as exc:
+        if "__main__" in str(exc) or (main_classes(unsafe) and main_script is None):
+            raise CheckpointError(
+                f"the pickled {what} was saved from a script, so its classes ({', '.join(main_classes(unsafe))}) "
+                f"live in that script's __main__; name it: {trust_command(path, unsafe)}"
+            ) from None
         raise CheckpointError(
             f"the pickled {what} needs code that cannot be imported ({first_line(exc)}); run gradcheck where its "
             "package is importable (your project root, or set PYTHONPATH)"
@@ -89,11 +103,13 @@ def _load(path: Path, *, trust: bool, what: str) -> Any:
 
 
 def _refuse_untrusted(path: Path, unsafe: list[str], trust: bool) -> None:
-    """Without ``trust``, a file whose pickle would import ``unsafe`` code is refused, naming it."""
+    """Without ``trust``, a file whose pickle would import ``unsafe`` code is refused, naming it and the
+    command that loads it (for a file the user trusts)."""
     if not trust:
         raise UntrustedCheckpointError(
-            f"{path} would import and run code when unpickled ({', '.join(unsafe)}); "
-            "pass --trust only if you trust where it came from, or save tensors only (a state_dict)",
+            f"{path} would import and run code when unpickled ({', '.join(unsafe[:6])}"
+            f"{', ...' if len(unsafe) > 6 else ''}); if you trust where it came from, run: "
+            f"{trust_command(path, unsafe)}; or save tensors only (a state_dict)",
             unsafe,
         ) from None
 
@@ -132,28 +148,62 @@ def _present(value: Any) -> bool:
     return bool(value)
 
 
-def _interpret(content: Any, path: Path, model_spec: str | None) -> LoadedModel:
+def _from_script(model: nn.Module, spec: str) -> bool:
+    """Whether any of ``model``'s classes came from the script ``spec`` (a pickle's ``__main__``)."""
+    script = script_definitions(spec)[1].module.__name__
+    return any(type(m).__module__ == script for m in model.modules())
+
+
+def _interpret(content: Any, path: Path, model_spec: str | None, strict: bool) -> LoadedModel:
     if isinstance(content, nn.Module):
-        notes = (f"--model {model_spec} ignored: the checkpoint holds a whole module",) if model_spec else ()
+        notes: tuple[str, ...] = ()
+        if model_spec and is_script(model_spec) and _from_script(content, model_spec):
+            notes = (f"the pickled model's __main__ classes read from {model_spec}", *spec_notes(model_spec))
+        elif model_spec:
+            notes = (f"--model {model_spec} ignored: the checkpoint holds a whole module",)
         return LoadedModel(content, "pickled_module", notes)
     if not isinstance(content, Mapping):
         raise CheckpointError(f"{path} holds a {type(content).__name__}, not a model or a state_dict")
     if is_state_dict(content):
-        return with_architecture(content, path, model_spec, "state_dict")
+        return with_architecture([Weights(content)], path, model_spec, "state_dict", strict=strict)
     trained = training_evidence(content)
-    for key in STATE_DICT_KEYS:
-        value = content.get(key)
+    modules, dicts = find_weights(content)
+    if modules:
+        key, module = modules[0]
+        return LoadedModel(
+            module, "training_checkpoint", (f"model taken from the checkpoint's {key!r} entry",), trained=trained
+        )
+    if not dicts:
+        keys = ", ".join(repr(k) for k in list(content)[:8])
+        raise CheckpointError(
+            f"{path} is a dict without model weights (keys: {keys}): no entry holds a module or a dict of named "
+            "tensors; save model.state_dict() (alone or under any key)"
+        )
+    found = ("a Lightning checkpoint (hyper_parameters present)",) if "hyper_parameters" in content else ()
+    loaded = with_architecture(dicts, path, model_spec, "training_checkpoint", notes=found, strict=strict)
+    return dataclasses.replace(loaded, trained=trained)
+
+
+_SLOTS = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum"}
+
+
+def _optimizer_slots(value: Mapping[str, Any]) -> bool:
+    """One parameter's optimizer state (``{"exp_avg": ..., "step": ...}``), not weights."""
+    return set(value) <= _SLOTS
+
+
+def find_weights(content: Mapping[Any, Any], depth: int = 2) -> tuple[list[tuple[str, nn.Module]], list[Weights]]:
+    """The modules and the dicts of named tensors a training checkpoint holds, recognised by content (not by
+    key name), in file order, looking ``depth`` levels down (``{"model": {"ema": {...}}}``)."""
+    modules: list[tuple[str, nn.Module]] = []
+    dicts: list[Weights] = []
+    for key, value in content.items():
         if isinstance(value, nn.Module):
-            notes = (f"model taken from the checkpoint's {key!r} entry",)
-            return LoadedModel(value, "training_checkpoint", notes, trained=trained)
-        if isinstance(value, Mapping) and is_state_dict(value):
-            found = [f"weights from {key!r}"]
-            if "hyper_parameters" in content:
-                found.append("a Lightning checkpoint (hyper_parameters present)")
-            loaded = with_architecture(value, path, model_spec, "training_checkpoint", tuple(found))
-            return dataclasses.replace(loaded, trained=trained)
-    keys = ", ".join(repr(k) for k in list(content)[:8])
-    raise CheckpointError(
-        f"{path} is a dict without model weights (keys: {keys}); expected a state_dict or one under "
-        f"{', '.join(repr(k) for k in STATE_DICT_KEYS)}"
-    )
+            modules.append((str(key), value))
+        elif isinstance(value, Mapping) and is_state_dict(value) and not _optimizer_slots(value):
+            dicts.append(Weights(value, str(key)))
+        elif isinstance(value, Mapping) and depth > 1:
+            inner_modules, inner_dicts = find_weights(value, depth - 1)
+            modules += [(f"{key}.{k}", m) for k, m in inner_modules]
+            dicts += [Weights(w.state, f"{key}.{w.key}") for w in inner_dicts]
+    return modules, dicts

@@ -1,16 +1,24 @@
-"""Put a dict of tensors into an architecture: strip wrapper prefixes, then load strictly."""
+"""Put a dict of tensors into an architecture: find the dict that fits, strip wrapper prefixes, load.
+
+Loading follows ``load_state_dict``: strict by default (every key on both sides, every shape equal);
+``strict=False`` (``--no-strict``) loads what fits and lists what was ignored or left at its initial value.
+Shapes must match either way.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from gradcheck_cli.errors import CheckpointError
-from gradcheck_cli.load.factory import build_model
+from gradcheck_cli.errors import CheckpointError, first_line
+from gradcheck_cli.load.factory import build_model, spec_notes
 from gradcheck_cli.load.loaded import LoadedModel
+from gradcheck_cli.load.pickled_main import suggested_factory
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
 """Key prefixes added by DDP/DataParallel, torch.compile and Lightning."""
@@ -25,24 +33,51 @@ def is_state_dict(value: Mapping[object, object]) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Weights:
+    """A dict of tensors found in a checkpoint, and where (``None``: the file is the state_dict itself)."""
+
+    state: Mapping[str, torch.Tensor]
+    key: str | None = None
+
+
 def with_architecture(
-    state: Mapping[str, torch.Tensor], path: Path, model_spec: str | None, kind: str, notes: tuple[str, ...] = ()
+    found: Sequence[Weights],
+    path: Path,
+    model_spec: str | None,
+    kind: str,
+    *,
+    notes: tuple[str, ...] = (),
+    strict: bool = True,
 ) -> LoadedModel:
-    """Build ``--model`` and load ``state`` into it, or say why it does not fit."""
+    """Build ``--model`` and load into it the found weights that fit it best, or say why none fits."""
     if model_spec is None:
-        raise CheckpointError(
-            f"{path} holds weights only ({len(state)} tensors); name the architecture with "
-            "--model package.module:factory (or path/to/file.py:factory)"
-        )
+        raise CheckpointError(f"{path} holds weights only ({len(found[0].state)} tensors); {model_hint(path)}")
     model = build_model(model_spec)
-    aligned, stripped, dropped = align_keys(state, model.state_dict().keys())
-    load_strict(model, aligned, path)
-    extra = []
+    expected = model.state_dict().keys()
+    fits = [(weights, *align_keys(weights.state, expected)) for weights in found]
+    best = max(fits, key=lambda fit: len(set(expected) & set(fit[1])))  # the first of equals: file order
+    weights, aligned, stripped, dropped = best
+    extra = list(spec_notes(model_spec))
+    if weights.key is not None:
+        others = [w.key for w in found if w is not weights]
+        also = f" (also found {', '.join(repr(k) for k in others)}; the one that fits the model was used)"
+        extra.append(f"weights from {weights.key!r}" + (also if others else ""))
     if stripped:
         extra.append(f"stripped key prefix {'+'.join(repr(p) for p in stripped)}")
     if dropped:
         extra.append(f"ignored {dropped} tensors outside the model (prefix {stripped[-1]!r} selected the model's)")
+    extra += load_weights(model, aligned, path, strict=strict)
     return LoadedModel(model, kind, notes + tuple(extra))
+
+
+def model_hint(path: Path) -> str:
+    """How to name the architecture for the weights in ``path``: the exact ``--model`` form."""
+    return (
+        f"name the architecture that fits them: gradcheck inspect {shlex.quote(str(path))} --model "
+        f"{suggested_factory(path)} (a class or function that builds the model, in a .py file or an importable "
+        "module: package.module:factory)"
+    )
 
 
 def align_keys(
@@ -101,9 +136,33 @@ def _shape(value: object) -> list[int] | None:
     return list(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """``load_state_dict(strict=True)``, with a one-line error naming what does not fit."""
-    problem = describe_mismatch(model, state)
-    if problem:
-        raise CheckpointError(f"the weights in {path} do not fit the --model architecture: {problem}")
-    model.load_state_dict(state, strict=True)
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, *, strict: bool) -> list[str]:
+    """``load_state_dict`` with its ``strict`` meaning and a one-line error naming what does not fit;
+    returns the notes for the report (non-strict: what was ignored, what kept its initial value).
+
+    The keys are compared after the model's own load hooks ran (``weight_norm`` renames ``weight_g`` /
+    ``weight_v`` of older checkpoints), as ``load_state_dict`` itself compares them."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes never load, strict or not
+        problem = describe_mismatch(model, state) or first_line(exc)
+        raise CheckpointError(f"the weights in {path} do not fit the --model architecture: {problem}") from None
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        parts = [f"{len(missing)} missing key(s) (first: {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})"] if unexpected else []
+        raise CheckpointError(
+            f"the weights in {path} do not fit the --model architecture: {'; '.join(parts)}; "
+            "pass --no-strict to load what fits (load_state_dict(strict=False))"
+        )
+    notes = []
+    if unexpected:
+        notes.append(f"--no-strict: ignored {_listed(unexpected)} the model does not have")
+    if missing:
+        notes.append(f"--no-strict: {_listed(missing)} missing from the checkpoint kept initial values")
+    return notes
+
+
+def _listed(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+    return f"{len(keys)} tensor(s) ({shown})"

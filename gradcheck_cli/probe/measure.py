@@ -6,22 +6,13 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradcheck_cli.distributed.reduce import (
-    ACT_NORM,
-    MAX,
-    MEAN,
-    PARAM_COUNT,
-    PARAM_MAX,
-    PARAM_NORM,
-    agreed,
-    is_dtensor,
-    local,
-)
+from gradcheck_cli.distributed.reduce import ACT_NORM, MAX, MEAN, PARAM_COUNT, agreed, is_dtensor, local
 from gradcheck_cli.distributed.reduce import current as current_sharding
 from gradcheck_cli.errors import (
     BatchError,
@@ -35,12 +26,12 @@ from gradcheck_cli.load.batch import Batch
 from gradcheck_cli.load.sizes import iter_tensors
 from gradcheck_cli.probe.activations import ActivationRecorder
 from gradcheck_cli.probe.loss import choose_loss, float_leaves
-from gradcheck_cli.probe.modules import module_type, parametrised_modules, supports_module_hooks
+from gradcheck_cli.probe.modules import expected_input, parametrised_modules, supports_module_hooks, unique_params
 from gradcheck_cli.probe.norms import norm_and_max_abs
-from gradcheck_cli.probe.precision import BINS, NON_FINITE_BIN, grouped_histograms
-from gradcheck_cli.probe.readout import Readout
+from gradcheck_cli.probe.precision import BINS, layer_histograms, shifted_histogram
+from gradcheck_cli.probe.readout import Extra, LossScale, read_layers
 from gradcheck_cli.probe.recorder import ActivationGradientRecorder, max_abs
-from gradcheck_cli.probe.results import LayerMeasure, LossChoice, Norm, ProbeResult
+from gradcheck_cli.probe.results import LossChoice, ProbeResult
 
 
 def set_mode(model: nn.Module, train: bool) -> str:
@@ -94,7 +85,7 @@ def probe(
         )
     modules = [m for _, m in named]
     hooks = supports_module_hooks(model)
-    params = _unique_params(modules)
+    params = unique_params(modules)
     frozen = {id(p) for p in params if not p.requires_grad}
     if not unfreeze and all(id(p) in frozen for p in params if p.is_floating_point()):
         raise BatchError(
@@ -102,8 +93,8 @@ def probe(
             "train, or pass --unfreeze to measure the gradient flow anyway"
         )
     with (
-        _restored_state(model, params, keep_grads),
-        torch.random.fork_rng(devices=_cuda_devices(params)),
+        restored_state(model, params, keep_grads),
+        torch.random.fork_rng(devices=cuda_devices(params)),
         torch.enable_grad(),
         ActivationGradientRecorder(
             modules if hooks else [], batch_rows=_batch_rows(batch) if sharding is not None else None
@@ -116,20 +107,18 @@ def probe(
             p.grad = None
             if p.is_floating_point():
                 p.requires_grad_(True)
-        with _autocast(autocast, params):
+        with autocast_context(autocast, params):
             if sharding is None:
-                output = _forward(model, batch, seed)
+                output = run_forward(model, batch, seed)
                 loss, choice = choose_loss(output, batch.target, seed)
             else:  # a rank whose forward fails must not leave the others waiting in backward's all-reduce
                 output, (loss, choice) = agreed("the forward pass", lambda: _forward_and_loss(model, batch, seed))
         # aminmax, not an inf-norm: that would materialise |output| (51 MB for GPT-2's logits) at the peak
         output_max = [max_abs(t.detach()) for t in float_leaves(output) if t.numel()]
         del output
-        _backward(loss * loss_scale if loss_scale != 1.0 else loss)
-        result = _collect(named, params, frozen, recorder, activations, choice, loss.detach(), output_max, hooks, mode)
-        if autocast is None and loss_scale == 1.0:
-            return result
-        return _unscaled(result, autocast, loss_scale)
+        run_backward(loss * loss_scale if loss_scale != 1.0 else loss)
+        run = _Pass(loss.detach(), choice, output_max, hooks, mode, autocast, loss_scale)
+        return _collect(named, params, frozen, recorder, activations, run)
 
 
 def _batch_rows(batch: Batch) -> int | None:
@@ -141,7 +130,7 @@ def _batch_rows(batch: Batch) -> int | None:
 
 
 def _forward_and_loss(model: nn.Module, batch: Batch, seed: int) -> tuple[Any, tuple[torch.Tensor, LossChoice]]:
-    output = _forward(model, batch, seed)
+    output = run_forward(model, batch, seed)
     return output, choose_loss(output, batch.target, seed)
 
 
@@ -179,49 +168,17 @@ def _gradients_finite(result: ProbeResult) -> bool:
     return all(n.finite for n in norms)
 
 
-def _autocast(kind: str | None, params: list[nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
+def autocast_context(kind: str | None, params: list[nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
     if kind is None:
         return contextlib.nullcontext()
     device = next((p.device.type for p in params), "cpu")
     return torch.autocast(device_type=device, dtype=AUTOCAST_DTYPES[kind])
 
 
-def _unscaled(result: ProbeResult, autocast: str | None, scale: float) -> ProbeResult:
-    """Divide every gradient number by the loss scale (norms, maxima, through-time profiles, histograms)."""
-
-    def norm(n: Norm | None) -> Norm | None:
-        return None if n is None else Norm(n.l2 / scale, n.max_abs / scale)
-
-    shift = round(math.log2(scale))
-    layers = tuple(
-        dataclasses.replace(
-            m,
-            grad=norm(m.grad),
-            calls=tuple(norm(c) for c in m.calls),
-            time_profile=tuple(v / scale for v in m.time_profile),
-        )
-        for m in result.layers
-    )
-    precision = tuple(_shift_histogram(h, shift) for h in result.precision)
-    return dataclasses.replace(result, layers=layers, precision=precision, autocast=autocast, loss_scale=scale)
-
-
-def _shift_histogram(hist: tuple[float, ...], shift: int) -> tuple[float, ...]:
-    """The histogram of g / 2^shift: every finite non-zero exponent moves down by ``shift``."""
-    if shift == 0 or not hist:
-        return hist
-    head = list(hist[: NON_FINITE_BIN + 1])
-    body = [0.0] * (BINS - NON_FINITE_BIN - 1)
-    for index in range(NON_FINITE_BIN + 1, BINS):
-        target = min(max(index - shift, NON_FINITE_BIN + 1), BINS - 1)
-        body[target - NON_FINITE_BIN - 1] += hist[index]
-    return (*head, *body)
-
-
 OUT_OF_MEMORY_HINT = "ran out of memory; try a smaller batch (fewer samples or shorter sequences) or another --device"
 
 
-def _forward(model: nn.Module, batch: Batch, seed: int) -> Any:
+def run_forward(model: nn.Module, batch: Batch, seed: int) -> Any:
     """``model(*args, **kwargs)``; a forward that raises becomes one line naming the module where it did."""
     tensors = [v for v in (*batch.args, *batch.kwargs.values()) if isinstance(v, torch.Tensor)]
     if tensors and any(t.numel() == 0 for t in tensors):
@@ -234,7 +191,6 @@ def _forward(model: nn.Module, batch: Batch, seed: int) -> Any:
         if isinstance(exc, SystemExit):
             raise ModelCodeError(f"the model's forward called sys.exit({exc.code!r}); a model that exits cannot be "
                                  "judged: remove the call") from None  # fmt: skip
-        from gradcheck_cli.load.synthetic import expected_input
         from gradcheck_cli.probe.tracker import where_forward_raises
 
         where = where_forward_raises(model, batch, seed)
@@ -244,7 +200,7 @@ def _forward(model: nn.Module, batch: Batch, seed: int) -> Any:
         raise BatchError(f"the forward pass raised{place}: {type(exc).__name__}: {first_line(exc)}{hint}") from None
 
 
-def _backward(loss: torch.Tensor) -> None:
+def run_backward(loss: torch.Tensor) -> None:
     try:
         loss.backward()
     except Exception as exc:
@@ -258,18 +214,7 @@ def _backward(loss: torch.Tensor) -> None:
         ) from None
 
 
-def _unique_params(modules: list[nn.Module]) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    params = []
-    for module in modules:
-        for p in module.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return params
-
-
-def _cuda_devices(params: list[nn.Parameter]) -> list[int]:
+def cuda_devices(params: list[nn.Parameter]) -> list[int]:
     return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
 
 
@@ -293,29 +238,44 @@ def untouched_tensors(model: nn.Module, batch: Any) -> Iterator[None]:
                 tensor._backward_hooks = None
 
 
+class SavedBuffers:
+    """Every non-boolean buffer of the model, copied, to give back later (boolean masks are left out: nothing
+    updates them). A pass in train mode updates running statistics in place (BatchNorm), reading a parametrised
+    weight runs spectral norm's power iteration, and a forward may even put a new tensor in a buffer's place."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._slots = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+        self._copies = {id(b): b.detach().clone() for _, _, b in self._slots if b.dtype != torch.bool}
+
+    def restore(self) -> None:
+        """Every buffer back in its place, with the value it had."""
+        with torch.no_grad():
+            for module, name, original in self._slots:
+                if id(original) in self._copies:
+                    module._buffers[name] = original
+                    original.copy_(self._copies[id(original)])
+
+
 @contextlib.contextmanager
 def kept_buffers(model: nn.Module) -> Iterator[None]:
-    """Every non-boolean buffer as it was: a pass, or only reading a parametrised weight in train mode
-    (spectral norm's power iteration), updates running statistics and such in place."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers() if buffer.dtype != torch.bool]
+    """Every buffer as it was (:class:`SavedBuffers`) when the block exits."""
+    saved = SavedBuffers(model)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+        saved.restore()
 
 
 @contextlib.contextmanager
-def _restored_state(model: nn.Module, params: list[nn.Parameter], keep_grads: bool = False) -> Iterator[None]:
-    """Give back every module's ``training`` flag, every parameter's flags and gradient (unless
-    ``keep_grads``), and every buffer a pass can update (BatchNorm running statistics, spectral norm's
-    power-iteration vectors...; boolean masks are left out: nothing updates them)."""
+def restored_state(model: nn.Module, params: list[nn.Parameter], keep_grads: bool = False) -> Iterator[SavedBuffers]:
+    """Give back every module's ``training`` flag, every parameter's flags and gradient (unless ``keep_grads``),
+    and every buffer a pass can update (:class:`SavedBuffers`, yielded for a caller that must restore them
+    before a second pass)."""
     training = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad, p.grad) for p in params]
-    running = [(buffer, buffer.detach().clone()) for buffer in model.buffers() if buffer.dtype != torch.bool]
+    buffers = SavedBuffers(model)
     try:
-        yield
+        yield buffers
     finally:
         for module, mode in training:
             module.training = mode
@@ -324,9 +284,20 @@ def _restored_state(model: nn.Module, params: list[nn.Parameter], keep_grads: bo
                 p.grad = grad
             if p.is_floating_point():
                 p.requires_grad_(requires_grad)
-        with torch.no_grad():
-            for buffer, saved in running:
-                buffer.copy_(saved)
+        buffers.restore()
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What the pass itself produced, beside the hooks' records."""
+
+    loss: torch.Tensor
+    choice: LossChoice
+    output_max: list[torch.Tensor]
+    hooks: bool
+    mode: str
+    autocast: str | None
+    loss_scale: float
 
 
 def _collect(
@@ -335,118 +306,62 @@ def _collect(
     frozen: set[int],
     recorder: ActivationGradientRecorder,
     activations: ActivationRecorder,
-    choice: LossChoice,
-    loss: torch.Tensor,
-    output_max: list[torch.Tensor],
-    hooks: bool,
-    mode: str,
+    run: _Pass,
 ) -> ProbeResult:
-    """Reduce every norm on the device, then copy them to the host in one synchronisation."""
-    float_params = [p for p in params if p.is_floating_point()]
-    with_grad = [p for p in float_params if p.grad is not None]
-    grads = [local(p.grad) for p in with_grad if p.grad is not None]
-    readout = Readout()
-    add = readout.add
-    add(list(torch._foreach_norm([local(p.detach()) for p in float_params])) if float_params else [], PARAM_NORM)
-    grad_pairs = [norm_and_max_abs(g) for g in grads]
-    add([l2 for l2, _ in grad_pairs], PARAM_NORM)
-    add([peak for _, peak in grad_pairs], PARAM_MAX)
-    sharding = current_sharding()
-    act_pairs = readout.add_activation_gradients(recorder, sharding)
-    add(output_max, MAX)
-    add([loss.reshape(())], MEAN)
+    """The shared readout (probe/readout.py) of the layers, plus what only a probe shows: the output's and the
+    loss's finiteness, the gradient through time, the precision histograms and the activations' health."""
+    gradients = {
+        i: norm_and_max_abs(local(p.grad)) for i, p in enumerate(params) if p.is_floating_point() and p.grad is not None
+    }
     timed = sorted(recorder.time_norms)
-    add([recorder.time_norms[call_id] for call_id in timed], ACT_NORM)
-    hist = _layer_histograms(named, with_grad, recorder)
-    add([hist], PARAM_COUNT)
+    hist = layer_histograms(len(named), _histogram_inputs(named, [params[i] for i in gradients], recorder))
     activation_values = activations.device_tensors()
-    add(activation_values, MEAN)
-    take = readout.read(sharding).take
-
-    weight_norm = dict(zip(map(id, float_params), take(len(float_params)), strict=True))
-    grad_l2 = dict(zip(map(id, with_grad), take(len(with_grad)), strict=True))
-    grad_max = dict(zip(map(id, with_grad), take(len(with_grad)), strict=True))
-    act_values = take(2 * act_pairs)
-    out_values = take(len(output_max))
-    loss_value = take(1)[0]
-    time_of = {call_id: tuple(take(recorder.time_norms[call_id].numel())) for call_id in timed}
-    hist_values = take(hist.numel())
-    precision = tuple(tuple(hist_values[i * BINS : (i + 1) * BINS]) for i in range(len(named)))
-    activation_totals = activations.summarise(take(len(activation_values)))
-
-    per_call: list[Norm | None] = []
-    offset = 0
-    for call in recorder.norms:
-        pairs = [(act_values[offset + 2 * k], act_values[offset + 2 * k + 1]) for k in range(len(call))]
-        offset += 2 * len(call)
-        per_call.append(_combine(pairs))
-
-    calls_of: list[list[Norm | None]] = [[] for _ in named]
+    extras = (
+        Extra(run.output_max, MAX),
+        Extra([run.loss.reshape(())], MEAN),
+        Extra([recorder.time_norms[call_id] for call_id in timed], ACT_NORM),
+        Extra([hist], PARAM_COUNT),
+        Extra(activation_values, MEAN),
+    )
+    sharding = current_sharding()
+    scale = LossScale(run.loss_scale)
+    reading = read_layers(
+        named, params, gradients, recorder, frozen=frozen, extras=extras, sharding=sharding, scale=scale
+    )
+    out_values, (loss_value,), time_values, hist_values, activation_summaries = reading.extras
     profile_of: dict[int, tuple[float, ...]] = {}
-    for call_id, ((layer, _), norm) in enumerate(zip(recorder.calls, per_call, strict=True)):
-        calls_of[layer].append(norm)
-        if call_id in time_of:
-            profile_of.setdefault(layer, time_of[call_id])
-
-    layers = []
-    for index, (name, module) in enumerate(named):
-        own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
-        grads_here = [(grad_l2[id(p)], grad_max[id(p)]) for p in own if id(p) in grad_l2]
-        layers.append(
-            LayerMeasure(
-                name=name,
-                type=module_type(module),
-                params=sum(p.numel() for p in module.parameters(recurse=False)),
-                frozen=bool(own) and all(id(p) in frozen for p in own),
-                weight_norm=math.sqrt(sum(weight_norm[id(p)] ** 2 for p in own)),
-                grad=_combine(grads_here),
-                calls=tuple(calls_of[index]),
-                time_profile=profile_of.get(index, ()),
-            )
-        )
+    offset = 0
+    for call_id in timed:
+        size = recorder.time_norms[call_id].numel()
+        profile = tuple(v / run.loss_scale for v in time_values[offset : offset + size])
+        profile_of.setdefault(recorder.calls[call_id][0], profile)
+        offset += size
+    shift = round(math.log2(run.loss_scale))
     return ProbeResult(
-        layers=tuple(layers),
-        call_order=tuple(recorder.calls),
-        activation_hooks=hooks,
-        loss=choice,
+        layers=tuple(dataclasses.replace(m, time_profile=profile_of.get(i, ())) for i, m in enumerate(reading.layers)),
+        call_order=reading.call_order,
+        activation_hooks=run.hooks,
+        loss=run.choice,
         loss_value=loss_value,
-        mode=mode,
+        mode=run.mode,
         output_finite=all(math.isfinite(v) for v in out_values),
-        precision=precision,
-        activations=activation_totals,
+        precision=tuple(shifted_histogram(hist_values[i * BINS : (i + 1) * BINS], shift) for i in range(len(named))),
+        activations=activations.summarise(list(activation_summaries)),
         leaf_calls=tuple(activations.leaf_calls),
+        autocast=run.autocast,
+        loss_scale=run.loss_scale,
     )
 
 
-def _layer_histograms(
+def _histogram_inputs(
     named: list[tuple[str, nn.Module]], with_grad: list[nn.Parameter], recorder: ActivationGradientRecorder
-) -> torch.Tensor:
-    """Exponent histograms per layer (layers × BINS) of its parameter gradients and activation-gradient samples."""
+) -> list[tuple[int, torch.Tensor]]:
+    """(layer index, tensor) of every dense parameter gradient and every activation-gradient sample."""
     owner: dict[int, int] = {}
     for index, (_, module) in enumerate(named):
         for p in module.parameters(recurse=False):
             owner.setdefault(id(p), index)
-    tensors = [local(p.grad) for p in with_grad if p.grad is not None and not p.grad.is_sparse]
-    groups = [owner[id(p)] for p in with_grad if p.grad is not None and not p.grad.is_sparse]
+    pairs = [(owner[id(p)], local(p.grad)) for p in with_grad if p.grad is not None and not p.grad.is_sparse]
     for (layer, _), samples in zip(recorder.calls, recorder.samples, strict=True):
-        tensors += samples
-        groups += [layer] * len(samples)
-    device = tensors[0].device if tensors else torch.device("cpu")
-    by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
-    for t, group in zip(tensors, groups, strict=True):
-        members, owners = by_device.setdefault(t.device, ([], []))
-        members.append(t)
-        owners.append(group)
-    total = torch.zeros((len(named), BINS), dtype=torch.int64, device=device)
-    for members, owners in by_device.values():
-        total += grouped_histograms(members, owners, len(named)).to(device)
-    return total
-
-
-def _combine(pairs: list[tuple[float, float]]) -> Norm | None:
-    """One norm over several tensors: √Σ‖·‖², and the largest |element|."""
-    if not pairs:
-        return None
-    maxima = [m for _, m in pairs]
-    nan = any(math.isnan(m) for m in maxima)
-    return Norm(l2=math.sqrt(sum(l2 * l2 for l2, _ in pairs)), max_abs=math.nan if nan else max(maxima))
+        pairs += [(layer, t) for t in samples]
+    return pairs

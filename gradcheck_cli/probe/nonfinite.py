@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import weakref
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,24 +41,30 @@ from gradcheck_cli.errors import BatchError
 from gradcheck_cli.load.batch import Batch
 from gradcheck_cli.probe.loss import choose_loss, float_leaves
 from gradcheck_cli.probe.measure import (
-    _autocast,
-    _backward,
-    _cuda_devices,
-    _forward,
-    _restored_state,
-    _unique_params,
+    SavedBuffers,
+    autocast_context,
+    cuda_devices,
+    restored_state,
+    run_backward,
+    run_forward,
     set_mode,
 )
-from gradcheck_cli.probe.modules import module_type, supports_module_hooks
+from gradcheck_cli.probe.modules import module_type, supports_module_hooks, unique_params
+from gradcheck_cli.probe.nonfinite_checks import (
+    CallId,
+    FirstNonFinite,
+    Kept,
+    Pending,
+    Record,
+    RecordCache,
+    non_finite_flag,
+    summarise,
+    untouched,
+    with_versions,
+)
 from gradcheck_cli.probe.readout import to_host
 from gradcheck_cli.probe.recorder import HookStack
 from gradcheck_cli.report.sections import NonFiniteOrigin, TensorSummary
-
-CallId = tuple[int, int]
-"""(index of the hooked module, call number of that module, from 0)."""
-
-Kept = list[tuple[torch.Tensor, int | None]]
-"""Tensors referenced while a flag is in flight, with their version counters at the time."""
 
 
 def locate_non_finite(
@@ -105,7 +108,7 @@ def locate_non_finite(
     models take no module hooks: only the batch is checked there.
     """
     named = list(model.named_modules())
-    params = _unique_params([m for _, m in named])
+    params = unique_params([m for _, m in named])
     floating = [p for p in params if p.is_floating_point()]
     if floating and not unfreeze and not any(p.requires_grad for p in floating):
         raise BatchError(
@@ -117,9 +120,8 @@ def locate_non_finite(
 
     hooked = _hooked_modules(model, named)
     with (
-        _restored_state(model, params),
-        _restored_buffers([m for _, m in named]) as buffers,
-        torch.random.fork_rng(devices=_cuda_devices(params)),
+        restored_state(model, params) as buffers,
+        torch.random.fork_rng(devices=cuda_devices(params)),
         torch.enable_grad(),
     ):
         set_mode(model, train)
@@ -128,31 +130,19 @@ def locate_non_finite(
             p.requires_grad_(True)
         with _Locator(hooked) as locator:
             torch.manual_seed(seed)
-            with _autocast(autocast, params):
-                output = _forward(model, batch, seed)
+            with autocast_context(autocast, params):
+                output = run_forward(model, batch, seed)
                 loss, _ = choose_loss(output, batch.target, seed)
             del output
             locator.forward.finish()
             if loss.requires_grad:
-                _backward(loss * loss_scale if loss_scale != 1.0 else loss)
+                run_backward(loss * loss_scale if loss_scale != 1.0 else loss)
             del loss
             locator.backward.finish()
-
         findings = _Findings(calls=locator.calls_per_module, loss_scale=loss_scale)
         if locator.forward.found is not None:
-            index, call = locator.forward.found
-            name, module = hooked[index]
-            findings.forward = locator.forward.found
-            findings.forward_summaries = locator.forward_summaries
-            if findings.forward_summaries is None:  # touched in place since: look again
-                buffers.restore()  # the replay starts from the state the pass started from
-                with _autocast(autocast, params):
-                    findings.forward_summaries = _replay(model, batch, seed, module, call)
-            findings.parameters = [
-                (pname, non_finite_flag(p, mask_ok=False))
-                for pname, p in module.named_parameters(prefix=name)
-                if p.is_floating_point()
-            ]
+            replay = _Replay(model, batch, seed, autocast_context(autocast, params), buffers)
+            _forward_culprit(findings, locator, hooked, replay)
         else:
             findings.batch = _batch_check(batch)
         if locator.backward.found is not None:
@@ -160,202 +150,37 @@ def locate_non_finite(
     return _assemble(findings, hooked)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Flags and summaries, on the device
-
-
-def _dense(t: torch.Tensor) -> torch.Tensor | None:
-    """The elements to look at: a sparse tensor's stored values; None for layouts we cannot reduce."""
-    if t.requires_grad:
-        t = t.detach()
-    if t.layout == torch.strided and not t.is_nested:
-        return t
-    return t._values() if t.is_sparse else None
-
-
-def non_finite_flag(t: torch.Tensor, *, mask_ok: bool = True) -> torch.Tensor:
-    """0-dim bool on ``t``'s device: whether ``t`` holds NaN/Inf. No sync.
-
-    One ``aminmax`` (NaN propagates into both ends; far cheaper than ``isfinite().all()`` on CPU).
-    With ``mask_ok`` a tensor holding only 0 and -inf, an additive attention mask such as
-    ``nn.Transformer.generate_square_subsequent_mask``, does not count (one more pass).
-    """
-    x = _dense(t)
-    if x is None or x.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=t.device)
-    low, high = torch.aminmax(x)
-    bad = ~((low > -torch.inf) & (high < torch.inf))
-    if mask_ok:
-        bad = bad & ~((x == 0) | torch.isneginf(x)).all()
-    return bad
-
-
 @dataclass(frozen=True)
-class _Pending:
-    """A :class:`TensorSummary` whose numbers are still on the device."""
+class _Replay:
+    """What a second forward up to the culprit call needs: the pass's model, batch, seed and autocast."""
 
-    shape: tuple[int, ...]
-    counts: torch.Tensor
-    """int64 [NaN count, Inf count, finite count]."""
-    values: torch.Tensor
-    """float32 [finite min, finite max, finite mean |x|]."""
-
-
-def _summarise(t: torch.Tensor) -> _Pending:
-    """NaN/Inf counts and the range of the finite elements, reduced on the device without a sync."""
-    shape = tuple(t.shape)
-    x = _dense(t)
-    if x is None or x.numel() == 0:
-        zero = torch.zeros(3, dtype=torch.int64, device=t.device)
-        return _Pending(shape, zero, torch.zeros(3, device=t.device))
-    x = x.reshape(-1)
-    finite = torch.isfinite(x)
-    count = finite.sum()
-    counts = torch.stack([torch.isnan(x).sum(), torch.isinf(x).sum(), count])
-    low = torch.where(finite, x, torch.inf).amin().float()
-    high = torch.where(finite, x, -torch.inf).amax().float()
-    mean = torch.where(finite, x.abs(), 0).sum(dtype=torch.float32) / count.clamp(min=1)
-    return _Pending(shape, counts, torch.stack([low, high, mean]))
+    model: nn.Module
+    batch: Batch
+    seed: int
+    autocast: contextlib.AbstractContextManager[Any]
+    buffers: SavedBuffers
+    """Restored first: the replay starts from the state the pass started from."""
 
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return int(t._version)
-    except RuntimeError:  # inference tensors have no version counter (nor can they change in place later)
-        return None
-
-
-def _kept(tensors: Iterable[torch.Tensor]) -> Kept:
-    return [(t, _version(t)) for t in tensors]
-
-
-def _untouched(kept: Kept) -> bool:
-    """No in-place op has run on any of these tensors since they were kept."""
-    return all(_version(t) == version for t, version in kept)
-
-
-Record = list[torch.Tensor]
-"""What the host needs to judge one tensor: [min, max] (NaN propagates into both), and for a tensor
-met as an input, a third value: whether it is an additive mask (only 0 and -inf). 0-dim device tensors."""
-
-
-def _record(t: torch.Tensor, *, mask_ok: bool) -> Record | None:
-    """One ``aminmax`` (one kernel; no combining op: the host reads both ends), None for an empty tensor."""
-    x = _dense(t)
-    if x is None or x.numel() == 0:
-        return None
-    low, high = torch.aminmax(x)
-    if not mask_ok:
-        return [low, high]
-    return [low, high, ((x == 0) | torch.isneginf(x)).all()]
-
-
-def _judged_finite(values: list[float]) -> bool:
-    """A record read on the host: finite at both ends, or an additive mask."""
-    return (math.isfinite(values[0]) and math.isfinite(values[1])) or (len(values) == 3 and values[2] == 1.0)
-
-
-class _RecordCache:
-    """:func:`_record` once per tensor and version: one module's output is the next one's input.
-
-    A tensor is judged as it is first met: as a module's output strictly, as an input (the batch, or
-    a tensor made by a functional op) with the attention-mask exception.
-    """
-
-    def __init__(self) -> None:
-        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, Record | None]] = {}
-
-    def of(self, t: torch.Tensor, *, mask_ok: bool) -> Record | None:
-        version = _version(t)
-        hit = self._seen.get(id(t))
-        if hit is not None and hit[0]() is t and hit[1] == version:
-            return hit[2]
-        record = _record(t, mask_ok=mask_ok)
-        if version is not None:
-            self._seen[id(t)] = (weakref.ref(t), version, record)
-        return record
-
-    def all(self, tensors: Iterable[torch.Tensor], *, mask_ok: bool) -> list[Record]:
-        return [r for t in tensors if (r := self.of(t, mask_ok=mask_ok)) is not None]
-
-
-CHUNK = 16
-"""Entries whose values travel to the host together: one stack, one copy (on CUDA non-blocking, one event)."""
-
-
-class _FirstNonFinite:
-    """The first entry, in the order offered, whose outputs hold NaN/Inf while its inputs do not.
-
-    Values are read on the host in order, in chunks of :data:`CHUNK` entries, without stalling the
-    device: on CUDA a chunk is copied to pinned memory without blocking and read once its event has
-    passed (polled whenever another chunk leaves); on CPU it is read at once. Whatever is offered
-    with an entry is held only until the entry is judged; ``on_found`` gets it for the first culprit.
-    Once that is known, later offers are ignored.
-    """
-
-    def __init__(self, on_found: Callable[[Any], None]) -> None:
-        self._on_found = on_found
-        self._entries: list[tuple[CallId, list[int], list[int], Any]] = []
-        self._values: list[torch.Tensor] = []
-        self._pending: deque[tuple[list[tuple[CallId, list[int], list[int], Any]], torch.Tensor, Any]] = deque()
-        self.found: CallId | None = None
-        self.done = False
-
-    def offer(self, call: CallId, outputs: list[Record], inputs: list[Record], keep: Any = None) -> None:
-        if self.done:
-            return
-        self._entries.append((call, [len(r) for r in outputs], [len(r) for r in inputs], keep))
-        for record in outputs:
-            self._values += record
-        for record in inputs:
-            self._values += record
-        if len(self._entries) >= CHUNK:
-            self._flush()
-            self._drain(block=False)
-
-    def finish(self) -> None:
-        """Judge every entry still in flight (a blocking wait on CUDA)."""
-        self._flush()
-        self._drain(block=True)
-
-    def _flush(self) -> None:
-        if not self._entries or self.done:
-            return
-        device = self._values[0].device
-        flat = torch.stack([v if v.device == device else v.to(device) for v in self._values])
-        event = None
-        if flat.is_cuda:
-            # the stream named by an indexed device: without one, torch asks the driver for the
-            # device count on every call (about 0.3 ms on a virtual machine)
-            stream = torch.cuda.current_stream(device)
-            flat = flat.to("cpu", non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
-        self._pending.append((self._entries, flat, event))
-        self._entries, self._values = [], []
-
-    def _drain(self, block: bool) -> None:
-        while self._pending and not self.done:
-            entries, flat, event = self._pending[0]
-            if event is not None and not event.query():
-                if not block:
-                    return
-                event.synchronize()
-            self._pending.popleft()
-            values = flat.tolist()
-            at = 0
-            for call, outputs, inputs, keep in entries:
-                judged = []
-                for size in outputs + inputs:
-                    judged.append(_judged_finite(values[at : at + size]))
-                    at += size
-                if not all(judged[: len(outputs)]) and all(judged[len(outputs) :]):
-                    self.found = call
-                    self.done = True
-                    self._pending.clear()
-                    self._entries, self._values = [], []
-                    self._on_found(keep)
-                    return
+def _forward_culprit(
+    findings: _Findings, locator: _Locator, hooked: list[tuple[str, nn.Module]], replay: _Replay
+) -> None:
+    """The first module call whose output went NaN/Inf: its inputs' and outputs' summaries (replayed when an
+    in-place op has touched them since) and its non-finite parameters."""
+    assert locator.forward.found is not None
+    index, call = locator.forward.found
+    name, module = hooked[index]
+    findings.forward = locator.forward.found
+    findings.forward_summaries = locator.forward_summaries
+    if findings.forward_summaries is None:  # touched in place since: look again
+        replay.buffers.restore()
+        with replay.autocast:
+            findings.forward_summaries = _replay(replay.model, replay.batch, replay.seed, module, call)
+    findings.parameters = [
+        (pname, non_finite_flag(p, mask_ok=False))
+        for pname, p in module.named_parameters(prefix=name)
+        if p.is_floating_point()
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -382,14 +207,14 @@ class _Locator(HookStack):
     def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
         super().__init__()
         self._index = {id(m): i for i, (_, m) in enumerate(modules)}
-        self._records = _RecordCache()
+        self._records = RecordCache()
         self._open: list[list[tuple[int, list[Record], Kept]]] = [[] for _ in modules]
         self.calls_per_module = [0] * len(modules)
-        self.forward = _FirstNonFinite(self._forward_found)
-        self.backward = _FirstNonFinite(self._backward_found)
-        self.forward_summaries: tuple[list[_Pending], list[_Pending]] | None = None
+        self.forward = FirstNonFinite(self._forward_found)
+        self.backward = FirstNonFinite(self._backward_found)
+        self.forward_summaries: tuple[list[Pending], list[Pending]] | None = None
         """The culprit call's inputs and outputs, when they were still as the call left them."""
-        self.backward_summary: _Pending | None = None
+        self.backward_summary: Pending | None = None
 
     def _register(self) -> None:
         self._stack.enter_context(register_module_forward_pre_hook(self._pre_hook))
@@ -406,7 +231,7 @@ class _Locator(HookStack):
             return
         # judged before the module runs: an in-place module overwrites its input
         inputs = _float_list(args[0]) if len(args) == 1 else _float_list(args)
-        self._open[index].append((call, self._records.all(inputs, mask_ok=True), _kept(inputs)))
+        self._open[index].append((call, self._records.all(inputs, mask_ok=True), with_versions(inputs)))
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         index = self._index.get(id(module))
@@ -421,8 +246,8 @@ class _Locator(HookStack):
                 if kwargs:
                     keyword = _float_list(kwargs)
                     inputs = inputs + self._records.all(keyword, mask_ok=True)
-                    kept = kept + _kept(keyword)
-                self.forward.offer((index, call), outputs, inputs, (kept, _kept(leaves)))
+                    kept = kept + with_versions(keyword)
+                self.forward.offer((index, call), outputs, inputs, (kept, with_versions(leaves)))
         for tensor in leaves:
             if tensor.requires_grad:
                 self._stack.enter_context(tensor.register_hook(self._grad_hook((index, call))))
@@ -438,11 +263,11 @@ class _Locator(HookStack):
 
     def _forward_found(self, keep: tuple[Kept, Kept]) -> None:
         inputs, outputs = keep
-        if _untouched(inputs) and _untouched(outputs):
-            self.forward_summaries = ([_summarise(t) for t, _ in inputs], [_summarise(t) for t, _ in outputs])
+        if untouched(inputs) and untouched(outputs):
+            self.forward_summaries = ([summarise(t) for t, _ in inputs], [summarise(t) for t, _ in outputs])
 
     def _backward_found(self, grad: torch.Tensor) -> None:
-        self.backward_summary = _summarise(grad)
+        self.backward_summary = summarise(grad)
 
 
 def _float_list(value: Any) -> list[torch.Tensor]:
@@ -463,26 +288,26 @@ class _Stop(Exception):
 
 def _replay(
     model: nn.Module, batch: Batch, seed: int, module: nn.Module, call: int
-) -> tuple[list[_Pending], list[_Pending]] | None:
+) -> tuple[list[Pending], list[Pending]] | None:
     """The culprit call's inputs (taken before it runs) and outputs, from a seeded forward stopped right after it.
 
     None when the replay did not reach that call (a forward that is not deterministic).
     """
-    inputs: list[_Pending] = []
-    outputs: list[_Pending] = []
+    inputs: list[Pending] = []
+    outputs: list[Pending] = []
     opened: list[int] = []
     count = 0
 
     def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         nonlocal count
         if count == call:
-            inputs[:] = [_summarise(t) for t in _floats(args, kwargs)]
+            inputs[:] = [summarise(t) for t in _floats(args, kwargs)]
         opened.append(count)
         count += 1
 
     def post(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if opened and opened.pop() == call:
-            outputs[:] = [_summarise(t) for t in float_leaves(output)]
+            outputs[:] = [summarise(t) for t in float_leaves(output)]
             raise _Stop
 
     with (
@@ -495,29 +320,6 @@ def _replay(
     return (inputs, outputs) if outputs else None
 
 
-class _Buffers:
-    def __init__(self, modules: list[nn.Module]) -> None:
-        self._saved = [
-            (m, name, b, b.detach().clone()) for m in modules for name, b in m._buffers.items() if b is not None
-        ]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for module, name, original, copy in self._saved:
-                module._buffers[name] = original
-                original.copy_(copy)
-
-
-@contextlib.contextmanager
-def _restored_buffers(modules: list[nn.Module]) -> Iterator[_Buffers]:
-    """Give back every buffer's value (batch norm updates its running statistics in train mode)."""
-    buffers = _Buffers(modules)
-    try:
-        yield buffers
-    finally:
-        buffers.restore()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Assembling the result: one copy to the host
 
@@ -526,26 +328,26 @@ def _restored_buffers(modules: list[nn.Module]) -> Iterator[_Buffers]:
 class _Findings:
     calls: list[int] | None = None
     forward: CallId | None = None
-    forward_summaries: tuple[list[_Pending], list[_Pending]] | None = None
+    forward_summaries: tuple[list[Pending], list[Pending]] | None = None
     parameters: list[tuple[str, torch.Tensor]] | None = None
-    batch: tuple[list[_Pending], torch.Tensor] | None = None
+    batch: tuple[list[Pending], torch.Tensor] | None = None
     """Summaries of the batch's floating tensors, and whether any of them is non-finite."""
-    backward: tuple[CallId, _Pending | None] | None = None
+    backward: tuple[CallId, Pending | None] | None = None
     loss_scale: float = 1.0
 
 
-def _batch_check(batch: Batch) -> tuple[list[_Pending], torch.Tensor] | None:
+def _batch_check(batch: Batch) -> tuple[list[Pending], torch.Tensor] | None:
     tensors = list(_floats(batch.args, batch.kwargs))
     if batch.target is not None and batch.target.is_floating_point():
         tensors.append(batch.target)
     if not tensors:
         return None
     flags = torch.stack([non_finite_flag(t).to(tensors[0].device) for t in tensors]).any()
-    return [_summarise(t) for t in tensors], flags
+    return [summarise(t) for t in tensors], flags
 
 
 def _assemble(f: _Findings, hooked: list[tuple[str, nn.Module]]) -> NonFiniteOrigin:
-    pending: list[_Pending] = []
+    pending: list[Pending] = []
     if f.forward_summaries is not None:
         pending += f.forward_summaries[0] + f.forward_summaries[1]
     if f.batch is not None:
@@ -582,7 +384,7 @@ def _assemble(f: _Findings, hooked: list[tuple[str, nn.Module]]) -> NonFiniteOri
     return NonFiniteOrigin(**fields)
 
 
-def _to_summary(p: _Pending, v: list[float]) -> TensorSummary:
+def _to_summary(p: Pending, v: list[float]) -> TensorSummary:
     nan, inf, finite, low, high, mean = v
     has = finite > 0
     return TensorSummary(

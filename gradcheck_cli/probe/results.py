@@ -1,5 +1,6 @@
-"""What one probe measured, as plain host values: the types the probe fills and diagnosis, the watch log and
-``gradcheck history`` read. No torch here, so reading a history never imports it."""
+"""What one probe or one recorded training step measured, as plain host values: the one set of types that
+``inspect``'s probe and ``watch``'s recorder fill (through the same readout, probe/readout.py) and that
+diagnosis, the watch log and ``gradcheck history`` read. No torch here, so reading a history never imports it."""
 
 from __future__ import annotations
 
@@ -60,11 +61,13 @@ class LayerMeasure:
     """‖∂L/∂output‖ per forward call; None for a call whose output got no gradient."""
     time_profile: tuple[float, ...] = ()
     """Fused recurrent modules: ‖∂L/∂x_t‖ per time step of the first call (the gradient through time)."""
+    output_max: float | None = None
+    """``watch`` only: max |element| of its outputs over the step's calls; non-finite when the forward made NaN/Inf."""
 
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """The raw measurements of one probe, before any diagnosis."""
+    """The raw measurements of one probe (or of one recorded training step), before any diagnosis."""
 
     layers: tuple[LayerMeasure, ...]
     call_order: tuple[tuple[int, int], ...]

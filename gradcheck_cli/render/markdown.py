@@ -7,7 +7,7 @@ import re
 
 from gradcheck_cli.render.causes_text import cause_lines, verification_line
 from gradcheck_cli.render.numbers import count, number
-from gradcheck_cli.render.steps_chart import (
+from gradcheck_cli.render.view import (
     MAX_ROWS,
     clip_sentence,
     focus,
@@ -17,10 +17,11 @@ from gradcheck_cli.render.steps_chart import (
     loss_range,
     onset_problems,
     onset_sentences,
+    relative_gradients,
     shown_rows,
     steps_view,
+    verdict,
 )
-from gradcheck_cli.render.view import relative_gradients, verdict
 from gradcheck_cli.report.report import BaselineDiff, Finding, LayerMove, LayerStats, Report, Severity
 from gradcheck_cli.report.sections import TrainingHistory
 

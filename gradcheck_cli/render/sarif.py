@@ -8,8 +8,28 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from gradcheck_cli.diagnose.rules import RULES
-from gradcheck_cli.gate.baseline import finding_key
+from gradcheck_cli.diagnose.rule_codes import (
+    DEAD_UNITS,
+    EXPLODING,
+    EXPLODING_THROUGH_TIME,
+    FP16_OVERFLOW,
+    FP16_UNDERFLOW,
+    INIT_SCALE,
+    NO_GRADIENT,
+    NON_FINITE_FORWARD,
+    NON_FINITE_GRADIENT,
+    PARAMETER_GRADIENTS_ONLY,
+    RULES,
+    SATURATED_ACTIVATION,
+    TRAINING_LOSS_DIVERGENCE,
+    TRAINING_LOSS_NON_FINITE,
+    TRAINING_SPIKE,
+    UNSTABLE_OPTIMISATION,
+    UNUSED_LAYER,
+    VANISHING,
+    VANISHING_THROUGH_TIME,
+    finding_key,
+)
 from gradcheck_cli.report.report import BaselineDiff, Finding, Report, Severity, json_safe
 from gradcheck_cli.version import __version__
 
@@ -35,106 +55,106 @@ class RuleText:
 
 
 RULE_TEXT: dict[str, RuleText] = {
-    "GC001": RuleText(
+    VANISHING.code: RuleText(
         "The gradient vanishes on its way from the output to the input end of the model.",
         "The activation gradient at the input end of the forward path is below --vanishing-below (default 1e-3) "
         "of the gradient at the output end, so the early layers barely learn.",
         "error",
     ),
-    "GC002": RuleText(
+    EXPLODING.code: RuleText(
         "The gradient explodes on its way from the output to the input end of the model.",
         "The activation gradient at the input end is above --exploding-above (default 1e3) times the gradient at "
         "the output end, so updates to the early layers are unstable.",
         "error",
     ),
-    "GC003": RuleText(
+    NON_FINITE_GRADIENT.code: RuleText(
         "Some gradients are NaN or Inf.",
         "A layer's parameter or activation gradient holds NaN or Inf; one such step corrupts the weights.",
         "error",
     ),
-    "GC004": RuleText(
+    NON_FINITE_FORWARD.code: RuleText(
         "The forward pass produces NaN or Inf.",
         "The loss or the model's output is NaN or Inf, often because some weights already are.",
         "error",
     ),
-    "GC005": RuleText(
+    NO_GRADIENT.code: RuleText(
         "A layer that ran received no gradient at all.",
         "A layer with parameters ran in the forward pass but got no gradient: the graph is cut between it and the "
         "loss (.detach(), torch.no_grad(), .item() or an integer op).",
         "error",
     ),
-    "GC006": RuleText(
+    PARAMETER_GRADIENTS_ONLY.code: RuleText(
         "Only parameter gradients could be measured.",
         "Module hooks cannot fire (TorchScript, torch.export), so the path is followed through the parameter "
         "gradient ratio ‖∂L/∂W‖/‖W‖ instead of the activation gradient ‖∂L/∂h‖.",
         "note",
     ),
-    "GC007": RuleText(
+    UNUSED_LAYER.code: RuleText(
         "A layer with parameters never ran.",
         "A module with parameters never ran in the forward pass and its parameters got no gradient.",
         "note",
     ),
-    "GC008": RuleText(
+    VANISHING_THROUGH_TIME.code: RuleText(
         "The gradient vanishes through time in a recurrent layer.",
         "In a fused recurrent module the gradient reaching the first time step's input is below --vanishing-below "
         "of the last step's: an error for plain RNNs, a warning for LSTM/GRU, whose gates can learn to open.",
         "error",
     ),
-    "GC009": RuleText(
+    EXPLODING_THROUGH_TIME.code: RuleText(
         "The gradient explodes through time in a recurrent layer.",
         "In a fused recurrent module the gradient reaching the first time step's input is above --exploding-above "
         "times the last step's.",
         "error",
     ),
-    "GC010": RuleText(
+    INIT_SCALE.code: RuleText(
         "Weights are initialised far from the scale their activation needs.",
         "Against Xavier/Kaiming with nn.init.calculate_gain of the following activation, the weights' standard "
         "deviation is far off, alone or compounded over a stack without normalisation (skipped for trained "
         "checkpoints).",
         "warning",
     ),
-    "GC011": RuleText(
+    SATURATED_ACTIVATION.code: RuleText(
         "Sigmoid or tanh units are saturated.",
         "A large share of the pre-activations sit where the activation's derivative is below 1 % of its maximum, "
         "so almost no gradient passes those units.",
         "warning",
     ),
-    "GC012": RuleText(
+    DEAD_UNITS.code: RuleText(
         "Most ReLU units are dead.",
         "Most units of a ReLU layer were ≤ 0 for every sample of the batch, so no gradient passes them.",
         "warning",
     ),
-    "GC013": RuleText(
+    FP16_UNDERFLOW.code: RuleText(
         "Half precision would flush gradients to zero.",
         "A large share of a layer's gradient elements lies below fp16's range (under 2.98e-8 they round to 0): for "
         "a float32 model even at the loss scale a GradScaler would reach, for an fp16 one without scaling; bf16 keeps "
         "float32's range.",
         "note",
     ),
-    "GC014": RuleText(
+    FP16_OVERFLOW.code: RuleText(
         "Half precision would overflow gradients.",
         "Some gradient elements exceed fp16's largest value (65504) and would become Inf.",
         "note",
     ),
-    "GC015": RuleText(
+    UNSTABLE_OPTIMISATION.code: RuleText(
         "Gradients grow without bound or collapse during optimisation.",
         "Over the optimisation probe's steps on the sample batch (--steps), the gradient norm or the path "
         "attenuation left the healthy band, or became NaN/Inf.",
         "error",
     ),
-    "GC016": RuleText(
+    TRAINING_SPIKE.code: RuleText(
         "The gradient norm spiked during training.",
         "A recorded training step's total gradient norm rose far above the median of the healthy records "
         "before it (gradcheck history, watch).",
         "error",
     ),
-    "GC017": RuleText(
+    TRAINING_LOSS_NON_FINITE.code: RuleText(
         "The training loss became NaN/Inf.",
         "A loss given to watch's step() was NaN/Inf; the step where it first happened is named even between "
         "recorded steps.",
         "error",
     ),
-    "GC018": RuleText(
+    TRAINING_LOSS_DIVERGENCE.code: RuleText(
         "The training loss diverged.",
         "The loss stayed above twice the median of the healthy records before it for 3 records in a row, "
         "dated from the first of them (gradcheck history, watch).",

@@ -12,8 +12,8 @@ from rich.text import Text
 
 from gradcheck_cli.render.causes_text import causes, verification_line
 from gradcheck_cli.render.numbers import count, number
-from gradcheck_cli.render.steps_chart import focus, loss_range, steps_chart
-from gradcheck_cli.render.view import forward_order, relative_gradients, verdict
+from gradcheck_cli.render.steps_chart import steps_chart
+from gradcheck_cli.render.view import focus, forward_order, loss_range, relative_gradients, verdict
 from gradcheck_cli.report.report import Report, Severity
 
 BAR_DECADES = 8

@@ -46,7 +46,7 @@ class LayerStats:
     """Gradient statistics of one module that owns parameters, measured on one pass."""
 
     name: str
-    """The module's name as ``named_modules()`` gives it."""
+    """The module's name as ``named_modules()`` gives it (``""`` for the root)."""
     type: str
     """The module's class name (``Linear``, ``Conv2d``, ``GPT2Attention``...)."""
     position: int
@@ -136,7 +136,9 @@ class RunInfo:
     source: str
     """Checkpoint path or ``example:NAME`` or ``python object``."""
     checkpoint_kind: str
-    """``pickled_module``, ``state_dict``, ``torchscript``, ``example``, ``module``..."""
+    """``pickled_module``, ``state_dict``, ``training_checkpoint``, ``torchscript``, ``exported_program``,
+    ``safetensors``, ``huggingface``, ``dcp``, ``example``, ``module``..., or ``training_history`` for
+    ``gradcheck history``."""
     model_type: str
     parameters: int
     mode: str
@@ -152,6 +154,7 @@ class RunInfo:
     """``model``, ``cross_entropy``, ``mse`` or ``random_projection``."""
     loss_value: float
     device: str = "cpu"
+    """Where the probe ran; ``""`` for a training history (the training loop chose)."""
     gradcheck_version: str = ""
     torch_version: str = ""
 
@@ -211,28 +214,34 @@ class Report:
     notes: tuple[str, ...] = ()
     """Caveats about what could not be measured, in plain words."""
     thresholds: dict[str, float] = field(default_factory=dict)
+    """The thresholds the rules used (``vanishing_attenuation``, ``exploding_attenuation``)."""
     baseline: BaselineDiff | None = None
-    """Set with ``--baseline``: the gate then fails only on regressions."""
+    """Set with ``--baseline``: the gate then fails only on regressions; None without one."""
     init_audit: InitAudit | None = None
-    """Each weight's scale against Xavier/Kaiming for the activation after it."""
+    """Each Linear/Conv/RNN weight's scale against Xavier/Kaiming for the activation after it
+    (docs/init_audit.md); None for TorchScript/export programs."""
     activations: tuple[ActivationLayer, ...] = ()
-    """Saturated and dead units per activation module, measured on the same pass."""
+    """Per activation module, measured on the same pass: saturated and dead shares and the RMS of φ'(z)
+    (docs/diagnostics.md)."""
     precision: Precision | None = None
-    """What fp16/bf16 would lose of the gradients."""
+    """What fp16/bf16 would lose of the gradients (docs/diagnostics.md)."""
     non_finite_origin: NonFiniteOrigin | None = None
-    """Where NaN/Inf first appeared, when it did."""
+    """Where NaN/Inf first appeared, in forward and backward order; None when nothing was non-finite."""
     verifications: tuple[Verification, ...] = ()
     """Recommendations applied to a copy of the model and re-probed, in the order of ``recommendations``."""
     optimisation: OptimisationTrace | None = None
-    """``--steps N``: gradients across N optimiser steps on the sample batch."""
+    """``--steps N``: gradients across N optimiser steps on the sample batch, on a copy."""
     history: TrainingHistory | None = None
-    """``gradcheck history``: the run's records, onsets and trend; ``layers``/``path`` are the onset record's."""
+    """``gradcheck history``: the training run that ``watch()`` recorded (None for ``inspect``). The report's
+    ``layers`` and ``path`` are those of the record where the first problem began (the last record when
+    healthy); ``run.checkpoint_kind`` is ``training_history``, ``run.device`` is ``""``."""
     timing: dict[str, float] = field(default_factory=dict)
-    """``--profile``: seconds per phase (startup, import, load, probe, diagnose, verify...); empty otherwise."""
+    """``--profile``: seconds per phase (startup, import, load, probe, diagnose, verify, locate_non_finite,
+    optimise); empty otherwise, and then null in JSON."""
 
     @property
     def problems(self) -> tuple[Problem, ...]:
-        """The distinct problems of error severity, in a fixed order."""
+        """The distinct problems of error severity, in a fixed order; empty when healthy."""
         found = {f.problem for f in self.findings if f.severity is Severity.ERROR and f.problem}
         return tuple(p for p in Problem if p in found)
 

@@ -172,10 +172,11 @@ class Verification:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One optimiser step of the optimisation probe."""
+    """One recorded step: the optimisation probe's, or a training history's."""
 
     step: int
     loss: float
+    """NaN when the training loop gave no loss to ``step()``."""
     grad_norm: float
     """Total gradient norm over all parameters."""
     attenuation: float | None
@@ -225,12 +226,14 @@ class TrainingHistory:
 
     source: str
     every: int
+    """``watch(every=N)``: one record every N steps."""
     records: int
     layers: tuple[str, ...]
     steps: tuple[StepRecord, ...]
     """One per recorded step: loss (NaN when not given), total norm, attenuation, gain, ‖∂L/∂W‖ per layer."""
     verdict: str
-    """``healthy`` or the problems, comma-separated, in onset order."""
+    """``healthy``, or the problems in onset order, comma-separated; problems that training repaired follow in
+    parentheses (``vanishing until step 120``)."""
     onsets: tuple[Onset, ...] = ()
     problem_steps: tuple[tuple[int, tuple[str, ...]], ...] = ()
     """(step, problems) of every unhealthy record."""

@@ -205,9 +205,9 @@ def _grown_layers(before: StepLog, at: StepLog) -> list[tuple[str, float]]:
     """The layers whose gradient norm grew most between two records, by factor (at least 2×)."""
     factors = []
     for old, new in zip(before.layers, at.layers, strict=True):
-        if old.grad is None or new.grad is None or old.grad[0] <= 0 or not math.isfinite(new.grad[0]):
+        if old.grad is None or new.grad is None or old.grad.l2 <= 0 or not math.isfinite(new.grad.l2):
             continue
-        factors.append((old.name, new.grad[0] / old.grad[0]))
+        factors.append((old.name, new.grad.l2 / old.grad.l2))
     factors.sort(key=lambda item: -item[1])
     return [(name, factor) for name, factor in factors[:GROWN] if factor >= 2.0]
 
@@ -357,7 +357,7 @@ def _step_record(record: StepLog, assessment: Assessment) -> StepRecord:
         grad_norm=assessment.total_norm,
         attenuation=assessment.diagnosis.path.attenuation,
         gain=assessment.diagnosis.path.gain,
-        layer_grad_norms=tuple(layer.grad[0] if layer.grad is not None else math.nan for layer in record.layers),
+        layer_grad_norms=tuple(layer.grad.l2 if layer.grad is not None else math.nan for layer in record.layers),
     )
 
 

@@ -5,10 +5,12 @@ micro-batch of a gradient-accumulation step (the last one holds the sum), before
 applies, and still multiplied by the loss scale of a ``GradScaler`` (divided out when read). Activation
 gradients come from the same recorder ``inspect`` uses, without its precision samples, plus the max
 |element| of every output (NaN/Inf in the forward pass) and the order gradients arrived in (backward).
+Everything is read by the readout ``inspect`` uses (probe/readout.py) into the same types.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -16,23 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradcheck_cli.distributed.reduce import (
-    FIRST,
-    MAX,
-    MEAN,
-    NONE,
-    PARAM_MAX,
-    PARAM_NORM,
-    Sharding,
-    collective_device,
-    local,
-)
+from gradcheck_cli.distributed.reduce import FIRST, MAX, MEAN, Sharding, collective_device, local
 from gradcheck_cli.probe.loss import float_leaves
-from gradcheck_cli.probe.modules import module_type
+from gradcheck_cli.probe.modules import unique_params
 from gradcheck_cli.probe.norms import norm_and_max_abs
-from gradcheck_cli.probe.readout import Readout
+from gradcheck_cli.probe.readout import Extra, LossScale, Reading, peak, read_layers
 from gradcheck_cli.probe.recorder import ActivationGradientRecorder, HookStack, max_abs
-from gradcheck_cli.training.log import LayerLog, StepLog
+from gradcheck_cli.training.log import StepLog, step_measure
 
 
 class StepRecorder(HookStack):
@@ -49,7 +41,7 @@ class StepRecorder(HookStack):
         self._root = root
         self._sharding = sharding
         self._named = list(named)
-        self._params = _unique_params([m for _, m in self._named])
+        self._params = unique_params([m for _, m in self._named])
         self.activation_hooks = activation_hooks
         self.activations = ActivationGradientRecorder(
             [m for _, m in self._named] if activation_hooks else [], samples=False, outputs=True
@@ -133,12 +125,11 @@ class StepRecorder(HookStack):
         *,
         param_scaled: bool = True,
     ) -> StepLog:
-        """Every number of this step, copied to the host in one synchronisation.
+        """Every number of this step, through the readout ``inspect`` uses, in one synchronisation.
 
         ``param_scaled``: whether the parameter gradients still carry ``scale`` (not after ``scaler.unscale_``
         under DDP/FSDP, where they are read now); activation gradients always do (taken during backward).
         """
-        recorder = self.activations
         if self._sharding is not None:  # every rank must send the same values: a loss and a NaN marker always
             if loss is not None and not isinstance(loss, torch.Tensor):
                 loss = torch.tensor(float(loss), device=collective_device())
@@ -148,78 +139,39 @@ class StepRecorder(HookStack):
             self._read_reduced_gradients()  # no backward seen through the root (e.g. no module hooks): read now
         elif self._sharding is not None:
             param_scaled = True  # taken at the end of backward, before any scaler.unscale_
-        floats = [p for p in self._params if p.is_floating_point()]
-        readout = Readout()
-        add = readout.add
-        add(list(torch._foreach_norm([local(p.detach()) for p in floats])) if floats else [], PARAM_NORM)
-        grad_ids = sorted(self.param_norms)
-        for i in grad_ids:
-            add([self.param_norms[i][0]], PARAM_NORM)
-            add([self.param_norms[i][1]], PARAM_MAX)
-        act_pairs = readout.add_activation_gradients(recorder, self._sharding)
-        add(recorder.output_max, MAX)
-        add(self.root_output_max, MAX)
-        extra = {"loss": loss, "scale": scale, "sentinel": loss_sentinel}
-        tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
-        reductions = {"loss": MEAN, "scale": NONE, "sentinel": FIRST}
-        for name, value in tensors.items():
-            add([value.detach().float().mean().reshape(1)], reductions[name])
-        take = readout.read(self._sharding).take
-
-        weight_of = dict(zip(map(id, floats), take(len(floats)), strict=True))
-        grad_values = take(2 * len(grad_ids))
-        grad_of = {i: (grad_values[2 * k], grad_values[2 * k + 1]) for k, i in enumerate(grad_ids)}
-        act_values = take(2 * act_pairs)
-        call_out = take(len(recorder.output_max))
-        root_out = take(len(self.root_output_max))
-        read = dict(zip(tensors, take(len(tensors)), strict=True))
-        plain = {k: (float(v) if v is not None else None) for k, v in extra.items() if not isinstance(v, torch.Tensor)}
-        number = {**plain, **read}
-
-        scale_value = number.get("scale")
-        divide = scale_value if scale_value and scale_value > 0 else 1.0
-        param_divide = divide if param_scaled else 1.0
-        per_call: list[tuple[float, float] | None] = []
-        offset = 0
-        for call in recorder.norms:
-            pairs = [(act_values[offset + 2 * k], act_values[offset + 2 * k + 1]) for k in range(len(call))]
-            offset += 2 * len(call)
-            per_call.append(_combine(pairs, divide))
-        order, folded, folded_out, micro = _fold(
-            recorder.calls, per_call, call_out, self.backward_passes, len(self._named)
+        given = {"loss": loss, "sentinel": loss_sentinel}
+        tensors = {k: v for k, v in given.items() if isinstance(v, torch.Tensor)}
+        extras = [Extra(self.root_output_max, MAX)]
+        extras += [
+            Extra([v.detach().float().mean().reshape(1)], MEAN if k == "loss" else FIRST) for k, v in tensors.items()
+        ]
+        reading = read_layers(
+            self._named,
+            self._params,
+            self.param_norms,
+            self.activations,
+            frozen={id(p) for p in self._params if not p.requires_grad},
+            extras=extras,
+            sharding=self._sharding,
+            scale=LossScale(scale, parameters=param_scaled),
+            backward_passes=self.backward_passes,
         )
-
-        index_of = {id(p): i for i, p in enumerate(self._params)}
-        layers = []
-        for layer_index, (name, module) in enumerate(self._named):
-            own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
-            pairs = [grad_of[index_of[id(p)]] for p in own if index_of[id(p)] in grad_of]
-            outs = folded_out[layer_index]
-            layers.append(
-                LayerLog(
-                    name=name,
-                    type=module_type(module),
-                    params=sum(p.numel() for p in module.parameters(recurse=False)),
-                    frozen=bool(own) and not any(p.requires_grad for p in own),
-                    weight_norm=math.sqrt(sum(weight_of[id(p)] ** 2 for p in own)),
-                    grad=_combine(pairs, param_divide),
-                    calls=tuple(folded[layer_index]),
-                    output_max=_peak(outs) if outs else None,
-                )
-            )
+        root_out, *read = reading.extras
+        number = {k: (float(v) if v is not None else None) for k, v in given.items() if k not in tensors}
+        number.update({k: values[0] for k, values in zip(tensors, read, strict=True)})
+        output_max = peak(root_out) if root_out else None
+        layers, call_order, hooks = reading.layers, reading.call_order, self.activation_hooks
         log = StepLog(
             step=step,
-            layers=tuple(layers),
-            order=tuple(order),
-            activation_hooks=self.activation_hooks,
-            micro_batches=micro,
-            loss=number.get("loss"),
-            scale=scale_value,
-            output_max=_peak(root_out) if root_out else None,
-            loss_non_finite_step=_sentinel_step(number.get("sentinel")),
-            unique_total=math.sqrt(sum(l2 * l2 for l2, _ in grad_of.values())) / param_divide,
+            measure=step_measure(layers, call_order, hooks, loss=number["loss"], output_max=output_max),
+            micro_batches=reading.micro_batches,
+            loss=number["loss"],
+            scale=reading.scale,
+            output_max=output_max,
+            loss_non_finite_step=_sentinel_step(number["sentinel"]),
+            unique_total=reading.total_norm,
         )
-        return _with_origin(log, self._first_bad_backward(recorder, per_call), self._first_bad_parameter(grad_of))
+        return _with_origin(log, self._first_bad_backward(reading), self._first_bad_parameter(reading))
 
     def _read_reduced_gradients(self) -> None:
         """Under DDP/FSDP when no backward was seen starting: each parameter's gradient as the framework left it
@@ -230,22 +182,21 @@ class StepRecorder(HookStack):
                 self.param_norms[index] = norm_and_max_abs(local(p.grad.detach()))
         self.backward_passes = self.root_calls
 
-    def _first_bad_backward(
-        self, recorder: ActivationGradientRecorder, per_call: list[tuple[float, float] | None]
-    ) -> str | None:
+    def _first_bad_backward(self, reading: Reading) -> str | None:
+        recorder = self.activations
         for call_id in recorder.backward_order:
-            pair = per_call[call_id]
-            if pair is not None and not math.isfinite(pair[1]):
+            norm = reading.per_call[call_id]
+            if norm is not None and not norm.finite:
                 return self._named[recorder.calls[call_id][0]][0]
         return None
 
-    def _first_bad_parameter(self, grad_of: dict[int, tuple[float, float]]) -> str | None:
+    def _first_bad_parameter(self, reading: Reading) -> str | None:
         owner: dict[int, str] = {}
         for name, module in self._named:
             for p in module.parameters(recurse=False):
                 owner.setdefault(id(p), name)
         for index in self.param_order:
-            if index in grad_of and not math.isfinite(grad_of[index][1]):
+            if index in reading.grads and not math.isfinite(reading.grads[index][1]):
                 return owner.get(id(self._params[index]))
         return None
 
@@ -253,86 +204,21 @@ class StepRecorder(HookStack):
 def _with_origin(log: StepLog, backward: str | None, parameter: str | None) -> StepLog:
     """Name where NaN/Inf showed first: the first module in forward order whose output was non-finite,
     else the first whose output gradient was (backward order), else the first parameter gradient."""
-    first_forward = None
-    seen: set[int] = set()
-    for layer_index in log.order:
-        if layer_index in seen:
-            continue
-        seen.add(layer_index)
-        peak = log.layers[layer_index].output_max
-        if peak is not None and not math.isfinite(peak):
-            first_forward = log.layers[layer_index].name
-            break
+    layers = log.measure.layers
+    first_forward = next(
+        (layers[i].name for i, k in log.measure.call_order if k == 0 and not _finite(layers[i].output_max)), None
+    )
     for stage, name in (("forward", first_forward), ("backward", backward), ("parameter", parameter)):
         if name is not None:
-            return StepLog(**{**log.__dict__, "first_non_finite": name, "first_non_finite_stage": stage})
+            return dataclasses.replace(log, first_non_finite=name, first_non_finite_stage=stage)
     return log
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
 
 
 def _sentinel_step(value: float | None) -> int | None:
     if value is None or not math.isfinite(value) or value < 0:
         return None
     return int(value)
-
-
-def _peak(values: Sequence[float]) -> float:
-    """The largest value, NaN if any is NaN (``max`` would drop it depending on position)."""
-    if any(math.isnan(v) for v in values):
-        return math.nan
-    return max(values)
-
-
-def _combine(pairs: Sequence[tuple[float, float]], divide: float) -> tuple[float, float] | None:
-    """√Σ‖·‖² and the largest |element| over several tensors, divided by the loss scale."""
-    if not pairs:
-        return None
-    l2 = math.sqrt(sum(a * a for a, _ in pairs)) / divide
-    return l2, _peak([b for _, b in pairs]) / divide
-
-
-def _fold(
-    calls: list[tuple[int, int]],
-    per_call: list[tuple[float, float] | None],
-    outs: list[float],
-    backward_passes: int,
-    n_layers: int,
-) -> tuple[list[int], list[list[tuple[float, float] | None]], list[list[float]], int]:
-    """Fold the micro-batches of a gradient-accumulation step into one: call k of every micro-batch
-    combines (√Σ of squares: the norm over the whole batch), when every micro-batch made the same calls.
-
-    The number of micro-batches is the number of backward passes that accumulated into the step.
-    """
-    layers_seq = [layer for layer, _ in calls]
-    micro = _micro_batches(layers_seq, backward_passes)
-    size = len(layers_seq) // micro if micro else 0
-    order = layers_seq[:size] if micro > 1 else layers_seq
-    folded: list[list[tuple[float, float] | None]] = [[] for _ in range(n_layers)]
-    folded_out: list[list[float]] = [[] for _ in range(n_layers)]
-    for position, layer in enumerate(order):
-        group = [position + k * size for k in range(micro)] if micro > 1 else [position]
-        pairs = [per_call[i] for i in group if per_call[i] is not None]
-        folded[layer].append(_combine([p for p in pairs if p is not None], 1.0))
-        if outs:
-            folded_out[layer].append(_peak([outs[i] for i in group]))
-    return order, folded, folded_out, max(micro, 1)
-
-
-def _micro_batches(sequence: list[int], backward_passes: int) -> int:
-    """How many micro-batches to fold: the number of backward passes, when the calls repeat that often."""
-    n = len(sequence)
-    k = backward_passes
-    if k <= 1 or n == 0 or n % k:
-        return 1
-    size = n // k
-    return k if all(sequence[i] == sequence[i % size] for i in range(n)) else 1
-
-
-def _unique_params(modules: list[nn.Module]) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    params = []
-    for module in modules:
-        for p in module.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return params

@@ -17,34 +17,19 @@ from typing import IO, Any
 
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.parsing import MalformedDocument, loads_json
+from gradcheck_cli.probe.results import LayerMeasure, LossChoice, Norm, ProbeResult
 
-
-@dataclass(frozen=True)
-class LayerLog:
-    """One module that owns parameters, at one recorded step (every gradient number unscaled)."""
-
-    name: str
-    type: str
-    params: int
-    frozen: bool
-    weight_norm: float
-    grad: tuple[float, float] | None
-    """(L2 norm, max |element|) of its parameters' gradients; None when none reached them."""
-    calls: tuple[tuple[float, float] | None, ...]
-    """(L2 norm, max |element|) of ‖∂L/∂output‖ per forward call (micro-batches folded together)."""
-    output_max: float | None = None
-    """max |element| of its outputs over the step's calls; non-finite when the forward produced NaN/Inf."""
+TRAINING_LOSS = LossChoice("training", "the training loop's own loss")
 
 
 @dataclass(frozen=True)
 class StepLog:
-    """The raw measurements of one recorded training step, before any diagnosis."""
+    """One recorded training step: its measurements in ``inspect``'s types, and what only a step has."""
 
     step: int
-    layers: tuple[LayerLog, ...]
-    order: tuple[int, ...]
-    """Layer index of every forward call of one micro-batch, in forward order."""
-    activation_hooks: bool
+    measure: ProbeResult
+    """The layers (every gradient number unscaled), the calls of one micro-batch in forward order, the loss and
+    whether the output was finite: what ``inspect``'s rules read (:func:`step_measure`)."""
     micro_batches: int
     loss: float | None
     scale: float | None
@@ -61,11 +46,31 @@ class StepLog:
     """‖∂L/∂θ‖ with every parameter counted once (a tied embedding and output layer share one)."""
 
     @property
+    def layers(self) -> tuple[LayerMeasure, ...]:
+        """Every module that owns parameters, in ``named_modules()`` order."""
+        return self.measure.layers
+
+    @property
     def total_norm(self) -> float:
         """‖∂L/∂θ‖ over every parameter once: what ``clip_grad_norm_`` compares with ``max_norm``."""
         if self.unique_total is not None:
             return self.unique_total
-        return math.sqrt(sum(layer.grad[0] ** 2 for layer in self.layers if layer.grad is not None))
+        return math.sqrt(sum(layer.grad.l2**2 for layer in self.layers if layer.grad is not None))
+
+
+def step_measure(
+    layers: tuple[LayerMeasure, ...],
+    call_order: tuple[tuple[int, int], ...],
+    activation_hooks: bool,
+    *,
+    loss: float | None,
+    output_max: float | None,
+) -> ProbeResult:
+    """A step's measurements as the rules read them: trained in train mode on the loop's own loss (0 when
+    ``step()`` got none and the output was finite, so only a non-finite output reads as a broken forward)."""
+    output_finite = output_max is None or math.isfinite(output_max)
+    loss_value = loss if loss is not None else (0.0 if output_finite else math.nan)
+    return ProbeResult(layers, call_order, activation_hooks, TRAINING_LOSS, loss_value, "train", output_finite)
 
 
 FORMAT = "gradcheck-history"
@@ -122,15 +127,15 @@ def _float(value: Any) -> float | None:
     return float(value)
 
 
-def _pair(pair: tuple[float, float] | None) -> list[float | str | None] | None:
-    return None if pair is None else [_number(pair[0]), _number(pair[1])]
+def _pair(norm: Norm | None) -> list[float | str | None] | None:
+    return None if norm is None else [_number(norm.l2), _number(norm.max_abs)]
 
 
-def _read_pair(value: Any) -> tuple[float, float] | None:
+def _read_pair(value: Any) -> Norm | None:
     if value is None:
         return None
     a, b = (_float(v) for v in value)
-    return (a if a is not None else math.nan, b if b is not None else math.nan)
+    return Norm(a if a is not None else math.nan, b if b is not None else math.nan)
 
 
 def header_line(header: Header) -> str:
@@ -164,8 +169,8 @@ def record_line(log: StepLog, verdict: dict[str, Any]) -> str:
         "first_non_finite_stage": log.first_non_finite_stage,
         "loss_non_finite_step": log.loss_non_finite_step,
         **{k: _number(v) if isinstance(v, float) else v for k, v in verdict.items()},
-        "order": list(log.order),
-        "activation_gradients": log.activation_hooks,
+        "order": [layer for layer, _ in log.measure.call_order],
+        "activation_gradients": log.measure.activation_hooks,
         "layers": [
             {
                 "name": layer.name,
@@ -313,7 +318,7 @@ def _header(head: dict[str, Any]) -> Header:
 
 def _record(entry: dict[str, Any]) -> StepLog:
     layers = tuple(
-        LayerLog(
+        LayerMeasure(
             name=str(layer["name"]),
             type=str(layer["type"]),
             params=int(layer["params"]),
@@ -325,19 +330,24 @@ def _record(entry: dict[str, Any]) -> StepLog:
         )
         for layer in entry["layers"]
     )
-    order = tuple(int(i) for i in entry["order"])
+    order = [int(i) for i in entry["order"]]
     if any(i < 0 or i >= len(layers) for i in order):
         raise ValueError("call order names a layer that is not there")
+    seen = [0] * len(layers)
+    call_order = []
+    for layer in order:  # the log keeps the layer of each call; its index among that layer's calls follows
+        call_order.append((layer, seen[layer]))
+        seen[layer] += 1
     sentinel = entry.get("loss_non_finite_step")
+    loss, output_max = _float(entry.get("loss")), _float(entry.get("output_max"))
+    hooks = bool(entry.get("activation_gradients", True))
     return StepLog(
         step=int(entry["step"]),
-        layers=layers,
-        order=order,
-        activation_hooks=bool(entry.get("activation_gradients", True)),
+        measure=step_measure(layers, tuple(call_order), hooks, loss=loss, output_max=output_max),
         micro_batches=int(entry.get("micro_batches", 1)),
-        loss=_float(entry.get("loss")),
+        loss=loss,
         scale=_float(entry.get("loss_scale")),
-        output_max=_float(entry.get("output_max")),
+        output_max=output_max,
         first_non_finite=entry.get("first_non_finite"),
         first_non_finite_stage=entry.get("first_non_finite_stage"),
         loss_non_finite_step=None if sentinel is None else int(sentinel),

@@ -16,6 +16,7 @@ row is a divergence (GC018), dated from the first of them. The calibration of ``
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
@@ -30,9 +31,9 @@ from gradcheck_cli.diagnose.rule_codes import (
     TRAINING_SPIKE,
 )
 from gradcheck_cli.diagnose.rules import Diagnosis, Thresholds, diagnose
-from gradcheck_cli.probe.results import LayerMeasure, LossChoice, Norm, ProbeResult
+from gradcheck_cli.probe.results import LayerMeasure, ProbeResult
 from gradcheck_cli.report.report import Finding, Problem, Severity
-from gradcheck_cli.training.log import LayerLog, StepLog
+from gradcheck_cli.training.log import StepLog
 
 SPIKE = 10.0
 """A record's total gradient norm this many times the healthy median before it is a spike."""
@@ -51,8 +52,6 @@ PERSIST = 3
 """Records in a row above ``LOSS_RISE`` that make it one (one noisy batch does not)."""
 STOPPING = frozenset({Problem.NON_FINITE, Problem.EXPLODING})
 """The problems that ``on_problem='raise'``/``'stop'`` act on."""
-
-TRAINING_LOSS = LossChoice("training", "the training loop's own loss")
 
 
 @dataclass(frozen=True)
@@ -122,48 +121,18 @@ def advance(baseline: Baseline, log: StepLog, assessment: Assessment) -> None:
                 baseline.first_loss = log.loss
 
 
-def probe_result(log: StepLog) -> ProbeResult:
-    """The record as ``inspect``'s raw measurements, so the same rules apply to it.
-
-    Frozen layers that no gradient reached are left out: in a training loop that is by design (a frozen
-    embedding or backbone below the trained layers), where ``inspect`` unfreezes them for its pass.
-    """
-    kept = [i for i, layer in enumerate(log.layers) if not _frozen_and_dark(layer)]
+def trained_layers(measure: ProbeResult) -> ProbeResult:
+    """The measurements without the frozen layers that no gradient reached: in a training loop that is by
+    design (a frozen embedding or backbone below the trained layers), where ``inspect`` unfreezes them."""
+    kept = [i for i, layer in enumerate(measure.layers) if not _frozen_and_dark(layer)]
+    if len(kept) == len(measure.layers):
+        return measure
     new_index = {old: new for new, old in enumerate(kept)}
-    layers = tuple(
-        LayerMeasure(
-            name=layer.name,
-            type=layer.type,
-            params=layer.params,
-            frozen=layer.frozen,
-            weight_norm=layer.weight_norm,
-            grad=None if layer.grad is None else Norm(*layer.grad),
-            calls=tuple(None if c is None else Norm(*c) for c in layer.calls),
-        )
-        for layer in (log.layers[i] for i in kept)
-    )
-    seen = [0] * len(layers)
-    order = []
-    for old in log.order:
-        if old not in new_index:
-            continue
-        index = new_index[old]
-        order.append((index, seen[index]))
-        seen[index] += 1
-    output_finite = log.output_max is None or math.isfinite(log.output_max)
-    loss = log.loss if log.loss is not None else (0.0 if output_finite else math.nan)
-    return ProbeResult(
-        layers=layers,
-        call_order=tuple(order),
-        activation_hooks=log.activation_hooks,
-        loss=TRAINING_LOSS,
-        loss_value=loss,
-        mode="train",
-        output_finite=output_finite,
-    )
+    order = tuple((new_index[layer], call) for layer, call in measure.call_order if layer in new_index)
+    return dataclasses.replace(measure, layers=tuple(measure.layers[i] for i in kept), call_order=order)
 
 
-def _frozen_and_dark(layer: LayerLog) -> bool:
+def _frozen_and_dark(layer: LayerMeasure) -> bool:
     return layer.frozen and layer.grad is None and all(c is None for c in layer.calls)
 
 
@@ -175,82 +144,85 @@ def assess(
     thresholds: Thresholds | None = None,
 ) -> Assessment:
     """Apply ``inspect``'s rules to the record, then the rules over time against the healthy records before it."""
-    diagnosis = diagnose(probe_result(log), thresholds)
+    diagnosis = diagnose(trained_layers(log.measure), thresholds)
     findings = [_watched_wording(f) for f in diagnosis.findings]
     if all(layer.grad is None and all(c is None for c in layer.calls) for layer in log.layers):
-        findings = [
-            Finding(
-                NO_GRADIENT.code,
-                NO_GRADIENT.name,
-                Severity.WARNING,
-                None,
-                None,
-                f"step {log.step}: no gradient reached the model since the previous step(); call w.step() after "
-                "loss.backward() and before optimizer.zero_grad()",
-                {"step": log.step},
-            )
-        ]
+        findings = [_no_gradient(log)]
     if scaler:
         findings = [_handled_overflow(f, log) for f in findings]
         if overflowed(findings) and (baseline.overflows + 1 >= PERSIST or (log.scale is not None and log.scale < 1)):
             findings.append(_lasting_overflow(log, baseline.overflows + 1))
-    total = log.total_norm
-    reference = baseline.reference_norm()
-    recent = list(baseline.norms)
-    peak = baseline.peak
-    if reference is not None and reference > 0 and math.isfinite(total) and total > max(SPIKE * reference, PEAK * peak):
-        findings.append(
-            Finding(
-                TRAINING_SPIKE.code,
-                TRAINING_SPIKE.name,
-                Severity.ERROR,
-                Problem.EXPLODING,
-                _largest_layer(log),
-                f"step {log.step}: the total gradient norm is {total:.3g}, {total / reference:.3g}× the median "
-                f"{reference:.3g} of the last {len(recent)} healthy records before it and above the largest healthy "
-                f"one so far ({peak:.3g})",
-                {
-                    "step": log.step,
-                    "total_norm": total,
-                    "reference": reference,
-                    "ratio": total / reference,
-                    "peak": peak,
-                },
-            )
-        )
-    if loss_risen(log, baseline) and len(baseline.rising) + 1 >= PERSIST:
-        median = baseline.reference_loss() or 0.0
-        loss = log.loss if log.loss is not None else math.nan
-        start = baseline.rising[0] if baseline.rising else log.step
-        findings.append(
-            Finding(
-                TRAINING_LOSS_DIVERGENCE.code,
-                TRAINING_LOSS_DIVERGENCE.name,
-                Severity.ERROR,
-                Problem.EXPLODING,
-                None,
-                f"step {log.step}: the loss is {loss:.4g}, {loss / median:.3g}× the median {median:.4g} of the "
-                f"last healthy records, above {LOSS_RISE:g}× since step {start} ({len(baseline.rising) + 1} records "
-                "in a row): the run is diverging",
-                {"step": log.step, "loss": loss, "reference_loss": median, "from_step": start},
-            )
-        )
-    if log.loss_non_finite_step is not None:
-        findings.append(
-            Finding(
-                TRAINING_LOSS_NON_FINITE.code,
-                TRAINING_LOSS_NON_FINITE.name,
-                Severity.ERROR,
-                Problem.NON_FINITE,
-                None,
-                f"the loss was NaN/Inf at step {log.loss_non_finite_step} (the first such step since the record "
-                "before)",
-                {"step": log.loss_non_finite_step},
-            )
-        )
+    findings += [f for f in (_spike(log, baseline), _divergence(log, baseline), _non_finite_loss(log)) if f]
     if log.first_non_finite is not None:
         findings = [_with_origin(f, log) for f in findings]
-    return Assessment(log.step, diagnosis, tuple(findings), total, reference)
+    return Assessment(log.step, diagnosis, tuple(findings), log.total_norm, baseline.reference_norm())
+
+
+def _no_gradient(log: StepLog) -> Finding:
+    return Finding(
+        NO_GRADIENT.code,
+        NO_GRADIENT.name,
+        Severity.WARNING,
+        None,
+        None,
+        f"step {log.step}: no gradient reached the model since the previous step(); call w.step() after "
+        "loss.backward() and before optimizer.zero_grad()",
+        {"step": log.step},
+    )
+
+
+def _spike(log: StepLog, baseline: Baseline) -> Finding | None:
+    """GC016: the total norm above ``SPIKE`` × the healthy median and ``PEAK`` × the largest healthy record."""
+    total = log.total_norm
+    reference = baseline.reference_norm()
+    peak = baseline.peak
+    if reference is None or reference <= 0 or not math.isfinite(total) or total <= max(SPIKE * reference, PEAK * peak):
+        return None
+    return Finding(
+        TRAINING_SPIKE.code,
+        TRAINING_SPIKE.name,
+        Severity.ERROR,
+        Problem.EXPLODING,
+        _largest_layer(log),
+        f"step {log.step}: the total gradient norm is {total:.3g}, {total / reference:.3g}× the median "
+        f"{reference:.3g} of the last {len(baseline.norms)} healthy records before it and above the largest healthy "
+        f"one so far ({peak:.3g})",
+        {"step": log.step, "total_norm": total, "reference": reference, "ratio": total / reference, "peak": peak},
+    )
+
+
+def _divergence(log: StepLog, baseline: Baseline) -> Finding | None:
+    """GC018: the loss above ``LOSS_RISE`` × the healthy median for ``PERSIST`` records in a row."""
+    if not (loss_risen(log, baseline) and len(baseline.rising) + 1 >= PERSIST):
+        return None
+    median = baseline.reference_loss() or 0.0
+    loss = log.loss if log.loss is not None else math.nan
+    start = baseline.rising[0] if baseline.rising else log.step
+    return Finding(
+        TRAINING_LOSS_DIVERGENCE.code,
+        TRAINING_LOSS_DIVERGENCE.name,
+        Severity.ERROR,
+        Problem.EXPLODING,
+        None,
+        f"step {log.step}: the loss is {loss:.4g}, {loss / median:.3g}× the median {median:.4g} of the "
+        f"last healthy records, above {LOSS_RISE:g}× since step {start} ({len(baseline.rising) + 1} records "
+        "in a row): the run is diverging",
+        {"step": log.step, "loss": loss, "reference_loss": median, "from_step": start},
+    )
+
+
+def _non_finite_loss(log: StepLog) -> Finding | None:
+    if log.loss_non_finite_step is None:
+        return None
+    return Finding(
+        TRAINING_LOSS_NON_FINITE.code,
+        TRAINING_LOSS_NON_FINITE.name,
+        Severity.ERROR,
+        Problem.NON_FINITE,
+        None,
+        f"the loss was NaN/Inf at step {log.loss_non_finite_step} (the first such step since the record before)",
+        {"step": log.loss_non_finite_step},
+    )
 
 
 def healthy(assessment: Assessment) -> bool:
@@ -261,7 +233,7 @@ def healthy(assessment: Assessment) -> bool:
 def _largest_layer(log: StepLog) -> str | None:
     best = max(
         (layer for layer in log.layers if layer.grad is not None),
-        key=lambda la: la.grad[0] if la.grad else 0.0,
+        key=lambda la: la.grad.l2 if la.grad else 0.0,
         default=None,
     )
     return None if best is None else best.name
