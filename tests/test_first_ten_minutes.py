@@ -179,3 +179,27 @@ def test_an_extra_tensor_fails_strict_loading_and_no_strict_lists_it(project: Pa
     torch.save(shapes, project / "shape.pt")
     proc = run_cli(["inspect", "shape.pt", "-i", "batch.pt", "-m", "train.py:Net", "--no-strict"], cwd=project)
     assert_one_line_error(proc, "shape mismatch at body.2.bias")  # --no-strict never loads a wrong shape
+
+
+def test_a_checkpoint_with_its_hugging_face_config_needs_no_model(tmp_path: Path) -> None:
+    """``{"config": model.config.to_dict(), "state_dict": ...}`` names its architecture; built from the dict, no
+    code from the file, and the saved weights (not fresh ones) are the ones measured."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)  # tied to wte: a norm a fresh model would not have
+    torch.save({"config": config.to_dict(), "state_dict": model.state_dict(), "epoch": 2}, tmp_path / "gpt.pt")
+    torch.save(torch.randint(0, 100, (2, 16)), tmp_path / "ids.pt")
+    proc = run_cli(["inspect", "gpt.pt", "--input", "ids.pt", "--no-verify", "--format", "json"], cwd=tmp_path)
+    report = json_report(proc, exit_code=None)
+    assert "architecture GPT2LMHeadModel built from the checkpoint's Hugging Face config ('config')" in report["notes"]
+    embedding = next(layer for layer in report["layers"] if layer["name"] == "transformer.wte")
+    assert embedding["weight_norm"] == pytest.approx(model.transformer.wte.weight.norm().item(), rel=1e-5)
+    custom = {**config.to_dict(), "auto_map": {"AutoModel": "modeling.Net"}}
+    torch.save({"config": custom, "state_dict": model.state_dict()}, tmp_path / "custom.pt")
+    assert_one_line_error(
+        run_cli(["inspect", "custom.pt", "--input", "ids.pt"], cwd=tmp_path), "custom code (auto_map)"
+    )

@@ -21,6 +21,7 @@ from gradcheck_cli.load.limits import MemoryBudget, memory_budget, require_regul
 from gradcheck_cli.load.loaded import LoadedModel
 from gradcheck_cli.load.pickled_main import main_classes, main_from, trust_command
 from gradcheck_cli.load.safety import RefusedGlobal, load_tensors_only, unsafe_globals
+from gradcheck_cli.load.self_described import hf_config_entry, model_from_hf_config
 from gradcheck_cli.load.sizes import ZIP_MAGIC, check_legacy_torch_file, check_tensors, check_zip_archive
 from gradcheck_cli.load.sniff import PICKLE_PROTOCOL
 from gradcheck_cli.load.weights import Weights, is_state_dict, with_architecture
@@ -180,7 +181,12 @@ def _interpret(content: Any, path: Path, model_spec: str | None, strict: bool) -
             "tensors; save model.state_dict() (alone or under any key)"
         )
     found = ("a Lightning checkpoint (hyper_parameters present)",) if "hyper_parameters" in content else ()
-    loaded = with_architecture(dicts, path, model_spec, "training_checkpoint", notes=found, strict=strict)
+    named = hf_config_entry(content) if model_spec is None else None
+    model = None
+    if named is not None:  # the file names its architecture: no --model needed
+        model, note = model_from_hf_config(*named, path, {k for w in dicts for k in w.state})
+        found += (note,)
+    loaded = with_architecture(dicts, path, model_spec, "training_checkpoint", notes=found, strict=strict, model=model)
     return dataclasses.replace(loaded, trained=trained)
 
 

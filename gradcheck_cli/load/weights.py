@@ -49,16 +49,20 @@ def with_architecture(
     *,
     notes: tuple[str, ...] = (),
     strict: bool = True,
+    model: nn.Module | None = None,
 ) -> LoadedModel:
-    """Build ``--model`` and load into it the found weights that fit it best, or say why none fits."""
-    if model_spec is None:
+    """Build ``--model`` (or take ``model``, an architecture the file named) and load into it the found weights
+    that fit it best, or say why none fits."""
+    if model is None and model_spec is None:
         raise CheckpointError(f"{path} holds weights only ({len(found[0].state)} tensors); {model_hint(path)}")
-    model = build_model(model_spec)
+    if model is None:
+        assert model_spec is not None
+        model = build_model(model_spec)
     expected = model.state_dict().keys()
     fits = [(weights, *align_keys(weights.state, expected)) for weights in found]
     best = max(fits, key=lambda fit: len(set(expected) & set(fit[1])))  # the first of equals: file order
     weights, aligned, stripped, dropped = best
-    extra = list(spec_notes(model_spec))
+    extra = list(spec_notes(model_spec)) if model_spec is not None else []
     if weights.key is not None:
         others = [w.key for w in found if w is not weights]
         also = f" (also found {', '.join(repr(k) for k in others)}; the one that fits the model was used)"
