@@ -203,3 +203,42 @@ def test_a_checkpoint_with_its_hugging_face_config_needs_no_model(tmp_path: Path
     assert_one_line_error(
         run_cli(["inspect", "custom.pt", "--input", "ids.pt"], cwd=tmp_path), "custom code (auto_map)"
     )
+
+
+LIGHTNING_MODULE = """
+import lightning
+import torch
+from torch import nn
+
+
+class Classifier(lightning.LightningModule):
+    def __init__(self, width: int = 4, classes: int = 2):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, classes))
+
+    def forward(self, x):
+        return self.net(x)
+"""
+
+
+def test_a_lightning_checkpoint_is_built_with_its_hyper_parameters(tmp_path: Path) -> None:
+    """The constructor arguments Lightning saved (width=16, not the default 4) build the architecture, and a
+    LightningCLI checkpoint that names its class is built from that name with --trust (refused without)."""
+    (tmp_path / "litmodel.py").write_text(LIGHTNING_MODULE)
+    make = (
+        "import torch, litmodel\n"
+        "m = litmodel.Classifier(width=16, classes=3)\n"
+        "torch.save({'state_dict': m.state_dict(), 'hyper_parameters': dict(m.hparams), 'epoch': 4}, 'lit.ckpt')\n"
+        "hp = {**dict(m.hparams), '_class_path': 'litmodel.Classifier', '_instantiator': 'x'}\n"
+        "torch.save({'state_dict': m.state_dict(), 'hyper_parameters': hp}, 'cli.ckpt')\n"
+        "torch.save(torch.randn(4, 8), 'x.pt')\n"
+    )
+    subprocess.run([sys.executable, "-c", make], cwd=tmp_path, check=True, timeout=120)
+    args = ["inspect", "lit.ckpt", "--input", "x.pt", "--model", "litmodel:Classifier", "--format", "json"]
+    notes = json_report(run_cli(args, cwd=tmp_path))["notes"]
+    assert "built with the checkpoint's hyper_parameters (classes, width)" in notes
+    line = assert_one_line_error(run_cli(["inspect", "cli.ckpt", "--input", "x.pt"], cwd=tmp_path), "--trust")
+    assert "names its model class litmodel.Classifier" in line and "--model litmodel:Classifier" in line
+    trusted = run_cli(["inspect", "cli.ckpt", "--input", "x.pt", "--trust", "--format", "json"], cwd=tmp_path)
+    assert any("named by the checkpoint's hyper_parameters" in note for note in json_report(trusted)["notes"])

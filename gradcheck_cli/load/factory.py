@@ -6,9 +6,11 @@ never its top-level training. Without ``:FACTORY`` the script's one ``nn.Module`
 
 from __future__ import annotations
 
+import inspect
 import os
 import pkgutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +49,18 @@ def spec_notes(spec: str) -> tuple[str, ...]:
     return (note,) if note else ()
 
 
-def build_model(spec: str) -> nn.Module:
-    """Import the object ``spec`` names and turn it into a module: call it unless it is one."""
-    definitions: ScriptDefinitions | None = None
-    if is_script(spec):
-        path, definitions = script_definitions(spec)
-        target = _script_target(spec, path, definitions)
-    else:
-        target = _resolve(spec)
+def build_model(spec: str, hyper_parameters: Mapping[str, Any] | None = None) -> nn.Module:
+    """Import the object ``spec`` names and turn it into a module: call it unless it is one.
+
+    ``hyper_parameters`` (a Lightning checkpoint's) are passed to it as the keyword arguments its signature
+    accepts, as ``LightningModule.load_from_checkpoint`` does."""
+    target, definitions = _target(spec)
     if isinstance(target, nn.Module):
         return target
     if not callable(target):
         raise ModelFactoryError(f"--model {spec}: {type(target).__name__} is neither an nn.Module nor callable")
     try:
-        model = target()
+        model = target(**accepted_arguments(target, hyper_parameters or {}))
     except (Exception, SystemExit) as exc:  # a factory that calls sys.exit() must not pass the gate
         hint = missing_global_hint(exc, definitions, _split_script(spec)[0]) if definitions is not None else ""
         raise ModelFactoryError(
@@ -69,6 +69,34 @@ def build_model(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelFactoryError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _target(spec: str) -> tuple[Any, ScriptDefinitions | None]:
+    """What ``spec`` names, and the script definitions it came from (None for an importable module)."""
+    if is_script(spec):
+        path, definitions = script_definitions(spec)
+        return _script_target(spec, path, definitions), definitions
+    return _resolve(spec), None
+
+
+def used_hyper_parameters(spec: str, hyper_parameters: Mapping[str, Any]) -> list[str]:
+    """The names of the hyper-parameters :func:`build_model` passes to what ``spec`` names."""
+    target = _target(spec)[0]
+    return [] if isinstance(target, nn.Module) else sorted(accepted_arguments(target, hyper_parameters))
+
+
+def accepted_arguments(target: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that ``target``'s signature takes (all of them when it takes ``**kwargs``)."""
+    if not values:
+        return {}
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C extension without a signature
+        return {}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return {k: v for k, v in values.items() if not k.startswith("_")}
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 def _script_target(spec: str, path: Path, definitions: ScriptDefinitions) -> Any:

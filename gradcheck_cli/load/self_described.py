@@ -72,3 +72,34 @@ def _best_head(config: Any, transformers: Any, keys: set[str]) -> nn.Module | No
         if overlap == len(keys):
             break
     return best[1]
+
+
+def lightning_class_path(content: Mapping[Any, Any]) -> str | None:
+    """The class a LightningCLI checkpoint names (``hyper_parameters["_class_path"]``) as ``module:Class``."""
+    hyper = content.get("hyper_parameters")
+    path = hyper.get("_class_path") if isinstance(hyper, Mapping) else None
+    if not isinstance(path, str) or "." not in path:
+        return None
+    module, _, name = path.rpartition(".")
+    return f"{module}:{name}"
+
+
+def hyper_parameters(content: Mapping[Any, Any]) -> Mapping[str, Any] | None:
+    """A Lightning checkpoint's constructor arguments (``save_hyperparameters()``), when they are a dict."""
+    hyper = content.get("hyper_parameters")
+    return hyper if isinstance(hyper, Mapping) and all(isinstance(k, str) for k in hyper) else None
+
+
+def named_class_spec(content: Mapping[Any, Any], path: Path, trust: bool) -> tuple[str, str] | None:
+    """``--model`` as the checkpoint itself names it (LightningCLI) and the note saying so; importing a class a
+    file names runs code, so without ``trust`` the one-line error gives the command that allows it."""
+    spec = lightning_class_path(content)
+    if spec is None:
+        return None
+    if not trust:
+        raise CheckpointError(
+            f"{path} names its model class {spec.replace(':', '.')} (LightningCLI hyper_parameters); importing it "
+            f"runs that code: if you trust the checkpoint, run from your project root: gradcheck inspect {path} "
+            f"--trust, or name the class yourself: --model {spec}"
+        )
+    return spec, f"architecture {spec.replace(':', '.')} named by the checkpoint's hyper_parameters (--trust)"

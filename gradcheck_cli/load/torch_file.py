@@ -21,7 +21,12 @@ from gradcheck_cli.load.limits import MemoryBudget, memory_budget, require_regul
 from gradcheck_cli.load.loaded import LoadedModel
 from gradcheck_cli.load.pickled_main import main_classes, main_from, trust_command
 from gradcheck_cli.load.safety import RefusedGlobal, load_tensors_only, unsafe_globals
-from gradcheck_cli.load.self_described import hf_config_entry, model_from_hf_config
+from gradcheck_cli.load.self_described import (
+    hf_config_entry,
+    hyper_parameters,
+    model_from_hf_config,
+    named_class_spec,
+)
 from gradcheck_cli.load.sizes import ZIP_MAGIC, check_legacy_torch_file, check_tensors, check_zip_archive
 from gradcheck_cli.load.sniff import PICKLE_PROTOCOL
 from gradcheck_cli.load.weights import Weights, is_state_dict, with_architecture
@@ -33,7 +38,7 @@ def load_torch_file(
     """Load a ``torch.save`` file (zip or legacy) into a module, its sizes checked against ``budget`` first."""
     script = model_spec if model_spec is not None and is_script(model_spec) else None
     content = read_torch_file(path, trust=trust, what="checkpoint", budget=budget, main_script=script)
-    return _interpret(content, path, model_spec, strict)
+    return _interpret(content, path, model_spec, strict=strict, trust=trust)
 
 
 def read_torch_file(
@@ -155,7 +160,7 @@ def _from_script(model: nn.Module, spec: str) -> bool:
     return any(type(m).__module__ == script for m in model.modules())
 
 
-def _interpret(content: Any, path: Path, model_spec: str | None, strict: bool) -> LoadedModel:
+def _interpret(content: Any, path: Path, model_spec: str | None, *, strict: bool, trust: bool) -> LoadedModel:
     if isinstance(content, nn.Module):
         notes: tuple[str, ...] = ()
         if model_spec and is_script(model_spec) and _from_script(content, model_spec):
@@ -180,13 +185,21 @@ def _interpret(content: Any, path: Path, model_spec: str | None, strict: bool) -
             f"{path} is a dict without model weights (keys: {keys}): no entry holds a module or a dict of named "
             "tensors; save model.state_dict() (alone or under any key)"
         )
-    found = ("a Lightning checkpoint (hyper_parameters present)",) if "hyper_parameters" in content else ()
+    found: tuple[str, ...] = (
+        ("a Lightning checkpoint (hyper_parameters present)",) if "hyper_parameters" in content else ()
+    )
     named = hf_config_entry(content) if model_spec is None else None
     model = None
     if named is not None:  # the file names its architecture: no --model needed
         model, note = model_from_hf_config(*named, path, {k for w in dicts for k in w.state})
         found += (note,)
-    loaded = with_architecture(dicts, path, model_spec, "training_checkpoint", notes=found, strict=strict, model=model)
+    elif model_spec is None and (lightning := named_class_spec(content, path, trust)) is not None:
+        model_spec, note = lightning
+        found += (note,)
+    loaded = with_architecture(
+        dicts, path, model_spec, "training_checkpoint", notes=found, strict=strict, model=model,
+        hyper_parameters=hyper_parameters(content),
+    )  # fmt: skip
     return dataclasses.replace(loaded, trained=trained)
 
 

@@ -11,12 +11,13 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from gradcheck_cli.errors import CheckpointError, first_line
-from gradcheck_cli.load.factory import build_model, spec_notes
+from gradcheck_cli.load.factory import build_model, spec_notes, used_hyper_parameters
 from gradcheck_cli.load.loaded import LoadedModel
 from gradcheck_cli.load.pickled_main import suggested_factory
 
@@ -50,6 +51,7 @@ def with_architecture(
     notes: tuple[str, ...] = (),
     strict: bool = True,
     model: nn.Module | None = None,
+    hyper_parameters: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
     """Build ``--model`` (or take ``model``, an architecture the file named) and load into it the found weights
     that fit it best, or say why none fits."""
@@ -57,7 +59,11 @@ def with_architecture(
         raise CheckpointError(f"{path} holds weights only ({len(found[0].state)} tensors); {model_hint(path)}")
     if model is None:
         assert model_spec is not None
-        model = build_model(model_spec)
+        model = build_model(model_spec, hyper_parameters)
+        if hyper_parameters:
+            extra_args = used_hyper_parameters(model_spec, hyper_parameters)
+            if extra_args:
+                notes += (f"built with the checkpoint's hyper_parameters ({', '.join(extra_args)})",)
     expected = model.state_dict().keys()
     fits = [(weights, *align_keys(weights.state, expected)) for weights in found]
     best = max(fits, key=lambda fit: len(set(expected) & set(fit[1])))  # the first of equals: file order
