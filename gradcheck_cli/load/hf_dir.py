@@ -29,15 +29,12 @@ Rules, stricter than ``from_pretrained``, because the report must describe the c
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from gradcheck_cli.errors import CheckpointError, first_line
+from gradcheck_cli.load.hf_build import build, import_transformers, model_class, model_class_or_none, quiet
 from gradcheck_cli.load.hf_size import check_architecture
 from gradcheck_cli.load.hf_weights import (
     check_ties,
@@ -68,15 +65,15 @@ def load_hf_directory(path: Path, *, trust: bool, budget: MemoryBudget | None = 
     refuse_special_members(path, CheckpointError)
     raw = _read_config_json(path)
     files, source, skipped, listed = weight_files(path)
-    transformers = _import_transformers(path)
+    transformers = import_transformers(path)
     notes: list[str] = []
-    with _quiet(transformers):
+    with quiet(transformers):
         _refuse_unsupported(path, raw, transformers, notes)
         config = _read_config(path, transformers)
-        cls = _model_class(path, config, transformers)
+        cls = model_class(path, config, transformers)
         state = read_weights(files, path, listed, trust=trust, budget=budget)
         check_architecture(path, cls, config, transformers, state, budget)
-        model = _build(path, cls, config, transformers)
+        model = build(path, cls, config, transformers)
         fit = fit_state(model, state, layout_renamer(model))
         check_ties(model, fit, path)
         problem = describe_mismatch(model, fit.state, set(fit.tied) | set(fit.own_buffers))
@@ -116,40 +113,12 @@ def _read_config_json(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _import_transformers(path: Path) -> Any:
-    """transformers, imported lazily and offline (an optional dependency)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import transformers
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("transformers", None):
-            raise CheckpointError(f"transformers is installed but cannot be imported: {first_line(exc)}") from None
-        raise CheckpointError(
-            f"{path} is a Hugging Face model directory; reading it needs transformers: pip install transformers"
-        ) from None
-    except ImportError as exc:
-        raise CheckpointError(f"transformers is installed but cannot be imported: {first_line(exc)}") from None
-    return transformers
-
-
-@contextmanager
-def _quiet(transformers: Any) -> Iterator[None]:
-    """Silence transformers' warnings while we build (config validation chatter); errors still show."""
-    logging = transformers.utils.logging
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-
-
 def _refuse_unsupported(path: Path, raw: Mapping[str, Any], transformers: Any, notes: list[str]) -> None:
     """Custom code (``auto_map``) transformers does not have built in, quantised weights, unknown model types."""
     architecture = _architecture(raw)
     model_type = raw.get("model_type")
     known_type = isinstance(model_type, str) and model_type in transformers.CONFIG_MAPPING
-    known_class = architecture is None or _model_class_or_none(transformers, architecture) is not None
+    known_class = architecture is None or model_class_or_none(transformers, architecture) is not None
     auto_map = raw.get("auto_map")
     if auto_map:
         custom = _custom_class(auto_map, architecture)
@@ -199,21 +168,6 @@ def _custom_class(auto_map: Any, architecture: str | None) -> str:
     return f"{class_name} from {module}.py" if module else class_name
 
 
-def _model_class_or_none(transformers: Any, name: str) -> type[nn.Module] | None:
-    """``transformers.<name>`` when it is a model class, else None."""
-    if not name.isidentifier() or name.startswith("_"):
-        return None
-    try:
-        candidate = getattr(transformers, name)
-    except AttributeError:
-        return None
-    except Exception as exc:  # the lazy module failed to import the model (a missing optional package)
-        raise CheckpointError(f"transformers has {name} but cannot import it: {first_line(exc)}") from None
-    if isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedModel):
-        return candidate
-    return None
-
-
 def _read_config(path: Path, transformers: Any) -> Any:
     """The config object, read locally: no network, no remote code."""
     try:
@@ -221,43 +175,3 @@ def _read_config(path: Path, transformers: Any) -> Any:
     except Exception as exc:  # transformers raises ValueError, OSError, KeyError, TypeError for bad configs
         version = getattr(transformers, "__version__", "?")
         raise CheckpointError(f"transformers {version} cannot read {path}/config.json: {first_line(exc)}") from None
-
-
-def _model_class(path: Path, config: Any, transformers: Any) -> type[nn.Module] | None:
-    """The class ``config.architectures[0]`` names; None for 'the base model' (``AutoModel``)."""
-    architectures = getattr(config, "architectures", None) or []
-    if isinstance(architectures, str):  # a hand-edited config.json: "architectures": "BertModel"
-        architectures = [architectures]
-    if not architectures:
-        return None
-    name = str(architectures[0])
-    cls = _model_class_or_none(transformers, name)
-    if cls is None:
-        version = getattr(transformers, "__version__", "?")
-        raise CheckpointError(
-            f"{path}/config.json names architecture {name!r}, which is not a model class of transformers {version}; "
-            'upgrade transformers or correct "architectures" in config.json'
-        )
-    expected = getattr(cls, "config_class", None)
-    if (
-        isinstance(expected, type)
-        and expected is not transformers.PretrainedConfig
-        and not isinstance(config, expected)
-    ):
-        raise CheckpointError(
-            f"{path}/config.json names architecture {name}, which takes a {expected.__name__}, but its model_type "
-            f"{getattr(config, 'model_type', '?')!r} gives a {type(config).__name__}"
-        )
-    return cls
-
-
-def _build(path: Path, cls: type[nn.Module] | None, config: Any, transformers: Any) -> nn.Module:
-    """The model, freshly initialised (its weights are replaced next); ``AutoModel`` without an architecture."""
-    what = cls.__name__ if cls is not None else "the base model (AutoModel)"
-    try:
-        model = cls(config) if cls is not None else transformers.AutoModel.from_config(config, trust_remote_code=False)
-    except Exception as exc:  # an inconsistent config fails inside the model's constructor
-        raise CheckpointError(f"cannot build {what} from {path}/config.json: {first_line(exc)}") from None
-    if not isinstance(model, nn.Module):
-        raise CheckpointError(f"{what} built from {path}/config.json is a {type(model).__name__}, not a torch module")
-    return model

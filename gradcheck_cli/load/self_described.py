@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from gradcheck_cli.errors import CheckpointError, first_line
-from gradcheck_cli.load.hf_dir import _build, _import_transformers, _model_class
+from gradcheck_cli.load.hf_build import build, import_transformers, model_class
 
 
 def hf_config_entry(content: Mapping[Any, Any]) -> tuple[str, Mapping[str, Any]] | None:
@@ -45,14 +45,14 @@ def model_from_hf_config(key: str, raw: Mapping[str, Any], path: Path, keys: set
             f"{path}: the Hugging Face config in {key!r} names custom code (auto_map), which gradcheck never runs; "
             "name the architecture with --model"
         )
-    transformers = _import_transformers(path)
+    transformers = import_transformers(path)
     settings = {k: v for k, v in raw.items() if k != "model_type"}
     try:
         config = transformers.AutoConfig.for_model(str(raw["model_type"]), **settings)
     except Exception as exc:  # an unknown model_type or an inconsistent config
         raise CheckpointError(f"{path}: transformers cannot read the config in {key!r}: {first_line(exc)}") from None
-    cls = _model_class(path, config, transformers)
-    model = _build(path, cls, config, transformers) if cls is not None else _best_head(config, transformers, keys)
+    cls = model_class(path, config, transformers)
+    model = build(path, cls, config, transformers) if cls is not None else _best_head(config, transformers, keys)
     if model is None:
         raise CheckpointError(f"{path}: transformers builds no model from the config in {key!r}; use --model")
     return model, f"architecture {type(model).__name__} built from the checkpoint's Hugging Face config ({key!r})"
