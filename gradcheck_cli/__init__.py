@@ -1,13 +1,17 @@
 """gradcheck: does the gradient flow through your PyTorch model, and if not, why and what fixes it.
 
-Importing this package does not import torch; ``check`` and ``Report`` load it on first use.
+Importing this package does not import torch; ``check`` and ``Report`` load it on first use. A ``Report``
+prints as the text report (``print(report)``) and shows itself in Jupyter (``_repr_html_``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gradcheck_cli.render.notebook import install_display
 from gradcheck_cli.version import __version__
+
+install_display()  # print(report) and Jupyter show the report (report/display.py; the renderers load on use)
 
 if TYPE_CHECKING:
     from gradcheck_cli.api import check

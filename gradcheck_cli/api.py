@@ -13,6 +13,7 @@ from torch import nn
 
 from gradcheck_cli.advise.advice import advise
 from gradcheck_cli.advise.optimise import optimisation_findings, trace_optimisation
+from gradcheck_cli.advise.trained import trained_weights
 from gradcheck_cli.advise.verify import order_by_effect, verify_recommendations
 from gradcheck_cli.diagnose.activation_health import activation_findings, activation_section
 from gradcheck_cli.diagnose.init_audit import audit_init, init_findings
@@ -112,8 +113,7 @@ def _check(
     if sharding is None and _non_finite(findings):
         with phase("locate_non_finite"):
             origin = locate_non_finite(
-                model, ready, seed=settings.seed, train=settings.train, unfreeze=settings.unfreeze,
-                autocast=settings.autocast_name, loss_scale=result.loss_scale,
+                model, ready, **settings.pass_options(), autocast=settings.autocast_name, loss_scale=result.loss_scale,
             )  # fmt: skip
     trace = None
     if settings.steps:
@@ -122,7 +122,7 @@ def _check(
         if not (trace.verdict == "non_finite" and trace.onset_step == 0):  # NaN before any step: GC003/GC004's
             findings += optimisation_findings(trace)
     with phase("diagnose"):
-        recommendations = _advise(model, judged, findings)
+        recommendations = _advise(model, judged, findings, provenance.trained)
     notes = _notes(provenance, sharding, judged, result, settings)
     report = dataclasses.replace(
         _report(model, ready, result, judged.diagnosis, findings, recommendations, notes, settings, provenance),
@@ -190,7 +190,9 @@ def _non_finite(findings: Sequence[Finding]) -> bool:
     return any(f.problem is Problem.NON_FINITE for f in findings)
 
 
-def _advise(model: nn.Module, judged: _Judged, findings: tuple[Finding, ...]) -> tuple[Recommendation, ...]:
+def _advise(
+    model: nn.Module, judged: _Judged, findings: tuple[Finding, ...], trained: str | None
+) -> tuple[Recommendation, ...]:
     """The recommendations, when a finding names a problem or a cause that has a fix."""
     if not any(f.problem is not None or f.code in CAUSE_CODES for f in findings):
         return ()
@@ -202,6 +204,7 @@ def _advise(model: nn.Module, judged: _Judged, findings: tuple[Finding, ...]) ->
         activations=judged.activations,
         precision=judged.precision,
         half=judged.half,
+        trained=trained_weights(model, judged.audit, trained),
     )
 
 
@@ -228,8 +231,8 @@ def _notes(
         )
     if not result.activation_hooks:
         notes.append(
-            "module hooks do not fire on TorchScript modules or torch.export programs: "
-            "only parameter gradients were measured"
+            "module hooks do not fire on TorchScript modules: the path is read through the layers' bias gradients "
+            "(the output gradient summed over the batch)"
         )
     if settings.autocast is not None:
         scaled = f" with the loss scaled by {result.loss_scale:g}; gradients are reported unscaled"
@@ -245,7 +248,7 @@ def _probe_sharded(wrapper: nn.Module, batch: Batch, sharding: Sharding, setting
     """The probe through the DDP/FSDP2 wrapper (so backward reduces the gradients), every number reduced across
     ranks, layers named as in the unwrapped module."""
     with sharded(sharding):
-        result = probe(wrapper, batch, seed=settings.seed, train=settings.train, unfreeze=settings.unfreeze)
+        result = probe(wrapper, batch, **settings.pass_options())
     if wrapper is unwrap(wrapper):
         return result
     prefix = _wrapper_prefix(wrapper)
@@ -274,17 +277,14 @@ def _measure(model: nn.Module, batch: Batch, settings: ProbeSettings) -> tuple[P
     Under ``autocast`` the float32 pass comes first (it sets the loss scale for fp16); for a model that
     holds fp16/bf16 parameters, a float32 copy is probed as well.
     """
-    seed, train, unfreeze = settings.seed, settings.train, settings.unfreeze
-    result = probe(model, batch, seed=seed, train=train, unfreeze=unfreeze)
+    result = probe(model, batch, **settings.pass_options())
     held_in_half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
     # a model held in half precision has already rounded its small gradients away: a float32 copy is the truth
     reference = _float32_reference(model, batch, settings) if held_in_half else None
     if settings.autocast is not None:
         truth = reference or result
         scale = recommended_scale(truth.precision) if settings.autocast is Autocast.fp16 else 1.0
-        half = probe_scaled(
-            model, batch, seed=seed, train=train, unfreeze=unfreeze, autocast=settings.autocast_name, loss_scale=scale
-        )
+        half = probe_scaled(model, batch, **settings.pass_options(), autocast=settings.autocast_name, loss_scale=scale)
         return half, truth
     return result, reference
 
@@ -345,7 +345,7 @@ def _float32_reference(model: nn.Module, batch: Batch, settings: ProbeSettings) 
         target=batch.target,
     )
     try:
-        return probe(copy, floats, seed=settings.seed, train=settings.train, unfreeze=settings.unfreeze)
+        return probe(copy, floats, **settings.pass_options())
     except GradcheckError:
         return None
 

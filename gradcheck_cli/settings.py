@@ -80,6 +80,9 @@ class ProbeSettings:
     """Optimisation probe: the learning rate."""
     optimizer: Optimizer = Optimizer.sgd
     """Optimisation probe: the optimiser."""
+    loss_output: int | str | None = None
+    """Which of the model's outputs the loss is computed from: an index into a tuple/list output or a key of a
+    dict-like one (None: the model's own loss, else the first floating-point output with a target, else all)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "autocast", _autocast(self.autocast))
@@ -89,6 +92,11 @@ class ProbeSettings:
     def autocast_name(self) -> str | None:
         """``autocast`` as the probe functions take it: ``"fp16"``, ``"bf16"`` or None."""
         return None if self.autocast is None else self.autocast.value
+
+    def pass_options(self) -> dict[str, Any]:
+        """What every forward+backward of this run shares (the probe's, a fix's re-probe, the NaN locator's):
+        seed, mode, unfreezing and which output the loss uses, as the probe functions take them."""
+        return {"seed": self.seed, "train": self.train, "unfreeze": self.unfreeze, "loss_output": self.loss_output}
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,7 @@ class ProbeOptions(TypedDict, total=False):
     steps: int
     lr: float
     optimizer: Optimizer | str
+    loss_output: int | str | None
 
 
 class CheckOptions(ProbeOptions, total=False):

@@ -178,13 +178,19 @@ def show(proc: Proc) -> str:
 
 
 def assert_one_line_error(proc: Proc, *needles: str) -> str:
-    """Exit 2, nothing on stdout, and one ``error: ...`` line on stderr holding every needle; no traceback."""
+    """Exit 2, one ``error: ...`` line on stderr holding every needle, no traceback; stdout empty, or (``--format
+    json``) the error document with the same message."""
     assert proc.returncode == 2, show(proc)
     assert "Traceback" not in proc.stderr, show(proc)
-    assert proc.stdout == "", show(proc)
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, show(proc)
     assert lines[0].startswith("error: "), show(proc)
+    message = lines[0].removeprefix("error: ")
+    if proc.stdout.startswith("{"):  # --format json: the error document (tests/test_ci_errors.py has the rest)
+        document = json.loads(proc.stdout)
+        assert (document["status"], document["code"], document["message"]) == ("error", 2, message), show(proc)
+    elif proc.stdout:  # --format github: one workflow command
+        assert proc.stdout.startswith("::error") and proc.stdout.count("\n") == 1, show(proc)
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in the error line{show(proc)}"
     return lines[0]

@@ -29,6 +29,7 @@ from gradcheck_cli.errors import CheckpointError, UntrustedCheckpointError
 from gradcheck_cli.load import load_checkpoint
 from gradcheck_cli.load.exported import load_exported
 from gradcheck_cli.load.exported_scan import is_plain_shape_expression, scan_archive
+from gradcheck_cli.probe.modules import supports_module_hooks
 
 ROOT = "model"
 """Top-level folder of the archives written here (torch names it after the file)."""
@@ -196,13 +197,14 @@ def test_healthy_program_is_measured_on_its_stored_example_inputs(cli: dict[str,
     assert report["run"]["checkpoint_kind"] == "exported_program"
     assert report["run"]["batch_source"] == STORED_INPUTS
     assert report["run"]["batch"] == "float32[3, 4]"
-    assert report["path"]["measured_with"] == "parameter_gradients"
+    # the loader restores the module hierarchy (torch.export.unflatten): module hooks fire as on the eager model
+    assert report["path"]["measured_with"] == "activation_gradients"
     assert [layer["name"] for layer in report["layers"]] == ["0", "2"]
-    assert all(layer["grad_norm"] > 0 for layer in report["layers"])
+    assert all(layer["grad_norm"] > 0 and layer["act_grad_norm"] > 0 for layer in report["layers"])
     notes = " ".join(report["notes"])
     assert "cannot switch train/eval mode" in notes
-    assert "module hooks do not fire" in notes
-    assert "only parameter gradients" in notes
+    assert "module hooks do not fire" not in notes
+    assert not [f for f in report["findings"] if f["code"] == "GC006"]
 
 
 def test_input_file_replaces_the_stored_example_inputs(cli: dict[str, Any]) -> None:
@@ -212,10 +214,10 @@ def test_input_file_replaces_the_stored_example_inputs(cli: dict[str, Any]) -> N
     assert given["run"]["loss_value"] != stored["run"]["loss_value"]
 
 
-def test_deep_sigmoid_program_is_flagged_vanishing_from_parameter_gradients(cli: dict[str, Any]) -> None:
+def test_deep_sigmoid_program_is_flagged_vanishing_from_activation_gradients(cli: dict[str, Any]) -> None:
     report = report_of(cli["runs"]["sigmoid"], 1)
     assert report["problems"] == ["vanishing"]
-    assert report["path"]["measured_with"] == "parameter_gradients"
+    assert report["path"]["measured_with"] == "activation_gradients"
     assert report["path"]["length"] == 51
 
 
@@ -282,9 +284,9 @@ def test_loaded_program_parameters_are_leaves_that_receive_gradients(healthy_arc
         p.requires_grad_(True)
     loaded.module(*loaded.example_batch.args).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
-    # no guard submodule call in the graph: the probe's hook check sees a flat graph
-    assert isinstance(loaded.module, torch.fx.GraphModule)
-    assert not any(node.op == "call_module" for node in loaded.module.graph.nodes)
+    # the module hierarchy is restored (torch.export.unflatten), so module hooks fire on each layer
+    assert supports_module_hooks(loaded.module)
+    assert not isinstance(loaded.module, torch.fx.GraphModule)
 
 
 def test_dynamic_shape_program_is_safe_and_runs_on_other_batch_sizes(tmp_path: Path) -> None:

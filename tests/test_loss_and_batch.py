@@ -98,3 +98,45 @@ def test_batch_moves_to_a_device():
     assert isinstance(moved.kwargs["m"], list) and moved.kwargs["flag"] is True
     assert moved.target is target and target.device.type == "cpu"
     assert batch.args[0].device.type == "cpu" and batch.kwargs["m"][0].device.type == "cpu"  # the original stays
+
+
+# ----------------------------------------------------------------- issue 18: inputs that do not fit the first layer
+
+
+class _ViewMLP(nn.Module):
+    """The MNIST MLP as often written: ``x.view(-1, 784)`` folds whatever comes in into rows of 784."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(784, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.view(-1, 784))))
+
+
+def _misfit(model: nn.Module, *batch: torch.Tensor) -> str | None:
+    from gradcheck_cli.load.batch import batch_misfit, make_batch
+
+    ready = make_batch(batch, model)
+    with torch.no_grad():
+        output = model(*ready.args)
+    return batch_misfit(model, ready, output)
+
+
+def test_images_folded_into_rows_blame_the_inputs() -> None:
+    """3-channel 28×28 images into view(-1, 784): 24 rows for 8 samples, and the inputs are named, not the target."""
+    images, labels = torch.randn(8, 3, 28, 28), torch.randint(0, 10, (8,))
+    message = _misfit(_ViewMLP(), images, labels)
+    assert message is not None
+    assert "float32[8, 3, 28, 28] do not fit the model's first layer" in message
+    assert "fc1 (Linear) expects in_features=784" in message and "24 rows for the batch's 8" in message
+    assert _misfit(_ViewMLP(), torch.randn(8, 1, 28, 28), labels) is None  # fits: a wrong target stays the target's
+
+
+def test_linear_over_image_dimensions_blames_the_inputs() -> None:
+    """[8, 3, 32, 32] into Linear(32, …): it runs over the last dimension and the output keeps [8, 3, 32]."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    message = _misfit(model, torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    assert message is not None and "keeps the inputs' dimensions [8, 3, 32]" in message
+    assert "the first layer 0 (Linear) expects in_features=32" in message
+    assert _misfit(model, torch.randn(8, 32), torch.randint(0, 10, (8,))) is None

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import gradcheck_cli
 from gradcheck_cli.advise.optimise import (
     CONVERGED_LOSS,
     GROWTH_LIMIT,
@@ -419,3 +420,60 @@ def test_chart_of_a_stable_and_a_non_finite_run_without_colour():
     text = render_steps_chart(broken)
     assert "nan" in text.splitlines()[-2] and "◀ onset" in text.splitlines()[-2]
     assert text.splitlines()[-1] == "✗ NaN/Inf at step 2 (the run stopped there)"
+
+
+# ----------------------------------------------------------------- issue 18: the loss the steps minimise
+
+
+def _trained_mlp() -> nn.Module:
+    """A ReLU MLP trained for 300 SGD steps on a smooth regression (loss falls ~1000×): a healthy trained model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=g)
+    y = torch.sin(x[:, :4].sum(1, keepdim=True))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return model
+
+
+def test_healthy_trained_model_without_target_is_stable() -> None:
+    """No target: the steps minimise a bounded surrogate, not the random projection (which has no minimum and
+    took this model's gradient from 11 to NaN within 8 steps at lr 0.1)."""
+    model = _trained_mlp()
+    batch = Batch(args=(torch.randn(16, 16, generator=torch.Generator().manual_seed(1)),))
+    trace = trace_optimisation(model, batch, steps=8, lr=0.1)
+    assert trace.verdict == "stable", [r.grad_norm for r in trace.steps]
+    report = gradcheck_cli.check(model, batch, steps=8, lr=0.1, verify=False)
+    assert "GC015" not in {f.code for f in report.findings}
+
+
+def test_bounded_surrogate_is_named_and_seeded() -> None:
+    from gradcheck_cli.advise.surrogate import SURROGATE, bounded_batch
+    from gradcheck_cli.settings import ProbeSettings
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    batch = Batch(args=(torch.randn(6, 8),))
+    first, words = bounded_batch(model, batch, ProbeSettings(seed=3))
+    again, _ = bounded_batch(model, batch, ProbeSettings(seed=3))
+    assert SURROGATE in words and "mean squared error" in words
+    assert first.target is not None and again.target is not None and torch.equal(first.target, again.target)
+    assert first.target.shape == (6, 4)
+    with_target = Batch(args=batch.args, target=torch.randn(6, 4))
+    assert bounded_batch(model, with_target, ProbeSettings())[0] is with_target
+
+
+@pytest.mark.parametrize(("example", "lr"), [("deep-linear", 1e-3), ("relu-kaiming", 0.5)])
+def test_unstable_model_without_target_still_flagged(example: str, lr: float) -> None:
+    """A sick model (deep-linear: orthogonal ×1.2 over 50 layers) or too high a step still blows up on the
+    bounded surrogate: GC015."""
+    from gradcheck_cli.load.examples import get_example
+
+    model, batch = get_example(example).build(0)
+    trace = trace_optimisation(model, Batch(args=batch.args), steps=8, lr=lr)
+    assert trace.verdict in ("non_finite", "exploding")
+    assert optimisation_findings(trace)[0].code == "GC015"

@@ -247,3 +247,27 @@ def test_conflicting_modes_and_out_of_range_specs_exit_2():
         proc = run(*args)
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------ the header in words (issue 19)
+
+
+def test_the_text_says_what_the_depth_scale_is_and_when_a_crossing_is_extrapolated():
+    from gradcheck_cli.render.simulate_text import render_simulation_text
+
+    short = render_simulation_text(simulate_chain(10, 0.9))
+    assert "depth_scale=" not in short  # not a bare key: said in words
+    assert "depth scale ξ = 9.491 layers: the gradient falls by a factor e (≈ 2.72) every ξ layers" in short
+    assert "crosses below 1e-3 at 66 layers (extrapolated: factor**k continued past --depth 10)" in short
+    deep = render_simulation_text(simulate_chain(100, 0.9))
+    assert "crosses below 1e-3 at 66 layers\n" in deep  # within the simulated depth: measured, not extrapolated
+    growing = render_simulation_text(simulate_chain(10, 1.1))
+    assert "the gradient grows by a factor e (≈ 2.72) every 10.49 layers" in growing
+    network = render_simulation_text(simulate_network(NetworkSpec(5, "tanh", "xavier_normal", width=32, seeds=1)))
+    assert "theory's depth scale ξ = " in network and "falls by a factor e" in network
+
+
+def test_the_cli_prints_the_depth_scale_in_words():
+    proc = run("--depth", "10", "--factor", "0.9")
+    assert proc.returncode == 0, proc.stderr
+    assert "falls by a factor e" in proc.stdout and "(extrapolated" in proc.stdout

@@ -6,6 +6,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from gradcheck_cli.advise.trained import NOT_TRAINED, REINITIALISING, TrainedWeights, explain_trained
 from gradcheck_cli.diagnose.module_kinds import PLAIN_RECURRENT
 from gradcheck_cli.diagnose.rule_codes import (
     DEAD_UNITS,
@@ -31,16 +32,19 @@ def advise(
     activations: Sequence[ActivationLayer] = (),
     precision: Precision | None = None,
     half: bool = False,
+    trained: TrainedWeights = NOT_TRAINED,
 ) -> tuple[Recommendation, ...]:
     """Ranked recommendations for the problems among ``findings``; empty when there are none.
 
     ``half``: the model trains in fp16 (fp16 parameters or ``--autocast fp16``); only then is loss
-    scaling advised for GC013/GC014.
+    scaling advised for GC013/GC014. ``trained`` (:func:`~gradcheck_cli.advise.trained.trained_weights`):
+    a trained model gets no re-initialisation (clipping, the learning rate, normalisation and architecture
+    instead), and the first recommendation says which weights look trained or what else says so.
     """
     problems = {f.problem for f in findings if f.problem is not None}
     recs: list[Recommendation] = []
     recs += _unstable_training(findings)
-    recs += _dead_units(findings)
+    recs += _dead_units(findings, trained)
     if Problem.NON_FINITE in problems:
         recs += _non_finite(findings, layers, traits)
     if Problem.EXPLODING in problems:
@@ -49,6 +53,8 @@ def advise(
         recs += _vanishing(findings, path, traits, _saturation_evidence(activations))
     if half:
         recs += _half_precision(findings, precision)  # how the model trains, not why its gradient fails: last
+    if trained.whole:
+        recs = _keep_trained(recs, trained, problems & {Problem.EXPLODING, Problem.VANISHING}, path, traits)
     unique: dict[str, Recommendation] = {}
     for rec in recs:
         unique.setdefault(rec.id, rec)
@@ -78,11 +84,26 @@ def _optimizer_class(finding: Finding) -> str:
     return {"adam": "Adam", "adamw": "AdamW"}.get(name, "SGD")
 
 
-def _dead_units(findings: Sequence[Finding]) -> list[Recommendation]:
-    """Dead ReLUs (GC012): re-initialise, zeroing the biases that pushed them below 0."""
+def _dead_units(findings: Sequence[Finding], trained: TrainedWeights) -> list[Recommendation]:
+    """Dead ReLUs (GC012): re-initialise, zeroing the biases that pushed them below 0; trained weights are kept:
+    smaller steps then, and an activation that cannot die."""
     dead = next((f for f in findings if f.code == DEAD_UNITS.code), None)
     recs = []
-    if dead is not None:
+    if dead is not None and trained.whole:
+        recs.append(
+            Recommendation(
+                "lower_lr",
+                "Lower the learning rate (and consider LeakyReLU/GELU when fine-tuning)",
+                f"{dead.evidence.get('dead_share', math.nan):.0%} of the units of {dead.evidence.get('worst_layer')} "
+                "never fire on this batch; large steps push ReLU units below zero for good, and the weights are "
+                "trained, so re-initialising them would discard the training",
+                "optimizer = torch.optim.AdamW(model.parameters(), lr=lr / 10)\n"
+                "# fine-tuning anyway: nn.LeakyReLU(0.01) in place of nn.ReLU keeps the weights and cannot die",
+                (Problem.VANISHING,),
+                tuple(dead.evidence.get("layers", [])),
+            )
+        )
+    elif dead is not None:
         recs.append(
             Recommendation(
                 "kaiming_init",
@@ -353,7 +374,22 @@ def _exploding(
     return recs
 
 
-def _normalise_and_shortcut(path: PathSummary, traits: ModelTraits, problem: Problem) -> list[Recommendation]:
+def _keep_trained(
+    recs: list[Recommendation], trained: TrainedWeights, problems: set[Problem], path: PathSummary, traits: ModelTraits
+) -> list[Recommendation]:
+    """Trained weights are kept: no re-initialisation of a trained model; normalisation and shortcuts stand in
+    where nothing else addresses a problem."""
+    kept = [rec for rec in recs if rec.id not in REINITIALISING]
+    for problem in sorted(problems, key=lambda p: p.value):
+        if not any(problem in rec.addresses for rec in kept):
+            kept += _normalise_and_shortcut(path, traits, problem, deep=2)
+    dropped = sorted({rec.id for rec in recs if rec.id in REINITIALISING})
+    return explain_trained(kept, trained, dropped)
+
+
+def _normalise_and_shortcut(
+    path: PathSummary, traits: ModelTraits, problem: Problem, *, deep: int = DEEP_PLAIN_STACK
+) -> list[Recommendation]:
     recs = []
     if not traits.norms:
         rec_id, title, snippet = (
@@ -375,7 +411,7 @@ def _normalise_and_shortcut(path: PathSummary, traits: ModelTraits, problem: Pro
                 (problem,),
             )
         )
-    if path.length >= DEEP_PLAIN_STACK and not traits.recurrent:
+    if path.length >= deep and not traits.recurrent:
         recs.append(
             Recommendation(
                 "residual",

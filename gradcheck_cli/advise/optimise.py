@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from gradcheck_cli.advise.surrogate import bounded_batch, naming_loss
 from gradcheck_cli.diagnose.rule_codes import NON_FINITE_FORWARD, NON_FINITE_GRADIENT, UNSTABLE_OPTIMISATION
 from gradcheck_cli.diagnose.rules import Thresholds, diagnose
 from gradcheck_cli.errors import GradcheckError, first_line
@@ -89,7 +90,8 @@ def trace_optimisation(
     seed, mode, ``unfreeze`` and thresholds; any of its fields may be given as a keyword instead
     (``trace_optimisation(model, batch, steps=20, lr=0.05)``).
 
-    Every step probes the copy with the same seed (the same dropout masks, the same surrogate loss),
+    Every step probes the copy with the same seed (the same dropout masks, the same loss: the batch's target,
+    the model's own loss, else a bounded surrogate, :func:`~gradcheck_cli.advise.surrogate.bounded_batch`),
     records what it measured, then steps the optimiser with the gradients the probe left. The state
     after the last step is probed as well, so a finished run has ``steps + 1`` records (0 … N); the
     run stops at the first record whose loss, output or gradient is NaN/Inf. Only the parameters the
@@ -101,13 +103,16 @@ def trace_optimisation(
     steps, lr = _validate(settings.steps, settings.lr)
     seed, train, unfreeze, limits = settings.seed, settings.train, settings.unfreeze, settings.thresholds
     work = _copy(model)
+    batch, loss_words = bounded_batch(work, batch, settings)
     opt = _optimizer(settings.optimizer, _trained_parameters(work, unfreeze), lr)
 
     layers: tuple[str, ...] = ()
     records: list[StepRecord] = []
     stopped = False
     for step in range(steps + 1):
-        result = probe(work, batch, seed=seed, train=train, unfreeze=unfreeze, keep_grads=True)
+        result = probe(
+            work, batch, seed=seed, train=train, unfreeze=unfreeze, keep_grads=True, loss_output=settings.loss_output
+        )
         diagnosis = diagnose(result, limits)
         if step == 0:
             layers = tuple(m.name for m in result.layers)
@@ -142,10 +147,11 @@ def trace_optimisation(
         verdict, onset = NON_FINITE, records[-1].step
     else:
         verdict, onset, _ = classify(records, limits)
-    return OptimisationTrace(
+    trace = OptimisationTrace(
         optimizer=settings.optimizer.value, lr=lr, layers=layers, steps=tuple(records), verdict=verdict,
         onset_step=onset,
     )  # fmt: skip
+    return naming_loss(trace, loss_words)
 
 
 def _validate(steps: int, lr: float) -> tuple[int, float]:
@@ -337,6 +343,9 @@ def optimisation_findings(trace: OptimisationTrace, thresholds: Thresholds | Non
         "attenuation_step0": first.attenuation,
         "attenuation_onset": at.attenuation,
     }
+    loss = str(getattr(trace, "loss", "") or "")  # OptimisationTrace.loss: what the steps minimised
+    if loss:
+        evidence["loss"] = loss
     if trace.verdict == NON_FINITE:
         problem = Problem.NON_FINITE
         text, change, more = _non_finite_story(trace, onset, at, limits)

@@ -243,7 +243,7 @@ def _verify_scaling(run: _Run) -> Verification:
     float32 reference (the report's own measurement); the verification compares the worst layer.
     """
     model, batch, report, before = run.model, run.batch, run.report, run.before
-    seed, train, unfreeze = run.settings.seed, run.settings.train, run.settings.unfreeze
+    options = run.settings.pass_options()
     assert report.precision is not None
     started = time.perf_counter()
     scale = report.precision.recommended_scale
@@ -251,10 +251,8 @@ def _verify_scaling(run: _Run) -> Verification:
     autocast = None if half else "fp16"
     reference = {p.layer: p.zero for p in report.precision.layers}
     try:
-        plain = probe(model, batch, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast)
-        scaled = probe_scaled(
-            model, batch, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast, loss_scale=scale
-        )
+        plain = probe(model, batch, **options, autocast=autocast)
+        scaled = probe_scaled(model, batch, **options, autocast=autocast, loss_scale=scale)
     except Exception as exc:  # the user's forward under autocast can raise anything
         reason = f"probing with a loss scale failed ({type(exc).__name__}: {first_line(exc)})"
         return Verification("mixed_precision_scaling", False, before=before, reason=reason)
@@ -380,8 +378,8 @@ def _apply(work: nn.Module, rec: Recommendation, run: _Run) -> _Applied | str:
             SEEN_IN_FORWARD.reset(token)
     try:
         result = probe(
-            work, run.batch, seed=settings.seed, train=settings.train, unfreeze=settings.unfreeze,
-            keep_grads=clipping, autocast=settings.autocast_name, loss_scale=run.loss_scale,
+            work, run.batch, **settings.pass_options(), keep_grads=clipping,
+            autocast=settings.autocast_name, loss_scale=run.loss_scale,
         )  # fmt: skip
     except Exception as exc:
         return f"the changed copy could not be probed: {first_line(exc)}"

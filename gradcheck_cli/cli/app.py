@@ -36,7 +36,7 @@ app = typer.Typer(
 )
 app.command(epilog=EXIT_CODES_HELP, cls=RecordingCommand)(inspect)
 app.command(cls=RecordingCommand)(history)
-app.command(epilog="Chain mode (--factor) imports no torch and answers instantly.")(simulate)
+app.command(epilog="Chain mode (--factor) imports no torch and answers instantly.", cls=RecordingCommand)(simulate)
 
 
 def _version(value: bool) -> None:

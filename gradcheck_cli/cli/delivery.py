@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 
-from gradcheck_cli.cli.options import format_output_order
+from gradcheck_cli.cli.console import report_console
+from gradcheck_cli.cli.options import Invocation, format_output_order
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.outputs import OutputGuard, check_distinct, write_text, write_with
 from gradcheck_cli.render.registry import ReportFormat, renderer
@@ -30,6 +31,8 @@ class Delivery:
     formats: tuple[ReportFormat, ...]
     destinations: tuple[Path | None, ...]
     plot: Path | None
+    invocation: Invocation | None = field(default=None, compare=False)
+    """Where the plan is recorded for an error document, and each delivered destination ticked off."""
 
     @classmethod
     def plan(
@@ -53,12 +56,17 @@ class Delivery:
         if summary and ReportFormat.github in formats:  # --format github appends to it
             guard.check(Path(summary), "$GITHUB_STEP_SUMMARY")
         check_plot_suffix(plot)
-        return cls(tuple(formats), tuple(destinations), plot)
+        invocation = ctx.obj if isinstance(ctx.obj, Invocation) else None
+        if invocation is not None:  # checked: an error from here on writes its document to each of them
+            invocation.destinations = tuple(zip(formats, destinations, strict=True))
+        return cls(tuple(formats), tuple(destinations), plot, invocation)
 
     def deliver(self, report: Any) -> None:
         """Every format rendered to its destination, then the chart."""
         for kind, destination in zip(self.formats, self.destinations, strict=True):
             _emit(report, kind, destination)
+            if self.invocation is not None:
+                self.invocation.delivered.append(destination)
         if self.plot is not None:
             draw(report, self.plot)
 
@@ -127,7 +135,7 @@ def _emit(report: Any, kind: ReportFormat, output: Path | None) -> None:
     if kind is ReportFormat.text and output is None:
         from gradcheck_cli.render.text import text_report
 
-        Console(highlight=False, soft_wrap=False).print(text_report(report))
+        report_console().print(text_report(report), crop=False)  # code lines are never cut
         return
     write(renderer(kind)(report), output)
     if kind is ReportFormat.github and os.environ.get("GITHUB_STEP_SUMMARY"):

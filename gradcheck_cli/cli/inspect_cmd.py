@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gradcheck_cli.cli.config_defaults import apply_config, configuration, from_config, given
-from gradcheck_cli.cli.console import print_profile, process_age, status
+from gradcheck_cli.cli.console import baseline_written, print_profile, process_age, status
 from gradcheck_cli.cli.delivery import Delivery
 from gradcheck_cli.cli.gating import Gate
 from gradcheck_cli.cli.options import (
@@ -91,6 +91,14 @@ def inspect(
     trust: Annotated[
         bool, typer.Option("--trust", help="Allow unpickling code from the checkpoint (only for files you trust).")
     ] = False,
+    loss_output: Annotated[
+        str | None,
+        typer.Option(
+            "--loss-output",
+            help="Which output of a model that returns several the loss uses: an index (0) or a key; "
+            "default: the first (the report says which it used).",
+        ),
+    ] = None,
     strict: Annotated[
         bool,
         typer.Option(
@@ -110,7 +118,12 @@ def inspect(
         Path | None, typer.Option("--baseline", help="Fail only on what got worse than this stored report.")
     ] = None,
     write_baseline: Annotated[
-        Path | None, typer.Option("--write-baseline", help="Store this run's report as a baseline.")
+        Path | None,
+        typer.Option(
+            "--write-baseline",
+            help="Store this run's report as a baseline, accepting what it finds: exit 0 (with --baseline too, the "
+            "exit code judges the comparison with that one).",
+        ),
     ] = None,
     tolerance: Annotated[
         float | None, typer.Option(help="With --baseline: allowed change per layer, in orders of magnitude (1).")
@@ -213,6 +226,7 @@ def inspect(
         seed=0 if seed is None else seed, train=not eval_mode, unfreeze=unfreeze,
         thresholds=thresholds(vanishing_below, exploding_above), verify=not no_verify, autocast=autocast,
         steps=steps, lr=lr, optimizer=optimizer,
+        loss_output=None if loss_output is None else (int(loss_output) if loss_output.isdigit() else loss_output),
     )  # fmt: skip
     _refuse_conflicts(settings, batch, input_shape, distributed, example)
 
@@ -243,6 +257,8 @@ def inspect(
         report = compare(report, baseline, allowed, gate.policy.keeps, gate.policy.layer_ignored)
     if distributed is None or rank() == 0:  # every rank built the same report: rank 0 writes it
         _deliver(report, delivery, write_baseline, phases if profile else None)
+    if write_baseline is not None and baseline is None:  # recording a baseline accepts the state it records
+        raise typer.Exit(ExitCode.OK)
     raise typer.Exit(gate.exit_code(report))
 
 
@@ -277,6 +293,7 @@ def _deliver(report: Report, delivery: Delivery, write_baseline: Path | None, ph
         from gradcheck_cli.gate.baseline import write_baseline as store
 
         store(report, write_baseline)
+        baseline_written(report, write_baseline)
     from gradcheck_cli.timing import phase, recording
 
     if phases is not None:

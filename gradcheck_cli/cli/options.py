@@ -9,7 +9,7 @@ belongs to the ``--format`` before it), and whether ``--debug`` or ``--distribut
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -59,6 +59,12 @@ class Invocation:
     """``--debug``: an input error shows the traceback of its cause."""
     distributed: bool = False
     """``--distributed``: the process ends without the interpreter's teardown (see ``outcome.exit_process``)."""
+    destinations: tuple[tuple[ReportFormat, Path | None], ...] = ()
+    """Each report format and its file (None: standard output) where an error document may go: before the
+    outputs are checked, only the format written on the command line for standard output; once
+    ``Delivery.plan`` has checked them, every one."""
+    delivered: list[Path | None] = field(default_factory=list)
+    """The destinations that already hold this run's report (an error after them leaves them be)."""
 
 
 class RecordingCommand(TyperCommand):
@@ -72,7 +78,23 @@ class RecordingCommand(TyperCommand):
         if isinstance(ctx.obj, Invocation):
             ctx.obj.debug = bool(opts.get("debug"))
             ctx.obj.distributed = opts.get("distributed") is not None
+            ctx.obj.destinations = _stdout_format(opts.get("output_format"), ctx.meta[FORMAT_OUTPUT_ORDER])
         return super().parse_args(ctx, args)
+
+
+def _stdout_format(given: Any, order: tuple[str, ...]) -> tuple[tuple[ReportFormat, Path | None], ...]:
+    """The one format written on the command line without an ``--output`` after it (it goes to standard
+    output), for an error before the outputs are checked; none when that is not clear."""
+    values = [given] if isinstance(given, str) else list(given or ())
+    choices = {f.value for f in ReportFormat}
+    unpaired = [
+        value
+        for value, index in zip(values, (i for i, name in enumerate(order) if name == "output_format"), strict=False)
+        if not (index + 1 < len(order) and order[index + 1] == "output")
+    ]
+    if len(unpaired) != 1 or unpaired[0] not in choices:
+        return ()
+    return ((ReportFormat(unpaired[0]), None),)
 
 
 def format_output_order(ctx: typer.Context) -> tuple[str, ...]:

@@ -32,10 +32,10 @@ def run(app: typer.Typer, invocation: Invocation, err: Console) -> int:
         return _refused(err, exc, invocation)
     except typer.Abort:
         err.print("aborted")
-        return ExitCode.UNUSABLE_INPUT
+        return error_documents(invocation, ExitCode.UNUSABLE_INPUT, "aborted")
     except _ClickException as exc:
         exc.show()  # type: ignore[attr-defined]
-        return ExitCode.UNUSABLE_INPUT
+        return error_documents(invocation, ExitCode.UNUSABLE_INPUT, _one_line(exc.format_message()))  # type: ignore[attr-defined]
     except KeyboardInterrupt:
         return 130
     except SystemExit as exc:  # app() returns its own exit codes (standalone_mode=False): this is the user's code
@@ -57,7 +57,8 @@ def run(app: typer.Typer, invocation: Invocation, err: Console) -> int:
             "traceback above at the project's issue tracker.",
             markup=False,
         )
-        return ExitCode.INTERNAL_ERROR
+        message = f"internal error (a gradcheck bug, please report it): {type(exc).__name__}: {first_line(exc)}"
+        return error_documents(invocation, ExitCode.INTERNAL_ERROR, _one_line(message))
     except BaseException as exc:  # GeneratorExit or a custom BaseException from the model's code
         message = f"the model's code raised {type(exc).__name__}: {first_line(exc)}; gradcheck cannot judge it"
         return _refused(err, ModelCodeError(message), invocation)
@@ -70,7 +71,33 @@ def _refused(err: Console, exc: GradcheckError, invocation: Invocation) -> int:
         traceback.print_exception(cause if cause is not None else exc)
     where = f" (rank {rank()})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     err.print(f"error{where}: {_one_line(str(exc))}", markup=False)
-    return ExitCode.UNUSABLE_INPUT
+    return error_documents(invocation, ExitCode.UNUSABLE_INPUT, _one_line(str(exc)))
+
+
+def error_documents(invocation: Invocation, code: int, message: str) -> int:
+    """The error's document in each format the run was to deliver and has not yet (docs/ci.md): on standard
+    output for a machine format (JSON, SARIF, JUnit, GitHub; text, Markdown and HTML keep the stderr line
+    only), and in every ``--output`` file the run had checked, so none keeps an earlier run's report. Only
+    rank 0 writes, as with reports. Returns ``code``."""
+    if rank() != 0 or not invocation.destinations:
+        return code
+    from gradcheck_cli.outputs import write_text
+    from gradcheck_cli.render.errors import MACHINE_FORMATS, render_error
+    from gradcheck_cli.report.error import ErrorReport
+
+    error = ErrorReport(code=code, message=message)
+    for kind, destination in invocation.destinations:
+        if destination in invocation.delivered:
+            continue
+        if destination is None:
+            if kind in MACHINE_FORMATS:
+                with contextlib.suppress(OSError):
+                    sys.stdout.write(render_error(kind, error))
+                    sys.stdout.flush()
+            continue
+        with contextlib.suppress(OSError, GradcheckError):  # the error line already said what went wrong
+            write_text(destination, render_error(kind, error))
+    return code
 
 
 def _one_line(text: str) -> str:

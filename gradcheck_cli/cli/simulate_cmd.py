@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from gradcheck_cli.cli.console import status
+from gradcheck_cli.cli.console import report_console, status
 from gradcheck_cli.cli.delivery import check_plot_suffix, draw, write
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.outputs import check_distinct
@@ -107,6 +106,6 @@ def _emit(report: Any, output_format: OutputFormat, output: Path | None) -> None
     if output_format is OutputFormat.json:
         write(render_json(report), output)
     elif output is None:
-        Console(highlight=False, soft_wrap=False).print(simulation_view(report))
+        report_console().print(simulation_view(report), crop=False)
     else:
         write(render_simulation_text(report), output)

@@ -52,6 +52,9 @@ attenuation GC001/GC002 call unhealthy by default."""
 CONV_TYPES = frozenset({"Conv1d", "Conv2d", "Conv3d"})
 RECURRENT_WEIGHT = re.compile(r"(^|\.)weight_(ih|hh|hr)(_l\d+(_reverse)?)?$")
 
+TRAINED = "trained"
+"""``looks_like`` of a weight whose entries are no longer i.i.d.: trained, whatever scale it has."""
+
 UNSEEN = "unknown"
 """The activation of a layer that never ran as a module (``nn.MultiheadAttention.out_proj``)."""
 
@@ -104,13 +107,14 @@ def audit_init(model: nn.Module, leaf_calls: Sequence[tuple[str, str]], *, train
         if audited is None:
             continue
         layer, stats = audited
-        layers.append(layer)
-        if layer.looks_like in ("orthogonal", "zeros", "constant"):
-            continue  # exact structures no optimiser leaves behind
-        testable += 1
-        evidence = trained_evidence(stats)
+        evidence = None
+        if layer.looks_like not in ("orthogonal", "zeros", "constant"):  # exact structures no optimiser leaves
+            testable += 1
+            evidence = trained_evidence(stats)
         if evidence is not None:
             looks_trained.append((layer.layer, evidence))
+            layer = replace(layer, looks_like=TRAINED)  # a trained weight is no initialisation scheme
+        layers.append(layer)
     trained_names = tuple(name for name, _ in looks_trained)
     if not layers:
         return InitAudit(layers=(), skipped=trained or "no Linear, Conv or recurrent weights to audit")

@@ -9,11 +9,15 @@ about ±1.5 orders of magnitude (docs/calibration.md); known pathologies go far 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gradcheck_cli.diagnose.gain import stretch_gain
 from gradcheck_cli.diagnose.module_kinds import GATED_RECURRENT, RECURRENT
+from gradcheck_cli.diagnose.paths import Path, Step, follow
+from gradcheck_cli.diagnose.program_signal import program_finding, program_measured_with, program_route
+from gradcheck_cli.diagnose.reach import no_gradient as _no_gradient
+from gradcheck_cli.diagnose.reach import zero_everywhere as _zero_everywhere
 from gradcheck_cli.diagnose.rule_codes import (
     DEAD_UNITS,
     EXPLODING,
@@ -90,42 +94,28 @@ class Diagnosis:
     findings: tuple[Finding, ...]
 
 
-@dataclass(frozen=True)
-class _Point:
-    """One step of the path: a layer (and call) with the gradient magnitude measured there."""
-
-    layer: int
-    value: float
-
-
 def diagnose(result: ProbeResult, thresholds: Thresholds | None = None) -> Diagnosis:
     """Apply every rule to one probe's measurements."""
     limits = thresholds or Thresholds()
-    points = _activation_path(result) if result.activation_hooks else _parameter_path(result)
-    path = _summarise(points, result)
-    out_end = points[-1].value if points else None
+    route = (
+        follow(result, (limits.vanishing, limits.exploding))
+        if result.activation_hooks
+        else program_route(result, (limits.vanishing, limits.exploding))
+    )
+    path = _summarise(route, result)
 
     findings: list[Finding] = []
     findings += _non_finite(result)
     finite_run = not any(f.problem is Problem.NON_FINITE for f in findings)
     flagged: dict[int, str] = {}
     if finite_run and path.attenuation is not None:
-        findings += _attenuation(points, path, limits, result, flagged)
+        findings += _attenuation(route, path, limits, result, flagged)
     if finite_run:
+        findings += _zero_everywhere(result, flagged)
         findings += _through_time(result, limits, flagged)
     findings += _no_gradient(result, flagged)
     if not result.activation_hooks:
-        findings.append(
-            Finding(
-                PARAMETER_GRADIENTS_ONLY.code,
-                PARAMETER_GRADIENTS_ONLY.name,
-                Severity.INFO,
-                None,
-                None,
-                "module hooks do not fire on this model (TorchScript, torch.export), so the path is followed through "
-                "‖∂L/∂W‖/‖W‖ per layer; deep ReLU or linear stacks can hide vanishing there",
-            )
-        )
+        findings.append(program_finding(result))
     # never called and no gradient: nn.MultiheadAttention's out_proj is used without being called
     unused = [m.name for m in result.layers if not m.calls and m.grad is None and result.activation_hooks]
     if unused:
@@ -143,45 +133,29 @@ def diagnose(result: ProbeResult, thresholds: Thresholds | None = None) -> Diagn
     first_call: dict[int, int] = {}
     for position, (layer, _) in enumerate(result.call_order):
         first_call.setdefault(layer, position)
+    refs, depths = dict(route.layer_ref), dict(route.layer_depth)
     layers = tuple(
-        _layer_stats(m, first_call.get(i, -1), result.activation_hooks, out_end, flagged.get(i))
+        _layer_stats(m, first_call.get(i, -1), result.activation_hooks, refs.get(i), flagged.get(i), depths.get(i))
         for i, m in enumerate(result.layers)
     )
     return Diagnosis(layers=layers, path=path, findings=tuple(findings))
 
 
-def _activation_path(result: ProbeResult) -> list[_Point]:
-    """‖∂L/∂output‖ of every forward call that got a gradient, in forward order."""
-    points = []
-    for layer, call in result.call_order:
-        norm = result.layers[layer].calls[call]
-        if norm is not None:
-            points.append(_Point(layer, norm.l2))
-    return points
-
-
-def _parameter_path(result: ProbeResult) -> list[_Point]:
-    """‖∂L/∂W‖/‖W‖ per layer in definition order: the fallback where module hooks cannot fire."""
-    points = []
-    for index, layer in enumerate(result.layers):
-        if layer.grad is not None and layer.weight_norm > 0:
-            points.append(_Point(index, layer.grad.l2 / layer.weight_norm))
-    return points
-
-
-def _summarise(points: list[_Point], result: ProbeResult) -> PathSummary:
-    measured_with = "activation_gradients" if result.activation_hooks else "parameter_gradients"
-    if len(points) < 2:
-        return PathSummary(measured_with, len(points), None, None)
+def _summarise(route: Path, result: ProbeResult) -> PathSummary:
+    measured_with = "activation_gradients" if result.activation_hooks else program_measured_with(result)
+    points = route.points
+    ends = tuple(result.layers[i].name for i in route.ends) if route.from_graph else ()
+    if len(points) < 2 or route.out_end is None:
+        return PathSummary(measured_with, len(points), None, None, output_ends=ends)
     first, last = points[0], points[-1]
-    attenuation = _ratio(first.value, last.value)
     return PathSummary(
         measured_with=measured_with,
         length=len(points),
-        attenuation=attenuation,
-        gain=_gain(points),
+        attenuation=_ratio(first.value, route.out_end),
+        gain=_gain(points, route.out_end),
         first_layer=result.layers[first.layer].name,
         last_layer=result.layers[last.layer].name,
+        output_ends=ends,
     )
 
 
@@ -192,19 +166,18 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b
 
 
-def _gain(points: list[_Point]) -> float | None:
+def _gain(points: Sequence[Step], out_end: float) -> float | None:
     """Geometric-mean factor per step over the stretch where the gradient is non-zero."""
-    last = points[-1].value
-    if not math.isfinite(last) or last == 0:
+    if not math.isfinite(out_end) or out_end == 0:
         return None
-    return stretch_gain([p.value / last for p in reversed(points[:-1])])
+    return stretch_gain([p.value / out_end for p in reversed(points[:-1])])
 
 
 def _attenuation(
-    points: list[_Point], path: PathSummary, limits: Thresholds, result: ProbeResult, flagged: dict[int, str]
+    route: Path, path: PathSummary, limits: Thresholds, result: ProbeResult, flagged: dict[int, str]
 ) -> list[Finding]:
-    assert path.attenuation is not None
-    out_end = points[-1].value
+    assert path.attenuation is not None and route.out_end is not None
+    points, out_end = list(route.points), route.out_end
     names = [result.layers[p.layer].name for p in points]
     evidence = {
         "attenuation": path.attenuation,
@@ -217,9 +190,9 @@ def _attenuation(
         crossing = _first_crossing(points, lambda v: v < limits.vanishing * out_end)
         cell = result.layers[points[crossing].layer]
         gated = cell.type in GATED_RECURRENT and len(cell.calls) > 1
-        for p in points:
-            if p.value < limits.vanishing * out_end and not gated:
-                flagged.setdefault(p.layer, Problem.VANISHING.value)
+        for layer, rel in route.rel or tuple((p.layer, p.value / out_end) for p in points):
+            if rel < limits.vanishing and not gated:
+                flagged.setdefault(layer, Problem.VANISHING.value)
         underflow = sum(1 for p in points if p.value == 0)
         detail = f"; it underflowed to exactly 0 in {underflow} of {len(points)} calls" if underflow else ""
         return [
@@ -230,7 +203,7 @@ def _attenuation(
                 Problem.VANISHING,
                 names[crossing],
                 f"the gradient at the input end ({path.first_layer}) is {_fmt(path.attenuation)} of that at the "
-                f"output ({path.last_layer}) over {path.length} calls, {_fmt(path.gain)} per call; it falls below "
+                f"output {_output_end(path)} over {path.length} calls, {_fmt(path.gain)} per call; it falls below "
                 f"{_fmt(limits.vanishing)} of the output's at layer {names[crossing]}{detail}"
                 + (GATED_NOTE if gated else ""),
                 {**evidence, "underflowed_calls": underflow, "recurrent": _recurrent_type(cell)},
@@ -238,9 +211,9 @@ def _attenuation(
         ]
     if path.attenuation > limits.exploding:
         crossing = _first_crossing(points, lambda v: v > limits.exploding * out_end)
-        for p in points:
-            if p.value > limits.exploding * out_end:
-                flagged.setdefault(p.layer, Problem.EXPLODING.value)
+        for layer, rel in route.rel or tuple((p.layer, p.value / out_end) for p in points):
+            if rel > limits.exploding:
+                flagged.setdefault(layer, Problem.EXPLODING.value)
         return [
             Finding(
                 EXPLODING.code,
@@ -248,13 +221,22 @@ def _attenuation(
                 Severity.ERROR,
                 Problem.EXPLODING,
                 names[crossing],
-                f"the gradient grows {_fmt(path.attenuation)}× from the output ({path.last_layer}) to the input end "
+                f"the gradient grows {_fmt(path.attenuation)}× from the output {_output_end(path)} to the input end "
                 f"({path.first_layer}) over {path.length} calls, {_fmt(path.gain)} per call; it exceeds "
                 f"{_fmt(limits.exploding)}× the output's from layer {names[crossing]} inwards",
                 {**evidence, "recurrent": _recurrent_type(result.layers[points[crossing].layer])},
             )
         ]
     return []
+
+
+def _output_end(path: PathSummary) -> str:
+    """The output end in words: one layer, or several parallel ones nearest the loss whose gradients pool."""
+    ends = path.output_ends
+    if len(ends) > 1:
+        more = " …" if len(ends) > 3 else ""
+        return f"({', '.join(ends[:3])}{more}: {len(ends)} output ends nearest the loss, pooled)"
+    return f"({path.last_layer})"
 
 
 def _recurrent_type(measure: LayerMeasure) -> str | None:
@@ -277,12 +259,22 @@ def _through_time(result: ProbeResult, limits: Thresholds, flagged: dict[int, st
         if ratio is None:
             continue
         steps = len(profile)
-        gain = ratio ** (1.0 / (steps - 1)) if ratio > 0 else 0.0
-        evidence = {"attenuation": ratio, "gain": gain, "steps": steps, "recurrent": measure.type}
+        gain = stretch_gain([v / profile[-1] for v in reversed(profile[:-1])])
+        # steps back from the last before the gradient underflowed to exactly 0 (None: it never did)
+        reach = next((k for k, v in enumerate(reversed(profile)) if v == 0), None)
+        evidence: dict[str, object] = {"attenuation": ratio, "gain": gain, "steps": steps, "recurrent": measure.type}
+        if reach is not None:
+            evidence["underflow_steps_back"] = reach
         plain = measure.type not in GATED_RECURRENT
         if ratio < limits.vanishing:
             if plain:
                 flagged.setdefault(index, Problem.VANISHING.value)
+            lost = (
+                f"; it is exactly 0 (underflowed) from {reach} steps back, so the first {steps - reach} steps get "
+                "no gradient at all and cannot be learned from"
+                if reach is not None
+                else ""
+            )
             findings.append(
                 Finding(
                     VANISHING_THROUGH_TIME.code,
@@ -291,7 +283,7 @@ def _through_time(result: ProbeResult, limits: Thresholds, flagged: dict[int, st
                     Problem.VANISHING,
                     measure.name,
                     f"in {measure.name} ({measure.type}) the gradient reaching the first time step is "
-                    f"{_fmt(ratio)} of that at the last, over {steps} steps ({_fmt(gain)} per step)"
+                    f"{_fmt(ratio)} of that at the last, over {steps} steps ({_fmt(gain)} per step){lost}"
                     + ("" if plain else GATED_NOTE),
                     evidence,
                 )
@@ -313,7 +305,7 @@ def _through_time(result: ProbeResult, limits: Thresholds, flagged: dict[int, st
     return findings
 
 
-def _first_crossing(points: list[_Point], crossed: Callable[[float], bool]) -> int:
+def _first_crossing(points: list[Step], crossed: Callable[[float], bool]) -> int:
     """Index of the call nearest the output, going backwards, from which the condition holds."""
     index = len(points) - 1
     while index > 0 and not crossed(points[index].value):
@@ -359,31 +351,8 @@ def _all_finite(measure: LayerMeasure) -> bool:
     return all(n.finite for n in norms if n is not None)
 
 
-def _no_gradient(result: ProbeResult, flagged: dict[int, str]) -> list[Finding]:
-    """Layers that ran, with parameters, while no gradient reached them: the path is cut."""
-    reached = any(m.grad is not None for m in result.layers)
-    cut = [i for i, m in enumerate(result.layers) if m.calls and m.grad is None and all(c is None for c in m.calls)]
-    if not reached or not cut:
-        return []
-    for i in cut:
-        flagged[i] = "no_gradient"
-    names = [result.layers[i].name for i in cut]
-    return [
-        Finding(
-            NO_GRADIENT.code,
-            NO_GRADIENT.name,
-            Severity.ERROR,
-            Problem.VANISHING,
-            names[0],
-            f"{len(cut)} layer(s) ran in the forward pass but received no gradient at all (first: {names[0]}): "
-            "the graph is cut between them and the loss (.detach(), torch.no_grad(), .item() or an integer op)",
-            {"layers": names},
-        )
-    ]
-
-
 def _layer_stats(
-    measure: LayerMeasure, position: int, hooks: bool, out_end: float | None, flag: str | None
+    measure: LayerMeasure, position: int, hooks: bool, out_end: float | None, flag: str | None, depth: int | None
 ) -> LayerStats:
     call_norms = tuple(math.nan if c is None else c.l2 for c in measure.calls)
     measured = [c for c in measure.calls if c is not None]
@@ -410,6 +379,7 @@ def _layer_stats(
         act_grad_rel=reference,
         time_grad_norms=measure.time_profile,
         flags=tuple(flags),
+        depth=depth,
     )
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from gradcheck_cli.errors import BatchError
-
-if TYPE_CHECKING:
-    pass
+from gradcheck_cli.probe.modules import expected_input
 
 _TARGET_KEYS = ("target", "targets", "y")
 
@@ -136,3 +134,46 @@ def _keyword_names(model: nn.Module) -> set[str] | None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
         return None
     return set(signature.parameters)
+
+
+def batch_misfit(model: nn.Module, batch: Batch, output: Any) -> str | None:
+    """Why ``output`` cannot be compared with the batch's target because the *inputs* did not fit the model's first
+    layer, in one line; None when the output has the batch's samples as they came in (then it is the target).
+
+    A forward can run on inputs of the wrong shape and still return: a ``view(-1, 784)`` folds 3-channel 28×28
+    images into 3× as many rows, a Linear over [8, 3, 32, 32] images acts on the last dimension and carries
+    [8, 3, 32] through. The target is then blamed for what the inputs did.
+    """
+    x = next((v for v in (*batch.args, *batch.kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    pred = _first_float(output)
+    if x is None or pred is None or pred.dim() == 0:
+        return None
+    rows = x.shape[0]
+    target_rows = None if batch.target is None or batch.target.dim() == 0 else batch.target.shape[0]
+    if pred.shape[0] != rows and target_rows in (None, rows):
+        how = (
+            f"its output {describe_value(pred)} has {pred.shape[0]} rows for the batch's {rows} samples "
+            "(the forward reshaped the inputs, e.g. view(-1, n) folding channels into rows)"
+        )
+    elif x.dim() > 2 and pred.dim() == x.dim() and pred.shape[:-1] == x.shape[:-1] and target_rows == rows:
+        how = (
+            f"its output {describe_value(pred)} keeps the inputs' dimensions {list(x.shape[:-1])}: the first layer "
+            "acted on the last dimension only (flatten the inputs, or give the shape the layer expects)"
+        )
+    else:
+        return None
+    expected = expected_input(model)
+    layer = f" ({expected})" if expected else ""
+    return f"the batch's inputs {describe_value(x)} do not fit the model's first layer{layer}: {how}"
+
+
+def _first_float(value: Any) -> torch.Tensor | None:
+    """The first floating-point tensor in a (nested) model output: the one a target is compared with."""
+    if isinstance(value, torch.Tensor):
+        return value if value.is_floating_point() else None
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        found = _first_float(item)
+        if found is not None:
+            return found
+    return None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.export.unflatten import UnflattenedModule
 
 from gradcheck_cli.errors import CheckpointError, UntrustedCheckpointError, first_line
 from gradcheck_cli.load.batch import Batch
@@ -21,7 +22,11 @@ from gradcheck_cli.load.factory import importable_from_cwd
 from gradcheck_cli.load.loaded import LoadedModel
 
 NOTES = ("torch.export program: it runs as exported and cannot switch train/eval mode",)
-"""The probe adds the other caveat itself: module hooks do not fire in the flat graph (GC006)."""
+FLAT_NOTE = (
+    "torch.export program: its module hierarchy could not be restored (torch.export.unflatten: {why}), so it runs "
+    "as one flat graph where module hooks do not fire"
+)
+"""When unflattening fails the probe adds the other caveat itself (GC006)."""
 
 
 def load_exported(path: Path, *, trust: bool) -> LoadedModel:
@@ -41,8 +46,11 @@ def load_exported(path: Path, *, trust: bool) -> LoadedModel:
             imports or [f.what for f in findings],
         )
     program = _load_program(path, trusted=bool(findings))
-    module = _module_of(program, path)
+    module, why = _unflattened(program)
     notes: tuple[str, ...] = NOTES
+    if module is None:
+        module = _module_of(program, path)
+        notes = (*notes, FLAT_NOTE.format(why=why))
     if findings:
         notes = (*notes, f"--trust: loading the archive ran the code it brings ({described})")
     return LoadedModel(
@@ -128,6 +136,44 @@ def _module_of(program: torch.export.ExportedProgram, path: Path) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise CheckpointError(f"{path}: the torch.export program did not give a module")
     return module
+
+
+class ExportedProgramModule(UnflattenedModule):
+    """A ``torch.export`` program with its module hierarchy restored (``torch.export.unflatten``): each submodule
+    runs its own part of the graph, so module hooks fire on it and the probe measures ‖∂L/∂output‖ per module call,
+    as for the eager model. The graph stays as exported: train/eval cannot be switched (as for ``program.module()``).
+    """
+
+    def train(self, mode: bool = True) -> ExportedProgramModule:
+        raise NotImplementedError("a torch.export program runs as exported; train/eval cannot be switched")
+
+
+def _unflattened(program: torch.export.ExportedProgram) -> tuple[nn.Module | None, str]:
+    """The program with its module hierarchy, or None and why not (an archive without module call records).
+
+    Unflattening runs nothing new: the submodules run the program's own graph, whose operators the scan checked.
+    """
+    with _quiet_torch():
+        try:
+            module = torch.export.unflatten(program)
+        except Exception as exc:  # torch's own limits (e.g. a program exported without module call records)
+            return None, first_line(exc)
+    if not isinstance(module, UnflattenedModule):
+        return None, f"it gave a {type(module).__name__}"
+    module.__class__ = ExportedProgramModule
+    _drop_fake_values(module)
+    return module, ""
+
+
+def _drop_fake_values(module: nn.Module) -> None:
+    """Forget the fake tensors export stored on every graph node (``meta['val']``): running the graph never
+    reads them, and a copy of the model (``--verify``, ``--steps``) would copy each one, with a warning."""
+    for submodule in module.modules():
+        graph = getattr(submodule, "graph", None)
+        if isinstance(graph, torch.fx.Graph):
+            for node in graph.nodes:
+                node.meta.pop("val", None)
+                node.meta.pop("example_value", None)
 
 
 def _example_batch(program: torch.export.ExportedProgram) -> Batch | None:

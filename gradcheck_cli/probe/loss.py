@@ -14,18 +14,71 @@ from gradcheck_cli.load.batch import describe_value
 from gradcheck_cli.probe.results import LossChoice
 
 
-def choose_loss(output: Any, target: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, LossChoice]:
+def choose_loss(
+    output: Any, target: torch.Tensor | None, seed: int, loss_output: int | str | None = None
+) -> tuple[torch.Tensor, LossChoice]:
     """The loss for one probe: the model's own, else one that fits the target, else a projection.
 
+    ``loss_output`` (an index into a tuple/list output, or a key of a dict-like one) names the output the loss
+    is computed from; left out, a target is compared with the first floating-point output. When the output
+    holds more tensors than the loss uses, the choice says which one it used and which it left out.
     Never ``output.sum()``: for softmax or normalised outputs its gradient is exactly zero.
     """
+    if loss_output is not None:
+        picked = select_output(output, loss_output)
+        name = f"output[{loss_output!r}]"
+        if target is None and isinstance(picked, torch.Tensor) and picked.dim() == 0 and picked.is_floating_point():
+            return picked, LossChoice("model", f"{name} as the loss (chosen with loss_output)")
+        loss, choice = (
+            _target_loss(_main_tensor(picked), target) if target is not None else _projection_loss(picked, seed)
+        )
+        return loss, LossChoice(choice.kind, f"{choice.description}; computed from {name} (chosen with loss_output)")
     own = _own_loss(output)
     if own is not None:
         loss = own if own.dim() == 0 else own.mean()
         return loss, LossChoice("model", "the model's own loss (output.loss)")
     if target is not None:
-        return _target_loss(_main_tensor(output), target)
+        loss, choice = _target_loss(_main_tensor(output), target)
+        return loss, LossChoice(choice.kind, choice.description + _left_out(output))
     return _projection_loss(output, seed)
+
+
+def select_output(output: Any, key: int | str) -> Any:
+    """``output[key]``: an item of a tuple/list output or of a dict-like one (a Hugging Face output too)."""
+    if isinstance(key, int) and isinstance(output, (list, tuple)):
+        if -len(output) <= key < len(output):
+            return output[key]
+    elif isinstance(key, str) and isinstance(output, Mapping) and key in output:
+        return output[key]
+    elif isinstance(key, str) and not isinstance(output, (torch.Tensor, list, tuple)) and hasattr(output, key):
+        return getattr(output, key)
+    choices = _output_keys(output)
+    have = f"; it has {', '.join(choices)}" if choices else ""
+    raise BatchError(f"the loss output {key!r} is not among the model's outputs ({describe_value(output)}){have}")
+
+
+def _output_keys(output: Any) -> list[str]:
+    if isinstance(output, Mapping):
+        return [repr(k) for k in output]
+    if isinstance(output, (list, tuple)):
+        return [str(i) for i in range(len(output))]
+    return []
+
+
+def _left_out(output: Any) -> str:
+    """A note naming the outputs a target loss did not use (it compares the first float tensor only)."""
+    if isinstance(output, torch.Tensor) or not isinstance(output, (Mapping, list, tuple)):
+        return ""
+    items = list(output.items()) if isinstance(output, Mapping) else list(enumerate(output))
+    used = next((k for k, v in items if next(float_leaves(v), None) is not None), None)
+    unused = [k for k, v in items if k != used and next(float_leaves(v), None) is not None]
+    if used is None or not unused:
+        return ""
+    names = ", ".join(f"output[{k!r}]" for k in unused)
+    return (
+        f"; the loss used output[{used!r}] of {len(items)} outputs and left out {names}, so layers that feed only "
+        "those get no gradient here (choose another output with loss_output / --loss-output)"
+    )
 
 
 def _own_loss(output: Any) -> torch.Tensor | None:

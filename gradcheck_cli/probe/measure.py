@@ -22,16 +22,19 @@ from gradcheck_cli.errors import (
     is_out_of_memory,
     raised_in_gradcheck,
 )
-from gradcheck_cli.load.batch import Batch
+from gradcheck_cli.load.batch import Batch, batch_misfit
 from gradcheck_cli.load.sizes import iter_tensors
 from gradcheck_cli.probe.activations import ActivationRecorder
+from gradcheck_cli.probe.graph import call_graph
 from gradcheck_cli.probe.loss import choose_loss, float_leaves
+from gradcheck_cli.probe.module_state import SavedTensorAttributes
 from gradcheck_cli.probe.modules import expected_input, parametrised_modules, supports_module_hooks, unique_params
 from gradcheck_cli.probe.norms import norm_and_max_abs
 from gradcheck_cli.probe.precision import BINS, layer_histograms, shifted_histogram
+from gradcheck_cli.probe.program_hooks import recorder_for
 from gradcheck_cli.probe.readout import Extra, LossScale, read_layers
 from gradcheck_cli.probe.recorder import ActivationGradientRecorder, max_abs
-from gradcheck_cli.probe.results import LossChoice, ProbeResult
+from gradcheck_cli.probe.results import CallGraph, LossChoice, ProbeResult
 
 
 def set_mode(model: nn.Module, train: bool) -> str:
@@ -53,6 +56,7 @@ def probe(
     keep_grads: bool = False,
     autocast: str | None = None,
     loss_scale: float = 1.0,
+    loss_output: int | str | None = None,
 ) -> ProbeResult:
     """Run one forward and backward pass of ``model`` on ``batch`` and measure every layer.
 
@@ -64,6 +68,9 @@ def probe(
     ``autocast`` (``fp16``/``bf16``) runs forward and loss under ``torch.autocast``; the loss is
     multiplied by ``loss_scale`` before backward (GradScaler-style) and every gradient number
     divided back, so the report reads in unscaled units while half precision saw scaled values.
+    ``loss_output`` picks the output the loss is computed from (an index or a key; probe/loss.py).
+    Before backward, the autograd graph is walked from the loss (probe/graph.py): every call's depth
+    from the loss, and whether it lies on a path to it, come from the graph, not the call order.
     """
     named = parametrised_modules(model)
     if not any(p.is_floating_point() for _, m in named for p in m.parameters(recurse=False)):
@@ -96,9 +103,10 @@ def probe(
         restored_state(model, params, keep_grads),
         torch.random.fork_rng(devices=cuda_devices(params)),
         torch.enable_grad(),
-        ActivationGradientRecorder(
-            modules if hooks else [], batch_rows=_batch_rows(batch) if sharding is not None else None
+        recorder_for(
+            modules, hooks, batch_rows=_batch_rows(batch) if sharding is not None else None, graph=hooks
         ) as recorder,
+        contextlib.ExitStack() as output_hooks,
         ActivationRecorder(model if hooks else nn.Module()) as activations,
     ):
         torch.manual_seed(seed)
@@ -110,14 +118,20 @@ def probe(
         with autocast_context(autocast, params):
             if sharding is None:
                 output = run_forward(model, batch, seed)
-                loss, choice = choose_loss(output, batch.target, seed)
+                loss, choice = _loss(model, batch, output, seed, loss_output)
             else:  # a rank whose forward fails must not leave the others waiting in backward's all-reduce
-                output, (loss, choice) = agreed("the forward pass", lambda: _forward_and_loss(model, batch, seed))
+                output, (loss, choice) = agreed(
+                    "the forward pass", lambda: _forward_and_loss(model, batch, seed, loss_output)
+                )
         # aminmax, not an inf-norm: that would materialise |output| (51 MB for GPT-2's logits) at the peak
         output_max = [max_abs(t.detach()) for t in float_leaves(output) if t.numel()]
-        del output
+        leaves = [t for t in float_leaves(output) if t.requires_grad]
+        graph = call_graph(loss, leaves, recorder.nodes, len(recorder.calls)) if hooks else None
+        recorder.forget_nodes()
+        output_grads = _watch_outputs(output_hooks, [t for t in leaves if choice.kind != "model" or t.dim()])
+        del output, leaves
         run_backward(loss * loss_scale if loss_scale != 1.0 else loss)
-        run = _Pass(loss.detach(), choice, output_max, hooks, mode, autocast, loss_scale)
+        run = _Pass(loss.detach(), choice, output_max, hooks, mode, autocast, loss_scale, graph, output_grads)
         return _collect(named, params, frozen, recorder, activations, run)
 
 
@@ -129,9 +143,36 @@ def _batch_rows(batch: Batch) -> int | None:
     return None
 
 
-def _forward_and_loss(model: nn.Module, batch: Batch, seed: int) -> tuple[Any, tuple[torch.Tensor, LossChoice]]:
+def _forward_and_loss(
+    model: nn.Module, batch: Batch, seed: int, loss_output: int | str | None
+) -> tuple[Any, tuple[torch.Tensor, LossChoice]]:
     output = run_forward(model, batch, seed)
-    return output, choose_loss(output, batch.target, seed)
+    return output, _loss(model, batch, output, seed, loss_output)
+
+
+def _loss(
+    model: nn.Module, batch: Batch, output: Any, seed: int, loss_output: int | str | None
+) -> tuple[torch.Tensor, LossChoice]:
+    """:func:`choose_loss`; where the target does not fit because the inputs did not fit the first layer, that."""
+    try:
+        return choose_loss(output, batch.target, seed, loss_output)
+    except BatchError:
+        misfit = batch_misfit(model, batch, output)
+        if misfit is None:
+            raise
+        raise BatchError(misfit) from None
+
+
+def _watch_outputs(stack: contextlib.ExitStack, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """‖∂L/∂output‖ of each output tensor the loss reaches, filled in by backward (0-dim device tensors)."""
+    norms: list[torch.Tensor] = []
+
+    def hook(grad: torch.Tensor) -> None:
+        norms.append(torch.linalg.vector_norm(grad.detach().float()))
+
+    for leaf in leaves:
+        stack.callback(leaf.register_hook(hook).remove)
+    return norms
 
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -148,6 +189,7 @@ def probe_scaled(
     unfreeze: bool,
     autocast: str | None,
     loss_scale: float,
+    loss_output: int | str | None = None,
 ) -> ProbeResult:
     """:func:`probe` with the loss scaled GradScaler-style: a scale whose gradients overflow backs off.
 
@@ -157,7 +199,16 @@ def probe_scaled(
     """
     scale = loss_scale
     while True:
-        result = probe(model, batch, seed=seed, train=train, unfreeze=unfreeze, autocast=autocast, loss_scale=scale)
+        result = probe(
+            model,
+            batch,
+            seed=seed,
+            train=train,
+            unfreeze=unfreeze,
+            autocast=autocast,
+            loss_scale=scale,
+            loss_output=loss_output,
+        )
         if scale <= 1.0 or _gradients_finite(result):
             return result
         scale = max(1.0, scale * BACKOFF)
@@ -274,6 +325,7 @@ def restored_state(model: nn.Module, params: list[nn.Parameter], keep_grads: boo
     training = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad, p.grad) for p in params]
     buffers = SavedBuffers(model)
+    attributes = SavedTensorAttributes(model)
     try:
         yield buffers
     finally:
@@ -285,6 +337,7 @@ def restored_state(model: nn.Module, params: list[nn.Parameter], keep_grads: boo
             if p.is_floating_point():
                 p.requires_grad_(requires_grad)
         buffers.restore()
+        attributes.restore()
 
 
 @dataclass(frozen=True)
@@ -298,6 +351,8 @@ class _Pass:
     mode: str
     autocast: str | None
     loss_scale: float
+    graph: CallGraph | None = None
+    output_grads: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 def _collect(
@@ -322,13 +377,14 @@ def _collect(
         Extra([recorder.time_norms[call_id] for call_id in timed], ACT_NORM),
         Extra([hist], PARAM_COUNT),
         Extra(activation_values, MEAN),
+        Extra(run.output_grads, ACT_NORM),
     )
     sharding = current_sharding()
     scale = LossScale(run.loss_scale)
     reading = read_layers(
         named, params, gradients, recorder, frozen=frozen, extras=extras, sharding=sharding, scale=scale
     )
-    out_values, (loss_value,), time_values, hist_values, activation_summaries = reading.extras
+    out_values, (loss_value,), time_values, hist_values, activation_summaries, output_grads = reading.extras
     profile_of: dict[int, tuple[float, ...]] = {}
     offset = 0
     for call_id in timed:
@@ -350,7 +406,16 @@ def _collect(
         leaf_calls=tuple(activations.leaf_calls),
         autocast=run.autocast,
         loss_scale=run.loss_scale,
+        graph=_folded(run.graph, len(reading.call_order)),
+        output_grad=math.sqrt(sum(v * v for v in output_grads)) / run.loss_scale if output_grads else None,
     )
+
+
+def _folded(graph: CallGraph | None, calls: int) -> CallGraph | None:
+    """The graph of the calls as read (one micro-batch's); None when the readout kept another number of calls."""
+    if graph is None or len(graph.depth) != calls:
+        return None
+    return graph
 
 
 def _histogram_inputs(

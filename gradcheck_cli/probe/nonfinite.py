@@ -76,6 +76,7 @@ def locate_non_finite(
     unfreeze: bool = False,
     autocast: str | None = None,
     loss_scale: float = 1.0,
+    loss_output: int | str | None = None,
 ) -> NonFiniteOrigin:
     """Find where NaN/Inf first appears in ``model`` on ``batch``, in forward and in backward order.
 
@@ -132,7 +133,7 @@ def locate_non_finite(
             torch.manual_seed(seed)
             with autocast_context(autocast, params):
                 output = run_forward(model, batch, seed)
-                loss, _ = choose_loss(output, batch.target, seed)
+                loss, _ = choose_loss(output, batch.target, seed, loss_output)
             del output
             locator.forward.finish()
             if loss.requires_grad:

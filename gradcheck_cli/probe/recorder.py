@@ -79,10 +79,17 @@ class ActivationGradientRecorder(HookStack):
     """
 
     def __init__(
-        self, modules: list[nn.Module], *, samples: bool = True, outputs: bool = False, batch_rows: int | None = None
+        self,
+        modules: list[nn.Module],
+        *,
+        samples: bool = True,
+        outputs: bool = False,
+        batch_rows: int | None = None,
+        graph: bool = False,
     ) -> None:
         super().__init__()
         self._modules = modules
+        self._keep_nodes = graph
         self._keep_samples = samples
         self._keep_outputs = outputs
         self.rows = batch_rows
@@ -101,6 +108,9 @@ class ActivationGradientRecorder(HookStack):
         """Per call of a fused recurrent module: ‖∂L/∂x_t‖ for every time step t (1-D device tensor)."""
         self.output_max: list[torch.Tensor] = []
         """With ``outputs``: max |element| of each call's floating-point outputs (NaN/Inf in the forward)."""
+        self.nodes: list[tuple[Any, ...]] = []
+        """With ``graph``: per call, the ``grad_fn`` of each output that needs a gradient, as made by the call
+        (probe/graph.py walks the graph to them; :meth:`forget_nodes` lets the graph go)."""
         self.backward_order: list[int] = []
         """Call ids in the order their output gradients arrived (the backward order)."""
         self._calls_per_module = [0] * len(modules)
@@ -123,11 +133,17 @@ class ActivationGradientRecorder(HookStack):
             if self._keep_outputs:
                 peaks = [max_abs(t.detach()) for t in float_leaves(output) if t.numel()]
                 self.output_max.append(torch.stack(peaks).max() if peaks else torch.zeros(()))
-            for tensor in float_leaves(output):
-                if tensor.requires_grad:
-                    self._watch(tensor, self._grad_hook(call_id))
+            watched = [t for t in float_leaves(output) if t.requires_grad]
+            if self._keep_nodes:  # as made now: an in-place op later gives the tensor another grad_fn
+                self.nodes.append(tuple(t.grad_fn for t in watched if t.grad_fn is not None))
+            for tensor in watched:
+                self._watch(tensor, self._grad_hook(call_id))
 
         return hook
+
+    def forget_nodes(self) -> None:
+        """Drop the saved ``grad_fn`` nodes (they hold the graph, and its saved tensors, alive)."""
+        self.nodes = []
 
     def _grad_hook(self, call_id: int) -> Any:
         def hook(grad: torch.Tensor | None) -> None:

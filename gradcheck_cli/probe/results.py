@@ -66,6 +66,28 @@ class LayerMeasure:
 
 
 @dataclass(frozen=True)
+class CallGraph:
+    """Where each forward call sits in the autograd graph, read before backward (probe/graph.py).
+
+    Every tuple is indexed like ``ProbeResult.call_order``. A call's depth is the number of hooked calls on the
+    longest chain from its output to the loss along ``grad_fn`` edges, itself included (1: its output reaches the
+    loss through no other hooked call), so it does not depend on the order modules were called in.
+    """
+
+    depth: tuple[int | None, ...]
+    """Per call: its depth from the loss; None when its output does not lie on any path to the loss."""
+    next: tuple[tuple[int, ...], ...]
+    """Per call: the calls nearest to it towards the loss (the next hooked calls on its paths to the loss)."""
+    direct: tuple[bool, ...]
+    """Per call: whether its output reaches the loss through no other hooked call (an output end)."""
+    unused_output: tuple[bool, ...]
+    """Per call: not on a path to the loss, but its output reaches a model output the loss did not use."""
+    tail_ops: tuple[str, ...] = ()
+    """The autograd operations between the output ends and the loss (``SoftmaxBackward0``...), nearest the
+    loss first: what the gradient passes through before it reaches any layer."""
+
+
+@dataclass(frozen=True)
 class ProbeResult:
     """The raw measurements of one probe (or of one recorded training step), before any diagnosis."""
 
@@ -89,3 +111,7 @@ class ProbeResult:
     """``fp16``/``bf16`` when the pass ran under autocast."""
     loss_scale: float = 1.0
     """What the loss was multiplied by before backward; every gradient number is divided back."""
+    graph: CallGraph | None = None
+    """The calls' places in the autograd graph (``inspect``'s probe); None where only forward order is known."""
+    output_grad: float | None = None
+    """‖∂L/∂output‖ over the outputs the loss used (unscaled); None where not measured."""

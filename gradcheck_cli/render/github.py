@@ -107,6 +107,6 @@ def _verdict(report: Report) -> str:
     text = f"{'healthy' if words.healthy else 'unhealthy'}: {words.summary}"
     if report.path.attenuation is not None:
         text += f" (input/output gradient {report.path.attenuation:.3g} over {report.path.length} calls)"
-    if report.baseline is not None:
-        text += "; against the baseline: " + ("regressed" if report.baseline.regressed else "no regression")
+    if words.against_baseline is not None:
+        text += f"; {words.against_baseline}"
     return text

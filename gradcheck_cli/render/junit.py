@@ -34,7 +34,7 @@ def render_junit(report: Report) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def _clean(text: str) -> str:
+def clean(text: str) -> str:
     """Text without the control characters XML 1.0 cannot hold."""
     return _NOT_XML.sub("\ufffd", text)
 
@@ -65,7 +65,7 @@ def _rules_suite(report: Report) -> ET.Element:
                 case.append(_failure(finding, report.baseline))
         info = [f for f in findings if f.severity is Severity.INFO]
         if info:
-            ET.SubElement(case, "system-out").text = _clean("\n".join(_describe(f) for f in info))
+            ET.SubElement(case, "system-out").text = clean("\n".join(_describe(f) for f in info))
         cases.append(case)
     suite = _suite(SUITE, cases)
     properties = ET.Element("properties")
@@ -81,20 +81,20 @@ def _rules_suite(report: Report) -> ET.Element:
         ("gradcheck_version", run.gradcheck_version),
         ("torch_version", run.torch_version),
     ):
-        ET.SubElement(properties, "property", name=name, value=_clean(value))
+        ET.SubElement(properties, "property", name=name, value=clean(value))
     suite.insert(0, properties)
     if report.notes:
-        ET.SubElement(suite, "system-out").text = _clean("\n".join(f"note: {note}" for note in report.notes))
+        ET.SubElement(suite, "system-out").text = clean("\n".join(f"note: {note}" for note in report.notes))
     return suite
 
 
 def _failure(finding: Finding, baseline: BaselineDiff | None) -> ET.Element:
-    failure = ET.Element("failure", message=_clean(finding.message), type=finding.severity.value)
+    failure = ET.Element("failure", message=clean(finding.message), type=finding.severity.value)
     text = _describe(finding)
     if baseline is not None:
         new = any(f.code == finding.code and f.layer == finding.layer for f in baseline.new_findings)
         text += "\nnew since the baseline" if new else "\nalready in the baseline"
-    failure.text = _clean(text)
+    failure.text = clean(text)
     return failure
 
 
@@ -113,9 +113,9 @@ def _baseline_suite(diff: BaselineDiff) -> ET.Element:
         failure = ET.SubElement(
             new, "failure", message=f"{len(diff.new_findings)} new finding(s) since the baseline", type="regression"
         )
-        failure.text = _clean("\n\n".join(_describe(f) for f in diff.new_findings))
+        failure.text = clean("\n\n".join(_describe(f) for f in diff.new_findings))
     if diff.fixed_findings:
-        ET.SubElement(new, "system-out").text = _clean(
+        ET.SubElement(new, "system-out").text = clean(
             "fixed since the baseline:\n" + "\n\n".join(_describe(f) for f in diff.fixed_findings)
         )
     worse = ET.Element("testcase", name="no layer worse beyond the tolerance", classname=BASELINE_SUITE)
@@ -123,17 +123,17 @@ def _baseline_suite(diff: BaselineDiff) -> ET.Element:
         failure = ET.SubElement(
             worse,
             "failure",
-            message=_clean(f"{len(diff.worse_layers)} layer(s) worse than the {head}"),
+            message=clean(f"{len(diff.worse_layers)} layer(s) worse than the {head}"),
             type="regression",
         )
-        failure.text = _clean("\n".join(_move(m) for m in diff.worse_layers))
+        failure.text = clean("\n".join(_move(m) for m in diff.worse_layers))
     if diff.better_layers:
-        ET.SubElement(worse, "system-out").text = _clean(
+        ET.SubElement(worse, "system-out").text = clean(
             "better than the baseline:\n" + "\n".join(_move(m) for m in diff.better_layers)
         )
     suite = _suite(BASELINE_SUITE, [new, worse])
     properties = ET.Element("properties")
-    ET.SubElement(properties, "property", name="baseline", value=_clean(diff.baseline))
+    ET.SubElement(properties, "property", name="baseline", value=clean(diff.baseline))
     ET.SubElement(properties, "property", name="tolerance_orders", value=f"{diff.tolerance:g}")
     ET.SubElement(properties, "property", name="regressed", value=str(diff.regressed).lower())
     suite.insert(0, properties)

@@ -15,6 +15,7 @@ from gradcheck_cli.render.view import (
     healthy_sentence,
     history_head,
     loss_range,
+    measure_label,
     onset_problems,
     onset_sentences,
     relative_gradients,
@@ -90,8 +91,11 @@ def _verdict(report: Report) -> str:
     line = f"{head} — {tail}"
     if counts:
         line += f" ({', '.join(counts)})"
-    if report.baseline is not None:
-        line += "; against the baseline: " + ("**regressed**" if report.baseline.regressed else "no regression")
+    if words.against_baseline is not None:
+        against = _escape(words.against_baseline)
+        line += "; " + (
+            f"**regressed**{against.removeprefix('regressed')}" if against.startswith("regressed") else against
+        )
     return line
 
 
@@ -127,7 +131,7 @@ def _path(report: Report) -> str:
     path = report.path
     if path.attenuation is None:
         return "**path:** the gradient could not be followed from output to input (too few finite measurements)"
-    what = "activation gradient" if path.measured_with == "activation_gradients" else "parameter gradient ratio"
+    what = measure_label(path.measured_with)
     first = _code(path.first_layer or "?")
     last = _code(path.last_layer or "?")
     return (

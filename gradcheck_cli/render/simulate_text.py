@@ -21,7 +21,8 @@ MAX_ROWS = 24
 def render_simulation_text(report: SimulationReport, *, width: int = 110) -> str:
     """Plain text, for ``--output FILE``."""
     buffer = io.StringIO()
-    Console(file=buffer, width=width, color_system=None, force_terminal=False).print(simulation_view(report))
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
+    console.print(simulation_view(report), crop=False)
     return buffer.getvalue()
 
 
@@ -48,26 +49,49 @@ def _unit(report: SimulationReport) -> str:
 def _summary(report: SimulationReport) -> Text:
     text = Text()
     text.append(f"gradcheck simulate · {report.mode}", style="bold")
-    spec = ", ".join(f"{k}={_fmt(v)}" for k, v in report.spec.items() if v is not None)
+    spec = ", ".join(f"{k}={_fmt(v)}" for k, v in report.spec.items() if v is not None and k != "depth_scale")
     text.append(f"  depth {report.depth}" + (f"; {spec}" if spec else "") + "\n")
     text.append(f"gain per {_unit(report)[:-1]} {_fmt(report.gain)}, first/last ratio ")
     text.append(_fmt(report.ratio), style="bold")
+    scale = report.spec.get("depth_scale")
+    if isinstance(scale, float) and report.theory is None:
+        text.append(f"\n{depth_scale_words(scale, _unit(report))}")
     if report.theory is not None and report.monte_carlo is not None:
         t, m = report.theory, report.monte_carlo
         text.append(
-            f"\ntheory: gain {_fmt(t.gain)}, ratio {_fmt(t.ratio)}, depth scale ξ {_fmt(t.depth_scale)}"
+            f"\ntheory: gain {_fmt(t.gain)}, ratio {_fmt(t.ratio)}"
             f"\nMonte Carlo ({m.seeds} seeds): gain {_fmt(m.gain)} [{_fmt(m.gain_low)} … {_fmt(m.gain_high)}], "
             f"ratio {_fmt(m.ratio)} [{_fmt(m.ratio_low)} … {_fmt(m.ratio_high)}]"
         )
+        if t.depth_scale is not None:
+            text.append(f"\ntheory's {depth_scale_words(t.depth_scale, _unit(report))}")
     elif report.monte_carlo is not None:
         m = report.monte_carlo
         text.append(f"\nMonte Carlo ({m.seeds} seeds): gain {_fmt(m.gain)} [{_fmt(m.gain_low)} … {_fmt(m.gain_high)}]")
-    crossings = [
-        f"below 1e-3 at {v}" if k == "vanishing" else f"above 1e3 at {v}" for k, v in report.crossings.items() if v
-    ]
-    if crossings:
-        text.append(f"\ncrosses {', '.join(crossings)} {_unit(report)}")
+    for line in crossing_lines(report):
+        text.append(f"\n{line}")
     return text
+
+
+def depth_scale_words(scale: float, unit: str = "layers") -> str:
+    """ξ = −1/ln(gain) in words: the depth over which the gradient falls (or, negative, grows) by a factor e."""
+    if scale > 0:
+        return f"depth scale ξ = {_fmt(scale)} {unit}: the gradient falls by a factor e (≈ 2.72) every ξ {unit}"
+    return f"depth scale ξ = {_fmt(scale)}: the gradient grows by a factor e (≈ 2.72) every {_fmt(-scale)} {unit}"
+
+
+def crossing_lines(report: SimulationReport) -> list[str]:
+    """Where the gradient first leaves 1e-3 … 1e3; a depth beyond the simulated one says it is extrapolated."""
+    unit = _unit(report)
+    lines = []
+    for kind, at in report.crossings.items():
+        if not at:
+            continue
+        where = f"crosses {'below 1e-3' if kind == 'vanishing' else 'above 1e3'} at {at} {unit}"
+        if at > report.depth:
+            where += f" (extrapolated: factor**k continued past --depth {report.depth})"
+        lines.append(where)
+    return lines
 
 
 def _series(report: SimulationReport) -> dict[str, list[float]]:

@@ -13,20 +13,32 @@ from rich.text import Text
 from gradcheck_cli.render.causes_text import causes, verification_line
 from gradcheck_cli.render.numbers import count, number
 from gradcheck_cli.render.steps_chart import steps_chart
-from gradcheck_cli.render.view import focus, forward_order, loss_range, relative_gradients, verdict
+from gradcheck_cli.render.view import focus, forward_order, loss_range, measure_label, relative_gradients, verdict
 from gradcheck_cli.report.report import Report, Severity
 
+TEXT_WIDTH = 110
+"""Columns of the text report where no terminal says otherwise (``--output FILE``, standard output piped)."""
+CODE_INDENT = "   "
+"""A recommendation's snippet sits under its title, indented; it is never wrapped (see :func:`code_block`)."""
 BAR_DECADES = 8
 """The bar spans 10^-8 … 10^+8 of the output-end gradient."""
 BAR_CELLS_PER_DECADE = 0.75
 
 
-def render_text(report: Report, *, width: int = 110) -> str:
-    """The report as plain text (no colour), for ``--output FILE`` and golden tests."""
+def render_text(report: Report, *, width: int = TEXT_WIDTH) -> str:
+    """The report as plain text (no colour), for ``--output FILE`` and golden tests; code lines are never cut
+    or wrapped, even where they are longer than ``width``."""
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False, legacy_windows=False)
-    console.print(text_report(report))
+    console.print(text_report(report), crop=False)
     return buffer.getvalue()
+
+
+def code_block(code: str, indent: str = CODE_INDENT) -> Text:
+    """Code as the reader must copy it: each line whole, indented, never wrapped or cut (print it with
+    ``crop=False``; a terminal narrower than a line folds it on screen, but a pipe or a file gets it whole)."""
+    lines = "\n".join(indent + line if line else line for line in code.splitlines())
+    return Text(lines, style="green", no_wrap=True, overflow="ignore")
 
 
 def text_report(report: Report) -> RenderableType:
@@ -157,7 +169,7 @@ def _path(report: Report) -> Text:
     if path.attenuation is None:
         text.append("path: the gradient could not be followed from output to input (too few finite measurements)")
         return text
-    what = "activation gradient" if path.measured_with == "activation_gradients" else "parameter gradient ratio"
+    what = measure_label(path.measured_with)
     text.append(f"path: {what} at the input end ({path.first_layer}) / output end ({path.last_layer}) = ")
     text.append(f"{path.attenuation:.3g}", style="bold")
     gain = "n/a" if path.gain is None else f"{path.gain:.3g}"
@@ -192,7 +204,7 @@ def _recommendations(report: Report) -> Group:
         line = verification_line(rec, verified.get(rec.id))
         if line is not None:
             parts.append(Padding(line, (0, 0, 0, 3)))
-        parts.append(Padding(Text(rec.snippet, style="green"), (0, 0, 0, 3)))
+        parts.append(code_block(rec.snippet))
     return Group(*parts)
 
 
@@ -218,6 +230,11 @@ def _baseline(report: Report) -> Text:
 def _verdict(report: Report) -> Text:
     words = verdict(report)
     if words.healthy:
-        return Text(f"✓ healthy: {words.summary}", style="bold green")
-    since = f" (from step {words.onset_step})" if words.onset_step is not None else ""
-    return Text(f"✗ unhealthy: {words.summary}{since}", style="bold red")
+        text = Text(f"✓ healthy: {words.summary}", style="bold green")
+    else:
+        since = f" (from step {words.onset_step})" if words.onset_step is not None else ""
+        text = Text(f"✗ unhealthy: {words.summary}{since}", style="bold red")
+    if words.against_baseline is not None:
+        regressed = report.baseline is not None and report.baseline.regressed
+        text.append(f"; {words.against_baseline}", style="bold red" if regressed else "bold green")
+    return text

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gradcheck_cli.render.numbers import number
-from gradcheck_cli.report.report import Report
+from gradcheck_cli.report.report import BaselineDiff, Report
 from gradcheck_cli.report.sections import Onset, OptimisationTrace, StepRecord, TrainingHistory
 
 MAX_ROWS = 20
@@ -86,20 +86,49 @@ class Verdict:
     history). Unhealthy: the problems, comma-separated."""
     onset_step: int | None
     """A training history's first step where one of the problems began; None otherwise."""
+    against_baseline: str | None = None
+    """With ``--baseline``: what the comparison found and what the gate does with it, in words
+    (:func:`baseline_sentence`); None without a baseline."""
 
 
 def verdict(report: Report) -> Verdict:
     """The verdict of ``report`` in words: healthy or the problems, and for a history since which step."""
     history = report.history
     problems = tuple(p.value for p in report.problems)
+    against = None if report.baseline is None else baseline_sentence(report.baseline, len(report.findings))
     if report.healthy:
         summary = "gradients flow from the output to the input"
         if history is not None:
             n = len(history.steps)
             summary = f"no problem at any of the {n} recorded step{'' if n == 1 else 's'}"
-        return Verdict(True, (), summary, None)
+        return Verdict(True, (), summary, None, against)
     first = first_onset(history, problems) if history is not None else None
-    return Verdict(False, problems, ", ".join(problems), None if first is None else first.step)
+    return Verdict(False, problems, ", ".join(problems), None if first is None else first.step, against)
+
+
+def baseline_sentence(diff: BaselineDiff, findings: int) -> str:
+    """What ``--baseline`` found, for the verdict line: regressed (what is new or worse), or nothing new, and
+    why the gate then passes although the model may still be unhealthy.
+
+    ``findings``: how many findings the run has (all of them already in the baseline when nothing is new).
+    """
+    if diff.regressed:
+        parts = []
+        if diff.new_findings:
+            parts.append(f"{_plural(len(diff.new_findings), 'new finding')}")
+        if diff.worse_layers:
+            parts.append(f"{_plural(len(diff.worse_layers), 'layer')} worse beyond the tolerance")
+        return f"regressed against the baseline {diff.baseline}: {' and '.join(parts)}"
+    if findings:
+        held = "its finding was" if findings == 1 else f"all {findings} findings were"
+        why = f"{held} already in the baseline and no layer got worse"
+    else:
+        why = "no finding and no layer worse than in the baseline"
+    return f"nothing new against the baseline {diff.baseline} ({why}), so the gate passes"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def first_onset(history: TrainingHistory, problems: Iterable[str] | None = None) -> Onset | None:
@@ -382,3 +411,16 @@ def _output_norm(report: Report) -> float | None:
         if act is not None and rel is not None and math.isfinite(act) and act > 0 and rel > 0 and math.isfinite(rel):
             return act / rel
     return None
+
+
+MEASURE_LABELS = {
+    "activation_gradients": "activation gradient",
+    "bias_gradients": "bias gradient (the output gradient summed over the batch)",
+    "parameter_gradients": "parameter gradient ratio",
+    "not_measured": "not measured (no hook and no bias shows the path)",
+}
+
+
+def measure_label(measured_with: str) -> str:
+    """What the path's numbers are, in words, for every renderer."""
+    return MEASURE_LABELS.get(measured_with, measured_with.replace("_", " "))

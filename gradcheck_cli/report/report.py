@@ -71,6 +71,10 @@ class LayerStats:
     """Fused RNN/LSTM/GRU: ‖∂L/∂x_t‖ per time step, the gradient through time (first call)."""
     flags: tuple[str, ...] = ()
     """Problems seen in this layer (``vanishing``, ``exploding``, ``non_finite``, ``no_gradient``)."""
+    depth: int | None = None
+    """Layers on the longest chain from this layer's output to the loss along the autograd graph, itself
+    included (1: feeds the loss directly; its deepest call when it runs several times); None when it lies on
+    no path to the loss or the graph was not read (watch, TorchScript)."""
 
     @property
     def grad_weight_ratio(self) -> float | None:
@@ -127,6 +131,9 @@ class PathSummary:
     """Geometric-mean factor per layer (the ``simulate --factor`` of this model)."""
     first_layer: str | None = None
     last_layer: str | None = None
+    output_ends: tuple[str, ...] = ()
+    """The layers nearest the loss (along the autograd graph) whose pooled gradient √Σ‖∂L/∂h‖² is the output
+    end the path is measured against, largest first; empty where the path follows forward order."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +256,19 @@ class Report:
     def healthy(self) -> bool:
         """True when no problem was found."""
         return not self.problems
+
+    def __str__(self) -> str:
+        """The text report, as ``gradcheck inspect`` prints it to a file (no colour): ``print(report)``."""
+        from gradcheck_cli.report.display import shown
+
+        return shown("text", self) or repr(self)
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter's display: the verdict, the gradient chart, the findings and the recommendations as one
+        self-contained HTML fragment (inline CSS and SVG)."""
+        from gradcheck_cli.report.display import shown
+
+        return shown("html", self)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of DESIGN.md §3 (plus additive keys), with finite numbers or null."""

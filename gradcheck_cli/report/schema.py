@@ -19,6 +19,7 @@ import typing
 from enum import Enum
 from typing import Any
 
+from gradcheck_cli.report.error import ErrorReport
 from gradcheck_cli.report.report import (
     SCHEMA_VERSION,
     BaselineDiff,
@@ -31,8 +32,10 @@ from gradcheck_cli.report.report import (
 TITLE = "gradcheck inspect report"
 DESCRIPTION = (
     "The object `gradcheck inspect --format json` prints (DESIGN.md section 3); `gradcheck history --format json` "
-    "prints the same object with `history` set. Changes are additive only; schema_version is bumped on any "
-    'breaking change. Numbers that are NaN or infinite are written as the strings "nan", "inf" and "-inf". '
+    "prints the same object with `history` set. A run that could not run (exit 2) or hit an internal error "
+    '(exit 3) prints an ErrorReport instead: status "error", the exit code and the message. Changes are additive '
+    "only; schema_version is bumped on any breaking change. Numbers that are NaN or infinite are written as the "
+    'strings "nan", "inf" and "-inf". '
     "Generated from gradcheck_cli/report (python -m pytest tests/test_schema.py with GRADCHECK_UPDATE_GOLDEN=1)."
 )
 NUMBER = {"$ref": "#/$defs/number"}
@@ -50,15 +53,19 @@ DERIVED: dict[type, dict[str, dict[str, Any]]] = {
     LayerStats: {"grad_weight_ratio": {"anyOf": [NULL, NUMBER]}},
     LayerMove: {"orders": NUMBER},
     BaselineDiff: {"regressed": {"type": "boolean"}},
+    ErrorReport: {"schema_version": {"const": SCHEMA_VERSION}, "status": {"const": "error"}},
 }
 """Keys ``to_dict`` computes from a property (described by the property's docstring) or from ``healthy``."""
 DERIVED_FIRST = ("schema_version", "status", "problems")
-"""Report keys written before the fields, in this order."""
+"""Report (and ErrorReport) keys written before the fields, in this order."""
+IS_ERROR = {"properties": {"status": {"const": "error"}}, "required": ["status"]}
+"""An object whose ``status`` is ``error`` is an :class:`ErrorReport`; any other, a :class:`Report`."""
 OVERRIDDEN: dict[tuple[type, str], dict[str, Any]] = {
     (Report, "timing"): {"anyOf": [NULL, {"type": "object", "additionalProperties": NUMBER}]},
 }
 """Fields whose JSON is not their type's: ``timing`` is null when empty."""
 CONSTRAINTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("ErrorReport", "code"): {"enum": [2, 3]},
     ("LayerStats", "position"): {"minimum": -1},
     ("LayerStats", "calls"): {"minimum": 0},
     ("LayerStats", "params"): {"minimum": 0},
@@ -101,20 +108,23 @@ HEALTH = [
 
 
 def report_schema() -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of ``Report.to_dict()``."""
+    """The JSON Schema (draft 2020-12) of ``Report.to_dict()``, or of ``ErrorReport.to_dict()`` where
+    ``status`` is ``error``."""
     defs: dict[str, Any] = {
         "number": {
             "description": "A number, or one of the strings that stand for NaN and the infinities.",
             "anyOf": [{"type": "number"}, {"enum": ["nan", "inf", "-inf"]}],
         }
     }
-    root = _object(Report, defs)
+    defs["Report"] = {**_object(Report, defs), "allOf": HEALTH}
+    defs["ErrorReport"] = _object(ErrorReport, defs)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": TITLE,
         "description": DESCRIPTION,
-        **{k: v for k, v in root.items() if k != "description"},
-        "allOf": HEALTH,
+        "if": IS_ERROR,
+        "then": {"$ref": "#/$defs/ErrorReport"},
+        "else": {"$ref": "#/$defs/Report"},
         "$defs": dict(sorted(defs.items())),
     }
 

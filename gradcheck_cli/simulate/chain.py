@@ -29,6 +29,11 @@ def simulate_chain(depth: int, factor: float) -> SimulationReport:
     log_factor = math.log(factor)
     layers = tuple(SimLayer(index=k, value=_exp(k * log_factor)) for k in range(1, depth + 1))
     ratio = _exp(depth * log_factor)
+    crossings = {
+        "vanishing": crossing_depth(log_factor, math.log(VANISHING_BELOW)),
+        "exploding": crossing_depth(log_factor, math.log(EXPLODING_ABOVE)),
+    }
+    notes = [f"log10(ratio) = {depth * log_factor / math.log(10):.4g}"]
     return SimulationReport(
         mode="chain",
         depth=depth,
@@ -37,11 +42,8 @@ def simulate_chain(depth: int, factor: float) -> SimulationReport:
         verdict=verdict_of(ratio),
         layers=layers,
         spec={"factor": factor, "depth_scale": depth_scale(factor)},
-        crossings={
-            "vanishing": crossing_depth(log_factor, math.log(VANISHING_BELOW)),
-            "exploding": crossing_depth(log_factor, math.log(EXPLODING_ABOVE)),
-        },
-        notes=(f"log10(ratio) = {depth * log_factor / math.log(10):.4g}",),
+        crossings=crossings,
+        notes=tuple(notes),
     )
 
 

@@ -88,7 +88,7 @@ def render_html(report: Report) -> str:
         '<meta name="generator" content="gradcheck">\n'
         f"<title>{escape(f'gradcheck: {status} — {report.run.model_type}')}</title>\n"
         f"<style>{CSS}</style>\n</head>\n<body>\n"
-        f"{_verdict(report)}\n"
+        f"{verdict_banner(report)}\n"
         f'<nav class="noprint" aria-label="sections">{nav}</nav>\n'
         f"{body}\n"
         f"{_footer(report)}\n"
@@ -97,7 +97,8 @@ def render_html(report: Report) -> str:
     )
 
 
-def _verdict(report: Report) -> str:
+def verdict_banner(report: Report) -> str:
+    """The page's banner: the verdict, the model and its path (or history), the counts, the first fix."""
     counts = [
         plural(n, SEVERITY_WORD[severity])
         for severity in (Severity.ERROR, Severity.WARNING, Severity.INFO)
@@ -121,12 +122,11 @@ def _verdict(report: Report) -> str:
     extra = []
     if counts:
         extra.append(f'<a href="#findings">{e(", ".join(counts))}</a>')
-    if report.baseline is not None:
-        extra.append(
-            '<a href="#baseline">against the baseline: '
-            + ("<strong>regressed</strong>" if report.baseline.regressed else "no regression")
-            + "</a>"
-        )
+    against = verdict(report).against_baseline
+    if against is not None:
+        regressed = report.baseline is not None and report.baseline.regressed
+        words = f'<strong class="flag">{e(against)}</strong>' if regressed else e(against)
+        extra.append(f'<a href="#baseline">{words}</a>')
     if extra:
         lines.append(f"<p>{' · '.join(extra)}</p>")
     origin = report.non_finite_origin
