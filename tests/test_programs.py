@@ -158,3 +158,26 @@ def test_a_traced_cnn_with_batchnorm_stays_healthy() -> None:
     assert report.problems == ()
     assert report.path.measured_with == "bias_gradients"
     assert report.path.attenuation is not None and 10**-2 < report.path.attenuation < 10**2
+
+
+class _TwoRates(torch.nn.Module):
+    """A wrapper like Silero VAD's: one sub-model per sample rate, only one of them runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        self.slow = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fast(x)
+
+
+def test_a_scripted_branch_that_never_ran_is_not_called_a_cut_graph() -> None:
+    """Without module hooks an empty bias slot cannot tell 'never ran' from 'cut': no GC005 (a real false alarm
+    on Silero VAD's wrapper, whose 8 kHz model does not run on 16 kHz audio)."""
+    from gradcheck_cli import check
+
+    torch.manual_seed(0)
+    report = check(torch.jit.script(_TwoRates()), torch.randn(16, 4), verify=False)
+    assert "GC005" not in [f.code for f in report.findings]
+    assert report.healthy

@@ -18,6 +18,8 @@ ZERO_CAUSES = (
 def no_gradient(result: ProbeResult, flagged: dict[int, str]) -> list[Finding]:
     """Layers that ran, with parameters, while no gradient reached them: the path is cut (GC005), unless the
     autograd graph shows that they feed only model outputs the loss did not use (GC007, a note)."""
+    if not result.activation_hooks:  # a TorchScript layer's empty bias slot may be a branch that never ran
+        return []
     reached = any(m.grad is not None for m in result.layers)
     silent = [i for i, m in enumerate(result.layers) if m.calls and m.grad is None and all(c is None for c in m.calls)]
     if not reached or not silent:
