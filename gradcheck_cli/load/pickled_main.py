@@ -13,6 +13,7 @@ import ast
 import pickle
 import shlex
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,13 @@ def main_classes(globals_: list[str]) -> list[str]:
 def defining_scripts(classes: list[str], checkpoint: Path) -> list[Path]:
     """The ``.py`` files beside ``checkpoint`` or in the working directory that define every class named."""
     wanted = set(classes)
-    found: list[Path] = []
+    return [_shown(script) for script in _nearby_scripts(checkpoint) if wanted <= _top_level_classes(script)]
+
+
+def _nearby_scripts(checkpoint: Path) -> Iterator[Path]:
+    """The ``.py`` files beside ``checkpoint`` and in the working directory (each folder once, a bounded few)."""
     for folder in dict.fromkeys((checkpoint.resolve().parent, Path.cwd().resolve())):
-        for script in sorted(folder.glob("*.py"))[:_SCAN_LIMIT]:
-            if wanted <= _top_level_classes(script):
-                found.append(_shown(script))
-    return found
+        yield from sorted(folder.glob("*.py"))[:_SCAN_LIMIT]
 
 
 def _top_level_classes(script: Path, *, modules_only: bool = False) -> set[str]:
@@ -53,8 +55,7 @@ def suggested_factory(checkpoint: Path) -> str:
     working directory (read, never run); the general form otherwise."""
     found = [
         (_shown(script), name)
-        for folder in dict.fromkeys((checkpoint.resolve().parent, Path.cwd().resolve()))
-        for script in sorted(folder.glob("*.py"))[:_SCAN_LIMIT]
+        for script in _nearby_scripts(checkpoint)
         for name in sorted(_top_level_classes(script, modules_only=True))
     ]
     if len(found) == 1:
