@@ -96,6 +96,34 @@ def test_torchscript_without_biases_says_the_path_was_not_measured(tmp_path: Pat
     assert "could not be measured" in gc006[0].message
 
 
+def test_a_program_whose_path_is_not_measured_is_never_called_healthy(tmp_path: Path) -> None:
+    """The status is ``not_measured`` (exit 0: no finding at --fail-on error; 1 with --fail-on warning) in the
+    JSON, the text verdict, SARIF and JUnit, and the report validates against the schema."""
+    import json
+    import xml.etree.ElementTree as ET
+
+    from cli_support import run_cli
+    from gradcheck_cli.report.schema import report_schema
+
+    jsonschema = pytest.importorskip("jsonschema")
+    model = save(stack(1.3, bias=False), tmp_path / "m.pt", "script")
+    torch.save(batch().args[0], tmp_path / "x.pt")
+    common = ["inspect", model, "--input", tmp_path / "x.pt", "--no-verify"]
+    as_json = run_cli([*common, "--format", "json"], cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    document = json.loads(as_json.stdout)
+    assert (document["status"], document["problems"]) == ("not_measured", [])
+    jsonschema.validate(document, report_schema())
+    text = run_cli(common, cwd=tmp_path)
+    assert "? not measured: the gradient path could not be measured" in text.stdout
+    assert "healthy" not in text.stdout.split("\n", 3)[0] + text.stdout.split("not measured:", 1)[1][:80]
+    sarif = json.loads(run_cli([*common, "--format", "sarif"], cwd=tmp_path).stdout)
+    assert sarif["runs"][0]["properties"]["status"] == "not_measured"
+    junit = ET.fromstring(run_cli([*common, "--format", "junit"], cwd=tmp_path).stdout)
+    assert {p.get("name"): p.get("value") for p in junit.iter("property")}["status"] == "not_measured"
+    assert run_cli([*common, "--fail-on", "warning"], cwd=tmp_path).returncode == 1
+
+
 def test_an_exported_program_keeps_its_module_names_and_cannot_switch_mode(tmp_path: Path) -> None:
     module = load(save(stack(1.0), tmp_path / "m.pt2", "export"))
     assert [n for n, m in module.named_modules() if next(m.parameters(recurse=False), None) is not None][:2] == [

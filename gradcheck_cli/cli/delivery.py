@@ -22,6 +22,7 @@ from gradcheck_cli.cli.options import Invocation, format_output_order
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.outputs import OutputGuard, check_distinct, write_text, write_with
 from gradcheck_cli.render.registry import ReportFormat, renderer
+from gradcheck_cli.render.view import status_line
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def _emit(report: Any, kind: ReportFormat, output: Path | None) -> None:
     if kind is ReportFormat.github and os.environ.get("GITHUB_STEP_SUMMARY"):
         _append_step_summary(report, Path(os.environ["GITHUB_STEP_SUMMARY"]))
     if output is not None:
-        verdict = "healthy" if report.healthy else "unhealthy: " + ", ".join(p.value for p in report.problems)
+        verdict = status_line(report)
         Console(stderr=True, highlight=False).print(f"gradcheck: {verdict}; {kind.value} report written to {output}")
 
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 from gradcheck_cli.diagnose.paths import Path, follow
 from gradcheck_cli.diagnose.rule_codes import PARAMETER_GRADIENTS_ONLY
 from gradcheck_cli.probe.results import ProbeResult
-from gradcheck_cli.report.report import Finding, Severity
+from gradcheck_cli.report.report import NOT_MEASURED, Finding, Severity
 
 BIAS_GRADIENTS = "bias_gradients"
-NOT_MEASURED = "not_measured"
 MIN_POINTS = 2
 
 

@@ -71,7 +71,7 @@ def _rules_suite(report: Report) -> ET.Element:
     properties = ET.Element("properties")
     run = report.run
     for name, value in (
-        ("status", "healthy" if report.healthy else "unhealthy"),
+        ("status", report.status),
         ("problems", ",".join(p.value for p in report.problems)),
         ("source", run.source),
         ("model_type", run.model_type),

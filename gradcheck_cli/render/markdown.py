@@ -21,6 +21,7 @@ from gradcheck_cli.render.view import (
     relative_gradients,
     shown_rows,
     steps_view,
+    unfollowed_path,
     verdict,
 )
 from gradcheck_cli.report.report import BaselineDiff, Finding, LayerMove, LayerStats, Report, Severity
@@ -81,7 +82,9 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
 
 def _verdict(report: Report) -> str:
     words = verdict(report)
-    head = "## gradcheck: ✅ healthy" if words.healthy else "## gradcheck: ❌ unhealthy"
+    head = "## gradcheck: " + (
+        "✅ healthy" if words.healthy else "⚠️ not measured" if not words.measured else "❌ unhealthy"
+    )
     tail = words.summary + (f" from step {words.onset_step}" if words.onset_step is not None else "")
     counts = [
         f"{n} {severity.value}{'s' if n != 1 and severity is not Severity.INFO else ''}"
@@ -130,7 +133,7 @@ def _run(report: Report) -> str:
 def _path(report: Report) -> str:
     path = report.path
     if path.attenuation is None:
-        return "**path:** the gradient could not be followed from output to input (too few finite measurements)"
+        return f"**path:** {unfollowed_path(report)}"
     what = measure_label(path.measured_with)
     first = _code(path.first_layer or "?")
     last = _code(path.last_layer or "?")

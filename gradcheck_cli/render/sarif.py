@@ -262,7 +262,7 @@ def _in(finding: Finding, findings: tuple[Finding, ...]) -> bool:
 def _properties(report: Report) -> dict[str, Any]:
     path = report.path
     properties: dict[str, Any] = {
-        "status": "healthy" if report.healthy else "unhealthy",
+        "status": report.status,
         "problems": [p.value for p in report.problems],
         "path": {
             "measured_with": path.measured_with,

@@ -13,7 +13,15 @@ from rich.text import Text
 from gradcheck_cli.render.causes_text import causes, verification_line
 from gradcheck_cli.render.numbers import count, number
 from gradcheck_cli.render.steps_chart import steps_chart
-from gradcheck_cli.render.view import focus, forward_order, loss_range, measure_label, relative_gradients, verdict
+from gradcheck_cli.render.view import (
+    focus,
+    forward_order,
+    loss_range,
+    measure_label,
+    relative_gradients,
+    unfollowed_path,
+    verdict,
+)
 from gradcheck_cli.report.report import Report, Severity
 
 TEXT_WIDTH = 110
@@ -167,7 +175,7 @@ def _path(report: Report) -> Text:
     path = report.path
     text = Text()
     if path.attenuation is None:
-        text.append("path: the gradient could not be followed from output to input (too few finite measurements)")
+        text.append(f"path: {unfollowed_path(report)}")
         return text
     what = measure_label(path.measured_with)
     text.append(f"path: {what} at the input end ({path.first_layer}) / output end ({path.last_layer}) = ")
@@ -231,6 +239,8 @@ def _verdict(report: Report) -> Text:
     words = verdict(report)
     if words.healthy:
         text = Text(f"✓ healthy: {words.summary}", style="bold green")
+    elif not words.measured:
+        text = Text(f"? not measured: {words.summary}", style="bold yellow")
     else:
         since = f" (from step {words.onset_step})" if words.onset_step is not None else ""
         text = Text(f"✗ unhealthy: {words.summary}{since}", style="bold red")

@@ -89,6 +89,18 @@ class Verdict:
     against_baseline: str | None = None
     """With ``--baseline``: what the comparison found and what the gate does with it, in words
     (:func:`baseline_sentence`); None without a baseline."""
+    measured: bool = True
+    """False when no problem was found but the gradient path could not be measured: no verdict of health."""
+
+
+NOT_MEASURED_SUMMARY = "the gradient path could not be measured (GC006), so this is no verdict of health"
+
+
+def status_line(report: Report) -> str:
+    """``healthy``, ``unhealthy: vanishing, exploding`` or ``not measured``: the verdict in a title's words."""
+    if report.problems:
+        return "unhealthy: " + ", ".join(p.value for p in report.problems)
+    return "healthy" if report.measured else "not measured"
 
 
 def verdict(report: Report) -> Verdict:
@@ -96,6 +108,8 @@ def verdict(report: Report) -> Verdict:
     history = report.history
     problems = tuple(p.value for p in report.problems)
     against = None if report.baseline is None else baseline_sentence(report.baseline, len(report.findings))
+    if not problems and not report.measured:
+        return Verdict(False, (), NOT_MEASURED_SUMMARY, None, against, measured=False)
     if report.healthy:
         summary = "gradients flow from the output to the input"
         if history is not None:
@@ -419,6 +433,13 @@ MEASURE_LABELS = {
     "parameter_gradients": "parameter gradient ratio",
     "not_measured": "not measured (no hook and no bias shows the path)",
 }
+
+
+def unfollowed_path(report: Report) -> str:
+    """Why the report has no path (no attenuation), in words: not measured, or too few finite measurements."""
+    if not report.measured:
+        return "not measured: no module hook fires on this program and fewer than two layers have a bias to read it"
+    return "the gradient could not be followed from output to input (too few finite measurements)"
 
 
 def measure_label(measured_with: str) -> str:

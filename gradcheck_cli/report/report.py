@@ -18,6 +18,12 @@ from gradcheck_cli.report.sections import (
 )
 
 SCHEMA_VERSION = 1
+NOT_MEASURED = "not_measured"
+"""``PathSummary.measured_with`` and ``status`` when nothing measured could see the backward path."""
+STATUSES = ("healthy", "unhealthy", NOT_MEASURED)
+"""The report's ``status`` values: no problem and the path measured; problems; no problem found but the path
+could not be measured (a TorchScript program without hooks and without two biases), which is no verdict of
+health."""
 
 
 class Problem(str, Enum):
@@ -122,7 +128,9 @@ class PathSummary:
     """How the activation gradient changes from the output end to the input end."""
 
     measured_with: str
-    """``activation_gradients`` (module hooks) or ``parameter_gradients`` (fallback)."""
+    """``activation_gradients`` (module hooks), ``bias_gradients`` (TorchScript: ‖∂L/∂b‖ per layer),
+    ``parameter_gradients`` (a training history without activation hooks) or ``not_measured`` (nothing measured
+    sees the path; the report's ``status`` is then ``not_measured`` unless problems were found)."""
     length: int
     """Number of forward calls on the path."""
     attenuation: float | None
@@ -253,9 +261,22 @@ class Report:
         return tuple(p for p in Problem if p in found)
 
     @property
+    def measured(self) -> bool:
+        """False when nothing measured could see the gradient path (``path.measured_with`` ``not_measured``)."""
+        return self.path.measured_with != NOT_MEASURED
+
+    @property
     def healthy(self) -> bool:
-        """True when no problem was found."""
-        return not self.problems
+        """True when no problem was found and the gradient path was measured."""
+        return not self.problems and self.measured
+
+    @property
+    def status(self) -> str:
+        """``healthy``; ``unhealthy`` when problems were found; ``not_measured`` when none was found but the
+        gradient path could not be measured (no verdict of health)."""
+        if self.problems:
+            return "unhealthy"
+        return "healthy" if self.measured else NOT_MEASURED
 
     def __str__(self) -> str:
         """The text report, as ``gradcheck inspect`` prints it to a file (no colour): ``print(report)``."""
@@ -283,7 +304,7 @@ class Report:
         safe: dict[str, Any] = json_safe(
             {
                 "schema_version": SCHEMA_VERSION,
-                "status": "healthy" if self.healthy else "unhealthy",
+                "status": self.status,
                 "problems": [p.value for p in self.problems],
                 "layers": layers,
                 "findings": [_finding_dict(f) for f in self.findings],

@@ -21,7 +21,9 @@ from typing import Any
 
 from gradcheck_cli.report.error import ErrorReport
 from gradcheck_cli.report.report import (
+    NOT_MEASURED,
     SCHEMA_VERSION,
+    STATUSES,
     BaselineDiff,
     LayerMove,
     LayerStats,
@@ -47,7 +49,7 @@ RENAMED: dict[type, dict[str, str]] = {BaselineDiff: {"baseline": "file", "toler
 DERIVED: dict[type, dict[str, dict[str, Any]]] = {
     Report: {
         "schema_version": {"const": SCHEMA_VERSION},
-        "status": {"enum": ["healthy", "unhealthy"]},
+        "status": {"enum": list(STATUSES)},
         "problems": {"type": "array", "items": {"$ref": "#/$defs/Problem"}, "uniqueItems": True},
     },
     LayerStats: {"grad_weight_ratio": {"anyOf": [NULL, NUMBER]}},
@@ -102,9 +104,13 @@ HEALTH = [
         "if": {"properties": {"status": {"const": status}}, "required": ["status"]},
         "then": {"properties": {"problems": {bound: count}}},
     }
-    for status, bound, count in (("healthy", "maxItems", 0), ("unhealthy", "minItems", 1))
+    for status, bound, count in (
+        ("healthy", "maxItems", 0),
+        ("unhealthy", "minItems", 1),
+        (NOT_MEASURED, "maxItems", 0),
+    )
 ]
-"""A healthy report lists no problem, an unhealthy one at least one."""
+"""A healthy report lists no problem, an unhealthy one at least one, a not-measured one none."""
 
 
 def report_schema() -> dict[str, Any]:

@@ -15,9 +15,9 @@ from gradcheck_cli.render.charts.engine import SIDE_WIDTH, new_figure, panel_fig
 from gradcheck_cli.render.charts.layer_axis import Tick, label_room, layer_ticks
 from gradcheck_cli.render.charts.layers import draw_layer_panel, drawn_indices
 from gradcheck_cli.render.charts.steps import draw_step_totals, draw_steps_per_layer
-from gradcheck_cli.render.charts.style import GREEN, RED, legend_order, side_panel
+from gradcheck_cli.render.charts.style import GREEN, ORANGE, RED, legend_order, side_panel
 from gradcheck_cli.render.numbers import count
-from gradcheck_cli.render.view import Source, through_time, trace_verdict
+from gradcheck_cli.render.view import Source, status_line, through_time, trace_verdict
 from gradcheck_cli.report.report import Report
 
 if TYPE_CHECKING:
@@ -70,13 +70,11 @@ def draw_report(report: Report) -> Figure:
     grid = figure.add_gridspec(
         len(rows), 2, width_ratios=[width - SIDE_WIDTH, SIDE_WIDTH], height_ratios=_row_heights(report)
     )
-    status = (
-        "healthy" if report.healthy else "unhealthy: " + ", ".join(p.value.replace("_", "-") for p in report.problems)
-    )
+    status = status_line(report).replace("non_finite", "non-finite")
     what = "gradcheck history" if report.history is not None else "gradcheck"
     figure.suptitle(
         f"{what} · {report.run.model_type} ({count(report.run.parameters)} parameters) — {status}",
-        fontsize=13, fontweight="bold", color=GREEN if report.healthy else RED,
+        fontsize=13, fontweight="bold", color=GREEN if report.healthy else RED if report.problems else ORANGE,
     )  # fmt: skip
     main = figure.add_subplot(grid[0, 0])
     notes = draw_layer_panel(main, report, _ticks(report)) + _panel_notes(report)

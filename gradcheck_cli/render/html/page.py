@@ -27,7 +27,15 @@ from gradcheck_cli.render.html.markup import SEVERITY_WORD, anchors, code, e, nu
 from gradcheck_cli.render.html.path import path_section, path_sentence
 from gradcheck_cli.render.html.steps import history_section, optimisation_section
 from gradcheck_cli.render.numbers import count
-from gradcheck_cli.render.view import PROBLEM_WORDS, first_onset, focus, history_head, loss_range, verdict
+from gradcheck_cli.render.view import (
+    PROBLEM_WORDS,
+    first_onset,
+    focus,
+    history_head,
+    loss_range,
+    status_line,
+    verdict,
+)
 from gradcheck_cli.report.report import Report, Severity
 from gradcheck_cli.report.sections import TrainingHistory
 
@@ -79,7 +87,7 @@ def render_html(report: Report) -> str:
         for anchor, title, content in present
     )
     csp = f"default-src 'none'; style-src 'unsafe-inline'; script-src {script_hash()}"
-    status = "healthy" if report.healthy else "unhealthy: " + ", ".join(p.value for p in report.problems)
+    status = status_line(report)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -106,6 +114,9 @@ def verdict_banner(report: Report) -> str:
     ]
     if report.healthy:
         cls, head = "good", "✓ healthy"
+        tail = f'<p class="summary">{e(verdict(report).summary)}</p>'
+    elif not report.measured and not report.problems:
+        cls, head = "unmeasured", "? not measured"
         tail = f'<p class="summary">{e(verdict(report).summary)}</p>'
     else:
         cls = "bad"

@@ -9,7 +9,7 @@ from gradcheck_cli.render.charts.layers import drawn_indices, layer_values, poin
 from gradcheck_cli.render.html.figures import layer_chart_svg, time_chart_svg
 from gradcheck_cli.render.html.markup import code, e, num, plural
 from gradcheck_cli.render.numbers import number
-from gradcheck_cli.render.view import measure_label, through_time
+from gradcheck_cli.render.view import measure_label, through_time, unfollowed_path
 from gradcheck_cli.report.report import Report
 
 MAX_TIME_CHARTS = 4
@@ -20,7 +20,7 @@ def path_sentence(report: Report) -> str:
     """The attenuation from the output end to the input end, and the gain per layer, as HTML."""
     path = report.path
     if path.attenuation is None:
-        return "the gradient could not be followed from the output to the input (too few finite measurements)"
+        return unfollowed_path(report)
     what = measure_label(path.measured_with)
     return (
         f"{what} at the input end ({code(path.first_layer or '?')}) ÷ output end ({code(path.last_layer or '?')}) "
