@@ -450,6 +450,12 @@ def test_healthy_trained_model_without_target_is_stable() -> None:
     assert trace.verdict == "stable", [r.grad_norm for r in trace.steps]
     report = gradcheck_cli.check(model, batch, steps=8, lr=0.1, verify=False)
     assert "GC015" not in {f.code for f in report.findings}
+    # the report says which loss the steps minimised (JSON key optimisation.loss, text "loss minimised: ...")
+    assert report.optimisation is not None and report.optimisation.loss.startswith("bounded surrogate: mean squared")
+    assert report.to_dict()["optimisation"]["loss"] == report.optimisation.loss
+    assert "loss minimised: bounded surrogate" in str(report)
+    with_target = trace_optimisation(model, Batch(args=batch.args, target=torch.randn(16, 1)), steps=1, lr=0.1)
+    assert with_target.loss == "the loss of the batch's target"
 
 
 def test_bounded_surrogate_is_named_and_seeded() -> None:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gradcheck_cli.advise.surrogate import bounded_batch, naming_loss
+from gradcheck_cli.advise.surrogate import bounded_batch
 from gradcheck_cli.diagnose.rule_codes import NON_FINITE_FORWARD, NON_FINITE_GRADIENT, UNSTABLE_OPTIMISATION
 from gradcheck_cli.diagnose.rules import Thresholds, diagnose
 from gradcheck_cli.errors import GradcheckError, first_line
@@ -147,11 +147,10 @@ def trace_optimisation(
         verdict, onset = NON_FINITE, records[-1].step
     else:
         verdict, onset, _ = classify(records, limits)
-    trace = OptimisationTrace(
+    return OptimisationTrace(
         optimizer=settings.optimizer.value, lr=lr, layers=layers, steps=tuple(records), verdict=verdict,
-        onset_step=onset,
+        onset_step=onset, loss=loss_words,
     )  # fmt: skip
-    return naming_loss(trace, loss_words)
 
 
 def _validate(steps: int, lr: float) -> tuple[int, float]:

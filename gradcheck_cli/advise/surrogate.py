@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +20,6 @@ from torch import nn
 from gradcheck_cli.load.batch import Batch
 from gradcheck_cli.probe.loss import float_leaves, select_output
 from gradcheck_cli.probe.measure import cuda_devices, kept_buffers, run_forward, set_mode
-from gradcheck_cli.report.sections import OptimisationTrace
 from gradcheck_cli.settings import ProbeSettings
 
 
@@ -73,11 +72,3 @@ SURROGATE = "bounded surrogate"
 def _has_own_loss(output: Any) -> bool:
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     return isinstance(loss, torch.Tensor) and loss.is_floating_point()
-
-
-def naming_loss(trace: OptimisationTrace, words: str) -> OptimisationTrace:
-    """The trace with ``OptimisationTrace.loss`` set, where the report has that field (added with issue 18)."""
-    if "loss" not in {f.name for f in dataclasses.fields(trace)}:
-        return trace
-    fill: Any = dataclasses.replace
-    return cast(OptimisationTrace, fill(trace, loss=words))

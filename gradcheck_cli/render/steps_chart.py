@@ -66,6 +66,8 @@ def _header(trace: OptimisationTrace) -> Text:
         f"{name}, lr {trace.lr:g}, on a copy of the model: {len(records)} record"
         f"{'' if len(records) == 1 else 's'}, steps 0…{last}"
     )
+    if trace.loss:
+        text.append(f"\nloss minimised: {trace.loss}", style="dim")
     if len(records) > MAX_ROWS:
         text.append(f"\nshowing {MAX_ROWS} of {len(records)} (first, onset and last kept)", style="dim")
     return text

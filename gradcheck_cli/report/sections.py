@@ -197,6 +197,9 @@ class OptimisationTrace:
     """``stable``, ``exploding``, ``collapsing`` or ``non_finite``."""
     onset_step: int | None = None
     """The first step where the trend left the healthy band."""
+    loss: str = ""
+    """The loss the steps minimised, in words: the batch's target, the model's own loss, or (without either) the
+    bounded surrogate, a mean squared error towards a fixed random target (docs/calibration.md)."""
 
 
 @dataclass(frozen=True)

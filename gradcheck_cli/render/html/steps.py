@@ -29,6 +29,8 @@ def optimisation_section(trace: OptimisationTrace) -> str:
     head = (
         f"{name}, lr {trace.lr:g}, on a copy of the model, on the sample batch: {len(records)} records, steps 0…{last}"
     )
+    if trace.loss:
+        head += f"; loss minimised: {trace.loss}"
     if trace.verdict == "stable":
         verdict = f'<p class="verification fixed"><strong>✓ {e(VERDICT_WORDS["stable"])}</strong></p>'
     else:
