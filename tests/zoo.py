@@ -93,7 +93,7 @@ def torch_transformer() -> tuple[nn.Module, Batch]:
 
 
 class LSTMClassifier(nn.Module):
-    """A two-layer ``nn.LSTM`` over 100 steps with a classifier on the last state."""
+    """A two-layer ``nn.LSTM`` over a sequence with a classifier on the last state."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -105,11 +105,11 @@ class LSTMClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
-def torch_lstm() -> tuple[nn.Module, Batch]:
+def torch_lstm(steps: int = 100) -> tuple[nn.Module, Batch]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     return LSTMClassifier(), Batch(
-        args=(torch.randn(8, 100, 16, generator=g),), target=torch.randint(0, 5, (8,), generator=g)
+        args=(torch.randn(8, steps, 16, generator=g),), target=torch.randint(0, 5, (8,), generator=g)
     )
 
 
@@ -173,10 +173,10 @@ class UnrolledLSTM(nn.Module):
         return self.head(h)
 
 
-def unrolled_lstm() -> tuple[nn.Module, Batch]:
+def unrolled_lstm(steps: int = 50) -> tuple[nn.Module, Batch]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(50, 8, 16, generator=g)
+    x = torch.randn(steps, 8, 16, generator=g)
     return UnrolledLSTM(), Batch(args=(x,), target=torch.randint(0, 5, (8,), generator=g))
 
 
@@ -214,9 +214,9 @@ HEALTHY = [
     ZooModel("hf-vit", "healthy", hf_vit),
     ZooModel("hf-resnet", "healthy", hf_resnet),
     ZooModel("nn.TransformerEncoder", "healthy", torch_transformer),
-    ZooModel("nn.LSTM", "healthy", torch_lstm),
-    ZooModel("nn.GRU 200 steps", "healthy", lambda: fused_rnn("GRU")),
-    ZooModel("nn.LSTMCell unrolled 50 steps", "healthy", unrolled_lstm),
+    ZooModel("nn.LSTM 20 steps", "healthy", lambda: torch_lstm(20)),
+    ZooModel("nn.GRU 20 steps", "healthy", lambda: fused_rnn("GRU", steps=20)),
+    ZooModel("nn.LSTMCell unrolled 20 steps", "healthy", lambda: unrolled_lstm(20)),
     ZooModel("cnn-inplace-relu", "healthy", small_cnn),
     ZooModel("relu-kaiming-50", "healthy", _example("relu-kaiming")),
     ZooModel("residual-mlp-50", "healthy", _example("residual")),
@@ -232,6 +232,11 @@ SICK = [
     ZooModel("tanh-rnn-200 (radius 2.0)", "exploding", _example("rnn-exploding")),
     ZooModel("nn.RNN fused 200 (radius 0.5)", "vanishing", lambda: fused_rnn("RNN", 0.5)),
     ZooModel("nn.RNN fused 200 (radius 2.0)", "exploding", lambda: fused_rnn("RNN", 2.0)),
+    # gated cells at default init over sequences long enough that the first steps' gradient is below 1e-10 of
+    # the last's: they cannot learn a dependency on the first steps (docs/calibration.md, "Gated cells")
+    ZooModel("nn.LSTM 100 steps", "vanishing", torch_lstm),
+    ZooModel("nn.GRU 200 steps", "vanishing", lambda: fused_rnn("GRU")),
+    ZooModel("nn.LSTMCell unrolled 50 steps", "vanishing", unrolled_lstm),
     ZooModel("nan-weight", "non_finite", _example("nan-weight")),
     ZooModel("huge-weight 1e38 (forward overflows)", "non_finite", lambda: scaled_weight(1e38)),
     ZooModel("weights ×1e30 (finite, norm overflows)", "exploding", lambda: scaled_weight(None, 1e30)),
