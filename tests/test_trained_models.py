@@ -105,6 +105,9 @@ def test_partly_trained_model_names_its_trained_layers(trained: tuple[Sequence, 
     looks = {layer.layer: layer.looks_like for layer in report.init_audit.layers}
     assert looks["lstm.weight_hh_l0"] == "trained"  # never described as an initialisation scheme
     assert looks["head"] != "trained"
+    # the text's audit line describes the initialisation of the untrained weights only
+    line = next(line for line in str(report).splitlines() if line.startswith("init audit:"))
+    assert "3 weights; of the 2 untrained, most look like" in line and "look like trained" not in line
 
 
 @pytest.mark.parametrize("optimizer_state", [True, False])

@@ -47,13 +47,20 @@ def _init_audit(report: Report) -> RenderableType:
     audit = report.init_audit
     assert audit is not None
     layers = audit.layers
-    looks = Counter(layer.looks_like for layer in layers).most_common(1)[0][0]
-    ratio = statistics.median(layer.ratio for layer in layers)
     head = Text("init audit: ", style="bold")
     if audit.skipped:
         head.append(f"skipped, {audit.skipped}", style="dim")
         return head
-    head.append(f"{len(layers)} weights, most look like {looks}; median {ratio:.2f}× the scale their activation needs")
+    # the scheme and the median scale describe the initialisation: trained weights are no scheme
+    fresh = [layer for layer in layers if layer.looks_like != "trained"]
+    if fresh:
+        looks = Counter(layer.looks_like for layer in fresh).most_common(1)[0][0]
+        ratio = statistics.median(layer.ratio for layer in fresh)
+        which = "weights," if len(fresh) == len(layers) else f"weights; of the {len(fresh)} untrained,"
+        needs = f"median {ratio:.2f}× the scale their activation needs"
+        head.append(f"{len(layers)} {which} most look like {looks}; {needs}")
+    else:
+        head.append(f"{len(layers)} weights, all look trained")
     flagged = [layer for layer in layers if layer.flag]
     if audit.trained_layers:
         head.append(f"; {len(audit.trained_layers)} look trained (not audited)", style="dim")
