@@ -51,7 +51,9 @@ def assert_gradients_healthy(
     unfreeze: bool = False,
     worst: int = WORST_LAYERS,
 ) -> Report:
-    """Check ``model`` on ``batch`` and raise :class:`GradientHealthError` if the report fails ``fail_on``.
+    """Check ``model`` on ``batch`` and raise :class:`GradientHealthError` if the report fails ``fail_on``, or
+    if the gradient path could not be measured (a TorchScript program without hooks or biases; not with
+    ``fail_on="never"``).
 
     ``batch`` is what :func:`gradcheck_cli.check` takes: a tensor, ``(inputs..., target)`` or a dict of
     keyword tensors. ``vanishing`` and ``exploding`` are the attenuation thresholds (``--vanishing-below``,
@@ -65,7 +67,8 @@ def assert_gradients_healthy(
     tokens = [fail_on] if isinstance(fail_on, str) else list(fail_on)
     gate = _gate(tokens)
     report = _check(model, batch, vanishing=vanishing, exploding=exploding, seed=seed, train=train, unfreeze=unfreeze)
-    if gate.fails(report):
+    unmeasured = not report.measured and (gate.severity is not None or bool(gate.problems))
+    if gate.fails(report) or unmeasured:  # a path nothing could measure is no evidence of health
         raise GradientHealthError(failure_message(report, fail_on=",".join(tokens), worst=worst), report)
     return report
 
@@ -122,11 +125,12 @@ class GradientChecker:
 
 def failure_message(report: Report, *, fail_on: str = "error", worst: int = WORST_LAYERS) -> str:
     """The assertion message: verdict, run, path, the ``worst`` layers, findings, recommendations, notes."""
-    verdict = (
-        f"unhealthy: {', '.join(p.value for p in report.problems)}"
-        if report.problems
-        else "healthy, but findings fail the gate"
-    )
+    if report.problems:
+        verdict = f"unhealthy: {', '.join(p.value for p in report.problems)}"
+    elif not report.measured:
+        verdict = "not measured: the gradient path could not be measured (GC006), so health cannot be asserted"
+    else:
+        verdict = "healthy, but findings fail the gate"
     run = report.run
     lines = [
         f"gradcheck: {verdict} (fail_on={fail_on})",

@@ -367,3 +367,16 @@ def test_yaml_recipes_in_the_ci_doc_parse() -> None:
     assert "gradcheck.html" in keep["with"]["path"]
     assert gitlab["gradcheck"]["artifacts"]["reports"]["junit"] == "gradcheck.xml"
     assert pre_commit["repos"][0]["hooks"][0]["id"] == "gradcheck"
+
+
+def test_a_program_whose_path_is_not_measured_never_passes_as_healthy() -> None:
+    """A TorchScript stack without biases: no hook fires and no bias reads the path, so the assertion fails
+    (``fail_on="never"`` still passes: the caller asked for no gate)."""
+    torch.manual_seed(0)
+    model = torch.jit.script(nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(6)]))
+    batch = torch.randn(8, 16)
+    with pytest.raises(GradientHealthError) as caught:
+        assert_gradients_healthy(model, batch)
+    assert str(caught.value).startswith("gradcheck: not measured: the gradient path could not be measured")
+    assert caught.value.report.status == "not_measured"
+    assert assert_gradients_healthy(model, batch, fail_on="never").status == "not_measured"
