@@ -18,6 +18,7 @@ from gradcheck_cli.advise.verify import order_by_effect, verify_recommendations
 from gradcheck_cli.diagnose.activation_health import activation_findings, activation_section
 from gradcheck_cli.diagnose.init_audit import audit_init, init_findings
 from gradcheck_cli.diagnose.precision import precision_findings, precision_section
+from gradcheck_cli.diagnose.program_signal import BIAS_GRADIENTS
 from gradcheck_cli.diagnose.rule_codes import FP16_OVERFLOW, FP16_UNDERFLOW
 from gradcheck_cli.diagnose.rules import Diagnosis, diagnose
 from gradcheck_cli.diagnose.traits import model_traits
@@ -26,7 +27,14 @@ from gradcheck_cli.distributed.reduce import detect as detect_sharding
 from gradcheck_cli.errors import GradcheckError
 from gradcheck_cli.load.batch import Batch, make_batch
 from gradcheck_cli.load.model_copy import copy_model
-from gradcheck_cli.probe.measure import AUTOCAST_DTYPES, kept_buffers, probe, probe_scaled, untouched_tensors
+from gradcheck_cli.probe.measure import (
+    AUTOCAST_DTYPES,
+    autocast_device,
+    kept_buffers,
+    probe,
+    probe_scaled,
+    untouched_tensors,
+)
 from gradcheck_cli.probe.modules import module_type, unwrap
 from gradcheck_cli.probe.nonfinite import locate_non_finite
 from gradcheck_cli.probe.precision import ZERO_BIN, recommended_scale
@@ -123,7 +131,7 @@ def _check(
             findings += optimisation_findings(trace)
     with phase("diagnose"):
         recommendations = _advise(model, judged, findings, provenance.trained)
-    notes = _notes(provenance, sharding, judged, result, settings)
+    notes = _notes(provenance, sharding, judged, result, settings, autocast_device(list(model.parameters())))
     report = dataclasses.replace(
         _report(model, ready, result, judged.diagnosis, findings, recommendations, notes, settings, provenance),
         init_audit=judged.audit,
@@ -209,9 +217,15 @@ def _advise(
 
 
 def _notes(
-    provenance: Provenance, sharding: Sharding | None, judged: _Judged, result: ProbeResult, settings: ProbeSettings
+    provenance: Provenance,
+    sharding: Sharding | None,
+    judged: _Judged,
+    result: ProbeResult,
+    settings: ProbeSettings,
+    device: str,
 ) -> list[str]:
-    """The loader's notes, then what this run did that the numbers alone do not say."""
+    """The loader's notes, then what this run did that the numbers alone do not say (``device``: the type the
+    parameters are on, where autocast ran)."""
     notes = list(provenance.notes)
     if sharding is not None:
         notes.append(
@@ -229,18 +243,21 @@ def _notes(
             f"{everything} had requires_grad=False; gradcheck enabled gradients for this probe only, so the flow "
             "through them is measured too (flags restored afterwards)"
         )
-    if not result.activation_hooks:
+    if not result.activation_hooks and judged.diagnosis.path.measured_with == BIAS_GRADIENTS:
         notes.append(
             "module hooks do not fire on TorchScript modules: the path is read through the layers' bias gradients "
             "(the output gradient summed over the batch)"
         )
     if settings.autocast is not None:
         scaled = f" with the loss scaled by {result.loss_scale:g}; gradients are reported unscaled"
-        notes.append(
-            f"probed under torch.autocast({AUTOCAST_DTYPES[settings.autocast.value]})"
-            + (scaled if judged.half else "")
-            + "; a float32 pass is the reference for what half precision loses"
-        )
+        how = f"probed under torch.autocast({AUTOCAST_DTYPES[settings.autocast.value]})"
+        if settings.autocast.value == "fp16" and device == "cpu":
+            how = (
+                "probed under CUDA's fp16 autocast emulated on the CPU (float32 kernels, fp16 values and gradients "
+                "where CUDA holds fp16; the CPU's own fp16 kernels are 7-11× slower)"
+            )
+        notes.append(how + (scaled if judged.half else "") + "; a float32 pass is the reference for what half "
+                     "precision loses")  # fmt: skip
     return notes
 
 

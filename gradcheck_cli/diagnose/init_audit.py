@@ -28,7 +28,7 @@ from torch.nn.parameter import is_lazy
 from gradcheck_cli.diagnose.following import Follower, activation_gain, following
 from gradcheck_cli.diagnose.module_kinds import RECURRENT
 from gradcheck_cli.diagnose.rule_codes import INIT_SCALE
-from gradcheck_cli.diagnose.weight_statistics import WeightStats, looks_like, trained_evidence, weight_stats
+from gradcheck_cli.diagnose.weight_statistics import WeightStats, looks_like, trained_evidence, weight_stats_all
 from gradcheck_cli.probe.modules import module_type
 from gradcheck_cli.report.report import Finding, Problem, Severity
 from gradcheck_cli.report.sections import InitAudit, InitLayer
@@ -102,11 +102,11 @@ def audit_init(model: nn.Module, leaf_calls: Sequence[tuple[str, str]], *, train
     layers: list[InitLayer] = []
     looks_trained: list[tuple[str, str]] = []
     testable = 0
-    for weight in weights:
-        audited = _audit_weight(weight, contexts.get(weight.module))
-        if audited is None:
+    every_stats = weight_stats_all([_matrix(weight) for weight in weights])
+    for weight, stats in zip(weights, every_stats, strict=True):
+        if stats is None:
             continue
-        layer, stats = audited
+        layer = _audit_weight(weight, stats, contexts.get(weight.module))
         evidence = None
         if layer.looks_like not in ("orthogonal", "zeros", "constant"):  # exact structures no optimiser leaves
             testable += 1
@@ -210,18 +210,21 @@ def _recurrent(module: nn.Module, kind: str) -> tuple[str, float, int]:
 # --- one weight ------------------------------------------------------------------------------------------
 
 
-def _audit_weight(weight: _Weight, context: Follower | None) -> tuple[InitLayer, WeightStats] | None:
+def _matrix(weight: _Weight) -> torch.Tensor:
+    """The weight as (fan-out side, fan-in side): Hugging Face ``Conv1D`` transposed, a convolution flattened."""
     tensor = weight.tensor.detach()
     if weight.transposed and tensor.dim() == 2:
-        matrix = tensor.t()
+        return tensor.t()
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def _audit_weight(weight: _Weight, stats: WeightStats, context: Follower | None) -> InitLayer:
+    tensor = weight.tensor
+    if weight.transposed and tensor.dim() == 2:
         fan_in, fan_out = tensor.shape[0], tensor.shape[1]
     else:
-        matrix = tensor.reshape(tensor.shape[0], -1)
         receptive = math.prod(tensor.shape[2:])
         fan_in, fan_out = tensor.shape[1] * receptive, tensor.shape[0] * receptive
-    stats = weight_stats(matrix)
-    if stats is None:
-        return None
     hidden = None
     if weight.recurrent is not None:
         activation, gain, hidden = weight.recurrent
@@ -232,7 +235,7 @@ def _audit_weight(weight: _Weight, context: Follower | None) -> tuple[InitLayer,
         activation, gain, normalised = UNSEEN, 1.0, False
     xavier = gain * math.sqrt(2.0 / (fan_in + fan_out))
     kaiming = gain / math.sqrt(fan_in)
-    layer = InitLayer(
+    return InitLayer(
         layer=weight.layer,
         type=weight.type,
         fan_in=fan_in,
@@ -246,7 +249,6 @@ def _audit_weight(weight: _Weight, context: Follower | None) -> tuple[InitLayer,
         looks_like=looks_like(stats, fan_in, fan_out, gain, hidden or None),
         normalised=normalised,
     )
-    return layer, stats
 
 
 # --- the rule --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ docs/init_audit.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,6 +35,8 @@ SPIKE_ENTRIES = 1 << 14
 
 SAMPLE_ENTRIES = 1 << 14
 """Larger weights are reduced on evenly spaced rows (and columns) holding about this many entries."""
+HOST_BATCH = 64
+"""Samples copied to the host together, at most (64 × 128 KB of float64)."""
 ORTHOGONAL_VECTORS = 64
 ORTHOGONAL_ENTRIES = 1 << 22
 ORTHOGONAL_TOLERANCE = 0.1
@@ -66,46 +69,100 @@ class WeightStats:
 def weight_stats(matrix: torch.Tensor) -> WeightStats | None:
     """Moments, row/column norm spread and orthogonality; None when the sampled entries hold NaN/Inf (the probe
     reports non-finite weights itself)."""
+    return weight_stats_all([matrix])[0]
+
+
+def weight_stats_all(matrices: Sequence[torch.Tensor]) -> list[WeightStats | None]:
+    """:func:`weight_stats` of every matrix. The samples of one shape are stacked and copied to the host at once
+    (one transfer per shape from a GPU), then reduced one matrix at a time, each in the CPU's cache."""
+    samples = [_sample(m) for m in matrices]
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for index, sample in enumerate(samples):
+        groups.setdefault((tuple(sample.shape), sample.dtype, sample.device, _column_major(sample)), []).append(index)
+    found: list[WeightStats | None] = [None] * len(matrices)
+    chunks = [(k, group[i : i + HOST_BATCH]) for k, group in groups.items() for i in range(0, len(group), HOST_BATCH)]
+    for (_, dtype, _, column_major), indices in chunks:
+        if column_major:  # copied as laid out (a transposed Conv1D weight), so every sum runs in the same order
+            stacked = torch.stack([samples[i].t() for i in indices]).transpose(1, 2)
+        else:
+            stacked = torch.stack([samples[i] for i in indices])
+        host = stacked.to(device="cpu", dtype=torch.float64)
+        for index, x in zip(indices, host, strict=True):
+            stats = _stats(x, wide=dtype == torch.float64)
+            if stats is not None and not stats.constant and stats.std > 0.0:
+                stats = replace(stats, orthogonal=_orthogonal(matrices[index]))
+            found[index] = stats
+    return found
+
+
+def _column_major(matrix: torch.Tensor) -> bool:
+    """Whether the matrix is laid out column by column (a transpose), which a copy to the host would keep."""
+    rows, cols = matrix.shape
+    return rows > 1 and cols > 1 and matrix.stride() == (1, rows)
+
+
+def _sample(matrix: torch.Tensor) -> torch.Tensor:
+    """The matrix, or for larger weights its evenly spaced rows (and columns) holding about ``SAMPLE_ENTRIES``."""
     rows, cols = matrix.shape
     sample = matrix
     if rows * cols > SAMPLE_ENTRIES:
         width = min(cols, SAMPLE_ENTRIES // MIN_VECTORS)
         keep = max(MIN_VECTORS, SAMPLE_ENTRIES // width)
         if rows > keep:  # rows first: the column gather then touches only the kept rows
-            sample = sample[_evenly(rows, keep, matrix.device)]
+            sample = sample.index_select(0, _evenly(rows, keep, matrix.device))
         if cols > width:
-            sample = sample[:, _evenly(cols, width, matrix.device)]
-    x = sample.to(device="cpu", dtype=torch.float64)
-    if not bool(torch.isfinite(x).all()):
-        return None
-    squares = x.square()
+            sample = sample.index_select(1, _evenly(cols, width, matrix.device))
+    return sample
+
+
+def _stats(x: torch.Tensor, wide: bool) -> WeightStats | None:
+    """The statistics of one float64 sample on the host (orthogonality is asked of the whole matrix apart);
+    ``wide``: the weight was float64 itself, so its squares may overflow."""
+    rows, cols = x.shape
     entries = x.numel()
-    mean = float(x.mean())
-    second = float(squares.mean())
-    fourth = float(squares.square().mean())
-    rms = math.sqrt(second)
-    std = math.sqrt(float((x - mean).square().mean()))  # about the mean: exactly 0 for a constant
+    squares = x.square()
+    mean = x.mean()
+    second = squares.mean()
+    # an entry narrower than float64, squared, cannot overflow: the sum of squares is finite iff every entry is
+    finite = torch.isfinite(x).all() if wide else torch.isfinite(second)
+    deviation = x - mean
+    row_norms, col_norms = squares.sum(dim=1), squares.sum(dim=0)
+    reductions = [
+        finite.double(),
+        mean,
+        second,
+        squares.square().mean(),
+        deviation.square().mean(),
+        row_norms.mean(),
+        row_norms.std() if rows > 1 else second,
+        col_norms.mean(),
+        col_norms.std() if cols > 1 else second,
+        (x == 0).sum().double(),
+    ]
+    values = torch.stack(reductions).tolist()
+    ok, mean_, second_, fourth, about, row_centre, row_std, col_centre, col_std, zeros = values
+    if not ok:
+        return None
+    rms = math.sqrt(second_)
+    std = math.sqrt(about)  # about the mean: exactly 0 for a constant
     if rms == 0.0 or (entries > 1 and std <= 1e-12 * rms):
         return WeightStats(rms, rms > 0.0, None, None, 0.0, math.inf, False, entries)
-    kurtosis = fourth / (second * second)
-    tests = [
-        _spread(squares.sum(dim=1), x.shape[1], kurtosis),
-        _spread(squares.sum(dim=0), x.shape[0], kurtosis),
-    ]
+    kurtosis = fourth / (second_ * second_)
+    tests = [_spread(row_centre, row_std, rows, cols, kurtosis), _spread(col_centre, col_std, cols, rows, kurtosis)]
     valid = [t for t in tests if t is not None]
     spread = max((t[0] for t in valid), default=None)
     spread_z = max((t[1] for t in valid), default=None)
-    mean_z = abs(mean) * math.sqrt(entries) / math.sqrt(second)  # ≤ √entries: tiny weights cannot trip it
+    mean_z = abs(mean_) * math.sqrt(entries) / math.sqrt(second_)  # ≤ √entries: tiny weights cannot trip it
     spike, limit = None, math.inf
-    if std > 0.0 and float((x == 0).double().mean()) < SPARSE_SHARE:
-        centred = x if entries <= SPIKE_ENTRIES else x[_evenly(x.shape[0], max(1, SPIKE_ENTRIES // x.shape[1]))]
+    if std > 0.0 and zeros / entries < SPARSE_SHARE:
+        centred = deviation if entries <= SPIKE_ENTRIES else deviation[_evenly(rows, max(1, SPIKE_ENTRIES // cols))]
         side = min(centred.shape)
         if side >= MIN_SPIKE_SIDE:
-            top = _top_singular((centred - mean).float())
+            top = _top_singular(centred.float())
             spike = top / (std * (math.sqrt(centred.shape[0]) + math.sqrt(centred.shape[1])))
             limit = 1.0 + SPIKE_MARGIN * side ** (-2.0 / 3.0)
-    share = abs(mean) / std if std > 0.0 else math.inf
-    return WeightStats(rms, False, spread, spread_z, mean_z, share, _orthogonal(matrix), entries, spike, limit)
+    share = abs(mean_) / std if std > 0.0 else math.inf
+    return WeightStats(rms, False, spread, spread_z, mean_z, share, False, entries, spike, limit)
 
 
 def _top_singular(x: torch.Tensor) -> float:
@@ -122,19 +179,18 @@ def _evenly(n: int, k: int, device: torch.device | None = None) -> torch.Tensor:
     return (torch.arange(k, device=device) * n) // k
 
 
-def _spread(squared_norms: torch.Tensor, per: int, kurtosis: float) -> tuple[float, float] | None:
-    """(observed / expected CV of the squared norms, its excess in standard errors) for i.i.d. entries.
+def _spread(centre: float, std: float, count: int, per: int, kurtosis: float) -> tuple[float, float] | None:
+    """(observed / expected CV of ``count`` squared norms, its excess in standard errors) for i.i.d. entries, from
+    the norms' mean ``centre`` and standard deviation ``std``.
 
     ``per`` i.i.d. entries with kurtosis κ (about zero) give squared norms with CV √((κ−1)/per); the CV of
     ``count`` such norms is estimated within about 1/√(2(count−1)) of itself (more for few entries per norm).
     """
-    count = squared_norms.numel()
     if count < MIN_VECTORS or per < MIN_ENTRIES or kurtosis <= 1.0 + 1e-9:
         return None
-    centre = float(squared_norms.mean())
     if centre <= 0:
         return None
-    observed = float(squared_norms.std()) / centre
+    observed = std / centre
     expected = math.sqrt((kurtosis - 1.0) / per)
     ratio = observed / expected
     z = (ratio - 1.0) * math.sqrt(2.0 * (count - 1)) / math.sqrt(1.0 + 6.0 / per)
@@ -150,13 +206,34 @@ def _orthogonal(matrix: torch.Tensor) -> bool:
     keep = min(count, ORTHOGONAL_VECTORS)
     if keep * length > ORTHOGONAL_ENTRIES:
         return False
-    a = vectors[_evenly(count, keep, vectors.device)].to(device="cpu", dtype=torch.float32)
+    a = vectors.index_select(0, _evenly(count, keep, vectors.device)).to(device="cpu", dtype=torch.float32)
+    if _norms_unequal(a):
+        return False
     gram = (a @ a.t()).double()  # float32 products are far inside the 0.1/√length tolerance
     scale = float(gram.diagonal().mean())
     if not math.isfinite(scale) or scale <= 0:
         return False
     deviation = float((gram / scale - torch.eye(keep, dtype=torch.float64)).abs().max())
     return deviation * math.sqrt(length) < ORTHOGONAL_TOLERANCE
+
+
+def _norms_unequal(a: torch.Tensor) -> bool:
+    """Whether the vectors' norms alone already fail :func:`_orthogonal`'s test (the Gram matrix's diagonal),
+    whatever the rounding of the float32 Gram matrix: i.i.d. weights stop here without the full product.
+
+    Each diagonal entry of the float32 Gram matrix is within γ = n·2⁻²⁴/(1 − n·2⁻²⁴) of the exact squared norm
+    (n = length), and their mean too, so an entry whose exact ratio to the mean is r deviates from 1 there by at
+    least |r − 1| − 2.1·γ·r; one such deviation beyond the tolerance fails the test.
+    """
+    length = a.shape[1]
+    norms = a.double().square().sum(dim=1).tolist()
+    scale = sum(norms) / len(norms)
+    if not math.isfinite(scale) or scale <= 0:
+        return False  # the full test decides
+    unit = length * 2.0**-24
+    slack = 2.1 * unit / (1.0 - unit)
+    bound = ORTHOGONAL_TOLERANCE / math.sqrt(length) * (1.0 + 1e-9) + 1e-12
+    return any(abs(r - 1.0) - slack * r > bound for r in (n / scale for n in norms))
 
 
 def looks_like(stats: WeightStats, fan_in: int, fan_out: int, gain: float, hidden: int | None) -> str:

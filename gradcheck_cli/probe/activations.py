@@ -162,33 +162,33 @@ class ActivationRecorder(HookStack):
         self.calls.append(call)
 
     def device_tensors(self) -> list[torch.Tensor]:
-        """Every statistic to copy to the host, in the order :meth:`summarise` reads them back."""
-        out: list[torch.Tensor] = []
-        for call in self.calls:
-            out.append(call.derivative_sq.reshape(()).double())
-            if call.saturated is not None:
-                out.append(call.saturated.reshape(()).double())
-            if call.dead_units is not None:
-                out.append(call.dead_units.reshape(()).double())
-        return out
+        """Every statistic to copy to the host, in the order :meth:`summarise` reads them back: each kind of
+        statistic (φ'(z)² sums, saturated counts, dead units) over all calls, stacked and widened to float64."""
+        kinds = (
+            [c.derivative_sq for c in self.calls],
+            [c.saturated for c in self.calls if c.saturated is not None],
+            [c.dead_units for c in self.calls if c.dead_units is not None],
+        )
+        if len({c.derivative_sq.device for c in self.calls}) > 1:  # a model split over devices: one by one
+            return [t.reshape(1).double() for kind in kinds for t in kind]
+        return [torch.stack([t.reshape(()) for t in kind]).double() for kind in kinds if kind]
 
     def summarise(self, values: list[float]) -> tuple[ActivationTotals, ...]:
         """Per activation module, the totals over its calls, from the host copies of :meth:`device_tensors`."""
         totals = [ActivationTotals(name, kind) for name, kind in self.modules]
-        cursor = 0
+        derivatives = iter(values[: len(self.calls)])
+        saturated = iter(values[len(self.calls) :])
+        dead = iter(values[len(self.calls) + sum(c.saturated is not None for c in self.calls) :])
         for call in self.calls:
             total = totals[call.module]
             total.calls += 1
             total.elements += call.elements
             total.sampled += call.sampled
-            total.derivative_sq += values[cursor]
-            cursor += 1
+            total.derivative_sq += next(derivatives)
             if call.saturated is not None:
-                total.saturated = (total.saturated or 0.0) + values[cursor]
-                cursor += 1
+                total.saturated = (total.saturated or 0.0) + next(saturated)
             if call.dead_units is not None:
-                total.dead = (total.dead or 0.0) + values[cursor]
+                total.dead = (total.dead or 0.0) + next(dead)
                 total.units += call.units
                 total.samples_per_unit = max(total.samples_per_unit, call.elements // max(call.units, 1))
-                cursor += 1
         return tuple(totals)

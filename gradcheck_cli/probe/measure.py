@@ -26,10 +26,11 @@ from gradcheck_cli.load.batch import Batch, batch_misfit
 from gradcheck_cli.load.sizes import iter_tensors
 from gradcheck_cli.probe.activations import ActivationRecorder
 from gradcheck_cli.probe.graph import call_graph
+from gradcheck_cli.probe.half_emulation import HalfEmulation
 from gradcheck_cli.probe.loss import choose_loss, float_leaves
 from gradcheck_cli.probe.module_state import SavedTensorAttributes
 from gradcheck_cli.probe.modules import expected_input, parametrised_modules, supports_module_hooks, unique_params
-from gradcheck_cli.probe.norms import norm_and_max_abs
+from gradcheck_cli.probe.norms import norms_and_max_abs
 from gradcheck_cli.probe.precision import BINS, layer_histograms, shifted_histogram
 from gradcheck_cli.probe.program_hooks import recorder_for
 from gradcheck_cli.probe.readout import Extra, LossScale, read_layers
@@ -220,10 +221,19 @@ def _gradients_finite(result: ProbeResult) -> bool:
 
 
 def autocast_context(kind: str | None, params: list[nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` of ``kind`` on the parameters' device; fp16 on a CPU is CUDA's fp16 autocast emulated
+    with float32 kernels (:mod:`~gradcheck_cli.probe.half_emulation`: the CPU's fp16 kernels are 7-11× slower)."""
     if kind is None:
         return contextlib.nullcontext()
-    device = next((p.device.type for p in params), "cpu")
+    device = autocast_device(params)
+    if kind == "fp16" and device == "cpu":
+        return HalfEmulation()
     return torch.autocast(device_type=device, dtype=AUTOCAST_DTYPES[kind])
+
+
+def autocast_device(params: list[nn.Parameter]) -> str:
+    """The device type autocast runs on: the parameters' (the first one's), a CPU without parameters."""
+    return next((p.device.type for p in params), "cpu")
 
 
 OUT_OF_MEMORY_HINT = "ran out of memory; try a smaller batch (fewer samples or shorter sequences) or another --device"
@@ -365,9 +375,8 @@ def _collect(
 ) -> ProbeResult:
     """The shared readout (probe/readout.py) of the layers, plus what only a probe shows: the output's and the
     loss's finiteness, the gradient through time, the precision histograms and the activations' health."""
-    gradients = {
-        i: norm_and_max_abs(local(p.grad)) for i, p in enumerate(params) if p.is_floating_point() and p.grad is not None
-    }
+    with_grad = {i: local(p.grad) for i, p in enumerate(params) if p.is_floating_point() and p.grad is not None}
+    gradients = dict(zip(with_grad, norms_and_max_abs(list(with_grad.values())), strict=True))
     timed = sorted(recorder.time_norms)
     hist = layer_histograms(len(named), _histogram_inputs(named, [params[i] for i in gradients], recorder))
     activation_values = activations.device_tensors()

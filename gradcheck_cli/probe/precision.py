@@ -11,6 +11,7 @@ diagnose/precision.py.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,27 +40,40 @@ def sample(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _bins(flat: torch.Tensor) -> torch.Tensor:
-    magnitude = flat.abs()
-    _, exponent = torch.frexp(magnitude)
-    index = (exponent.to(torch.int64) + OFFSET).clamp_(NON_FINITE_BIN + 1, BINS - 1)
-    index = torch.where(magnitude == 0, ZERO_BIN, index)
-    return torch.where(torch.isfinite(magnitude), index, NON_FINITE_BIN)
+    """Each element's bin (int32): zero, non-finite, or its ``frexp`` exponent offset and clamped into range.
+    ``flat`` is the caller's own copy: it is overwritten (fewer fresh buffers: each costs page faults on a CPU)."""
+    magnitude = flat.abs_()
+    zero = magnitude == 0
+    non_finite = (magnitude < math.inf).logical_not_()  # NaN compares false: non-finite too
+    exponent = torch.empty(magnitude.shape, dtype=torch.int32, device=magnitude.device)
+    torch.frexp(magnitude, out=(magnitude, exponent))
+    index = exponent.add_(OFFSET).clamp_(NON_FINITE_BIN + 1, BINS - 1)
+    return index.masked_fill_(zero, ZERO_BIN).masked_fill_(non_finite, NON_FINITE_BIN)
 
 
 def exponent_histogram(tensor: torch.Tensor) -> torch.Tensor:
     """Counts of zero, non-finite and each base-2 exponent among a strided sample (int64, on the device)."""
-    return torch.bincount(_bins(sample(tensor)), minlength=BINS)
+    return torch.bincount(_bins(sample(tensor).clone()), minlength=BINS)
 
 
 def grouped_histograms(tensors: Sequence[torch.Tensor], groups: Sequence[int], count: int) -> torch.Tensor:
-    """One histogram per group (``count`` × :data:`BINS`) over many tensors of one device, in a few kernels."""
-    samples = [sample(t) for t in tensors]
+    """One histogram per group (``count`` × :data:`BINS`) over many tensors of one device, in a few kernels: the
+    samples joined group by group (counts do not depend on the order), each group's bins moved to its own row."""
+    order = sorted(range(len(tensors)), key=lambda i: groups[i])
+    samples = [sample(tensors[i]) for i in order]
     if not samples:
         return torch.zeros((count, BINS), dtype=torch.int64)
     flat = torch.cat([s.to(torch.float64) if s.dtype != samples[0].dtype else s for s in samples])
-    sizes = torch.tensor([s.numel() for s in samples], device=flat.device)
-    owner = torch.repeat_interleave(torch.tensor(list(groups), device=flat.device), sizes)
-    return torch.bincount(owner * BINS + _bins(flat), minlength=count * BINS).reshape(count, BINS)
+    index = _bins(flat)
+    runs: dict[int, list[int]] = {}  # group → [first element, end] of its run in ``flat``
+    end = 0
+    for position, s in zip(order, samples, strict=True):
+        end += s.numel()
+        runs.setdefault(groups[position], [end - s.numel(), end])[1] = end
+    for group, (first, last) in runs.items():
+        if group:
+            index[first:last] += group * BINS
+    return torch.bincount(index, minlength=count * BINS).reshape(count, BINS)
 
 
 def layer_histograms(count: int, tensors: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:

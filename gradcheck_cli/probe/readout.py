@@ -32,19 +32,25 @@ from gradcheck_cli.probe.results import LayerMeasure, Norm
 def to_host(tensors: list[torch.Tensor]) -> list[float]:
     """Every element of ``tensors``, flattened in order, with one synchronisation per device.
 
-    Models on one device (the usual case) cost exactly one device-to-host copy.
+    Models on one device (the usual case) cost exactly one device-to-host copy. The tensors of one dtype are
+    joined first and widened to float64 together (exactly: every value of a narrower type is a float64).
     """
-    by_device: dict[torch.device, list[int]] = {}
+    kinds: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for index, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(index)
+        kinds.setdefault((t.device, t.dtype), []).append(index)
+    by_device: dict[torch.device, list[tuple[list[int], torch.Tensor]]] = {}
+    for (device, _), indices in kinds.items():
+        joined = torch.cat([tensors[i].reshape(-1) for i in indices]) if len(indices) > 1 else tensors[indices[0]]
+        by_device.setdefault(device, []).append((indices, joined.reshape(-1).to(torch.float64)))
     chunks: list[list[float]] = [[] for _ in tensors]
-    for indices in by_device.values():
-        flat = torch.cat([tensors[i].reshape(-1).to(torch.float64) for i in indices]).tolist()
+    for parts in by_device.values():
+        flat = torch.cat([joined for _, joined in parts]).tolist() if len(parts) > 1 else parts[0][1].tolist()
         start = 0
-        for i in indices:
-            end = start + tensors[i].numel()
-            chunks[i] = flat[start:end]
-            start = end
+        for indices, _ in parts:
+            for i in indices:
+                end = start + tensors[i].numel()
+                chunks[i] = flat[start:end]
+                start = end
     return [value for chunk in chunks for value in chunk]
 
 

@@ -1,0 +1,169 @@
+"""The cheaper paths of the probe and the init audit give the numbers the plain ones give, bit for bit.
+
+No timing here (BENCHMARKS.md holds the numbers): each test pins that a fused or batched reduction is the same
+value as the per-tensor one it replaced, NaN and Inf included.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gradcheck_cli.diagnose.weight_statistics import WeightStats, weight_stats, weight_stats_all
+from gradcheck_cli.probe.activations import ActivationRecorder
+from gradcheck_cli.probe.norms import norm_and_max_abs, norms_and_max_abs
+from gradcheck_cli.probe.precision import BINS, NON_FINITE_BIN, OFFSET, ZERO_BIN, grouped_histograms
+from gradcheck_cli.probe.readout import to_host
+from gradcheck_cli.probe.recorder import max_abs
+
+NAN, INF = math.nan, math.inf
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def test_fused_gradient_norms_equal_the_per_tensor_ones() -> None:
+    torch.manual_seed(0)
+    tensors = [
+        torch.randn(300, 7),
+        torch.tensor([1.0, NAN, -3.0]),
+        torch.tensor([NAN, INF]),
+        torch.tensor([-INF, 2.0]),
+        torch.tensor([-0.0, 0.0]),
+        torch.tensor([2.0, 1.0, NAN]),
+        torch.tensor([-INF, NAN, 1.0]),
+        torch.zeros(0),
+        torch.randn(50, dtype=torch.float16),
+        torch.randn(50, dtype=torch.bfloat16),
+        torch.randn(9, dtype=torch.float64),
+        torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.tensor([3.0, -4.0]), (5,)),
+    ]
+    for t, (l2, peak) in zip(tensors, norms_and_max_abs(tensors), strict=True):
+        ref_l2, ref_peak = norm_and_max_abs(t)
+        assert l2.dtype == ref_l2.dtype
+        assert _same(float(l2), float(ref_l2)) and _same(float(peak), float(ref_peak))
+        dense = t.coalesce().values() if t.is_sparse else t
+        if dense.numel():  # max |element| as aminmax gives it, NaN propagated wherever it sits
+            low, high = torch.aminmax(dense)
+            assert _same(float(peak), float(torch.maximum(high, low.neg())))
+            assert _same(float(max_abs(t)), float(peak))
+
+
+def test_one_host_copy_keeps_order_and_values_across_dtypes() -> None:
+    tensors = [
+        torch.tensor(1.5),
+        torch.tensor([7, 2**40], dtype=torch.int64),
+        torch.tensor(NAN, dtype=torch.float64),
+        torch.tensor([0.1, -2.0], dtype=torch.float16),
+        torch.zeros(0),
+        torch.tensor(1e-30),
+    ]
+    half, tiny = float(torch.tensor(0.1, dtype=torch.float16)), float(torch.tensor(1e-30))
+    expected = [1.5, 7.0, float(2**40), NAN, half, -2.0, tiny]
+    got = to_host(tensors)
+    assert len(got) == len(expected) and all(_same(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_grouped_histogram_bins_zero_non_finite_and_exponents() -> None:
+    values = torch.tensor([0.0, -0.0, NAN, INF, -INF, 1.0, 0.75, 3.0, 2.0**-149, 2.0**-130, 1e38])
+    hist = grouped_histograms([values, torch.tensor([0.5, 0.0])], [1, 0], 2)
+    assert hist.shape == (2, BINS) and int(hist.sum()) == values.numel() + 2
+    assert hist[1, ZERO_BIN] == 2 and hist[1, NON_FINITE_BIN] == 3
+    assert hist[1, OFFSET + 1] == 1  # 1.0 = 0.5·2¹
+    assert hist[1, OFFSET + 0] == 1  # 0.75 = 0.75·2⁰
+    assert hist[1, OFFSET + 2] == 1  # 3.0
+    assert hist[1, OFFSET - 148] == 1 and hist[1, OFFSET - 129] == 1  # float32 subnormals keep their exponent
+    assert hist[0, ZERO_BIN] == 1 and hist[0, OFFSET] == 1
+
+
+def _matrices() -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    orthogonal = torch.empty(96, 96)
+    nn.init.orthogonal_(orthogonal)
+    sparse = torch.randn(60, 60)
+    sparse[sparse.abs() < 1.0] = 0.0
+    with_nan = torch.randn(20, 20)
+    with_nan[3, 4] = NAN
+    spiked = torch.randn(64, 64)
+    spiked[0] *= 40.0
+    return [
+        torch.randn(512, 512) * 0.04,
+        torch.randn(512, 512) * 0.04,
+        torch.randn(10, 512),
+        torch.randn(768, 2304) * 0.02,
+        torch.randn(64, 147),
+        torch.randn(2304, 768).t(),  # Hugging Face Conv1D: stored transposed
+        torch.randn(40, 40).t(),  # small enough to be taken whole, column by column
+        orthogonal,
+        orthogonal * 3.0,
+        torch.eye(32),
+        torch.zeros(16, 16),
+        torch.full((16, 16), 0.5),
+        sparse,
+        with_nan,
+        spiked,
+        torch.randn(40, 40, dtype=torch.float16),
+        torch.randn(30, 50, dtype=torch.float64),
+        torch.randn(1, 9),
+        torch.randn(3, 3),
+    ]
+
+
+def _fields(stats: WeightStats | None) -> tuple[object, ...] | None:
+    if stats is None:
+        return None
+    return tuple("nan" if isinstance(v, float) and math.isnan(v) else v for v in stats.__dict__.values())
+
+
+def test_weight_statistics_of_many_weights_equal_one_at_a_time() -> None:
+    matrices = _matrices()
+    together = weight_stats_all(matrices)
+    for matrix, stats in zip(matrices, together, strict=True):
+        assert _fields(stats) == _fields(weight_stats(matrix.clone() if matrix.is_contiguous() else matrix))
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (64, 200), (200, 64), (8, 3000)])
+def test_orthogonal_weights_pass_the_norm_prefilter(shape: tuple[int, int]) -> None:
+    weight = torch.empty(*shape)
+    nn.init.orthogonal_(weight, gain=2.0)
+    stats = weight_stats(weight)
+    assert stats is not None and stats.orthogonal
+    noisy = weight + 0.05 * weight.std() * torch.randn(*shape)
+    noisy_stats = weight_stats(noisy)
+    assert noisy_stats is not None and not noisy_stats.orthogonal
+
+
+def test_activation_statistics_read_back_in_call_order() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Hardtanh())
+    x = torch.randn(64, 8) * 3.0
+    with ActivationRecorder(model) as recorder:
+        model(x)
+        model(x * 0.1)
+    tensors = recorder.device_tensors()
+    totals = recorder.summarise(to_host(tensors))
+    assert [t.type for t in totals] == ["Tanh", "ReLU", "Hardtanh"]
+    assert all(t.calls == 2 for t in totals)
+    per_call = [(c.module, float(c.derivative_sq)) for c in recorder.calls]
+    for index, total in enumerate(totals):
+        assert total.derivative_sq == pytest.approx(sum(d for m, d in per_call if m == index), rel=1e-12)
+    assert totals[0].saturated is not None and totals[1].dead is not None and totals[2].saturated is not None
+    assert totals[1].saturated is None and totals[0].dead is None
+
+
+def test_an_fp16_gradient_norm_beyond_65504_is_finite() -> None:
+    """Every element is finite (300), so the norm (3e5) is too: taken as float32, never as fp16's inf."""
+    from gradcheck_cli.probe.norms import norm_and_max_abs, norms_and_max_abs
+
+    grad = torch.full((1_000_000,), 300.0, dtype=torch.float16)
+    assert torch.isinf(torch.linalg.vector_norm(grad))  # what fp16 would read
+    for norm, peak in (norm_and_max_abs(grad), *norms_and_max_abs([grad, torch.ones(3)])[:1]):
+        assert float(norm) == pytest.approx(3e5, rel=1e-3) and float(peak) == 300.0
