@@ -64,13 +64,14 @@ def model_traits(model: nn.Module) -> ModelTraits:
     for module in model.modules():
         if isinstance(module, nn.RNN) or module_type(module) == "RNN":
             recurrent.add("RNN")
-    init = []
+    weights = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if types[name] in {"Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D"} and isinstance(weight, torch.Tensor):
-            scale = _init_scale(name, types[name], weight.detach())
-            if scale is not None:
-                init.append(scale)
+            found = _fans_and_sample(types[name], weight.detach())
+            if found is not None:
+                weights.append((name, *found))
+    init = _init_scales(weights)
     half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
     return ModelTraits(
         activations=frozenset(kinds & (RELU_LIKE | SATURATING)),
@@ -81,7 +82,8 @@ def model_traits(model: nn.Module) -> ModelTraits:
     )
 
 
-def _init_scale(name: str, kind: str, weight: torch.Tensor) -> InitScale | None:
+def _fans_and_sample(kind: str, weight: torch.Tensor) -> tuple[int, int, torch.Tensor] | None:
+    """(fan in, fan out, at most 2^16 evenly strided entries as float32) of a weight; None when it has no scale."""
     if weight.dim() < 2 or weight.numel() < 2 or not weight.is_floating_point():
         return None
     if kind == "Conv1D":  # Hugging Face GPT-2 stores (in, out)
@@ -90,8 +92,18 @@ def _init_scale(name: str, kind: str, weight: torch.Tensor) -> InitScale | None:
         receptive = weight[0][0].numel()
         fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
     flat = weight.reshape(-1)
-    sample = flat[:: -(-flat.numel() // 65536)]  # the scale of an i.i.d. init needs no more than 2^16 entries
-    std = float(sample.float().std())
-    if not math.isfinite(std):
-        return None
-    return InitScale(name, std, math.sqrt(2.0 / (fan_in + fan_out)), math.sqrt(2.0 / fan_in))
+    return fan_in, fan_out, flat[:: -(-flat.numel() // 65536)].float()  # an i.i.d. init's scale needs no more
+
+
+def _init_scales(weights: list[tuple[str, int, int, torch.Tensor]]) -> list[InitScale]:
+    """Each weight's std against Xavier's and Kaiming's, the stds copied to the host once per device."""
+    stds: dict[int, float] = {}
+    for device in {sample.device for *_, sample in weights}:
+        indices = [i for i, (*_, sample) in enumerate(weights) if sample.device == device]
+        values = torch.stack([weights[i][3].std() for i in indices]).tolist()
+        stds.update(zip(indices, values, strict=True))
+    return [
+        InitScale(name, stds[i], math.sqrt(2.0 / (fan_in + fan_out)), math.sqrt(2.0 / fan_in))
+        for i, (name, fan_in, fan_out, _) in enumerate(weights)
+        if math.isfinite(stds[i])
+    ]
