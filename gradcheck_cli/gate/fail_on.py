@@ -20,6 +20,11 @@ class FailOn:
     severity: Severity | None = Severity.ERROR
     problems: frozenset[Problem] = frozenset()
 
+    @property
+    def never(self) -> bool:
+        """``--fail-on never``: nothing fails the gate."""
+        return self.severity is None and not self.problems
+
     def fails(self, report: Report) -> bool:
         """Whether ``report`` holds a finding that fails the gate.
 
@@ -28,7 +33,7 @@ class FailOn:
         """
         if report.baseline is None:
             return any(self._fails_on(f) for f in report.findings)
-        if self.severity is None and not self.problems:
+        if self.never:
             return False
         return bool(report.baseline.worse_layers) or any(self._fails_on(f) for f in report.baseline.new_findings)
 

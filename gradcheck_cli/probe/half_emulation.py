@@ -95,11 +95,16 @@ class _RoundToHalf(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.to(torch.float16).to(x.dtype)
+        return rounded(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.to(torch.float16).to(grad.dtype)
+        return rounded(grad)
+
+
+def rounded(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` rounded to the nearest fp16 values (inf beyond 65504, 0 below 2⁻²⁵), kept in its dtype."""
+    return tensor.to(torch.float16).to(tensor.dtype)
 
 
 def is_half(tensor: Any) -> bool:
@@ -165,13 +170,9 @@ def _as_half(value: Any) -> Any:
         value = _RoundToHalf.apply(value)
     setattr(value, HALF_MARK, True)
     if value.requires_grad and getattr(value, HOOKED, None) is not value.grad_fn:
-        value.register_hook(_half_gradient)
+        value.register_hook(rounded)
         setattr(value, HOOKED, value.grad_fn)
     return value
-
-
-def _half_gradient(grad: torch.Tensor) -> torch.Tensor:
-    return grad.to(torch.float16).to(grad.dtype)
 
 
 def _mark_only(value: torch.Tensor) -> bool:

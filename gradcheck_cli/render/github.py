@@ -104,8 +104,7 @@ def _annotation(report: Report, finding: Finding) -> str:
 
 def _verdict(report: Report) -> str:
     words = verdict(report)
-    status = "healthy" if words.healthy else "not measured" if not words.measured else "unhealthy"
-    text = f"{status}: {words.summary}"
+    text = f"{words.word}: {words.summary}"
     if report.path.attenuation is not None:
         text += f" (input/output gradient {report.path.attenuation:.3g} over {report.path.length} calls)"
     if words.against_baseline is not None:

@@ -82,9 +82,8 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
 
 def _verdict(report: Report) -> str:
     words = verdict(report)
-    head = "## gradcheck: " + (
-        "✅ healthy" if words.healthy else "⚠️ not measured" if not words.measured else "❌ unhealthy"
-    )
+    mark = {"healthy": "✅", "not measured": "⚠️"}.get(words.word, "❌")
+    head = f"## gradcheck: {mark} {words.word}"
     tail = words.summary + (f" from step {words.onset_step}" if words.onset_step is not None else "")
     counts = [
         f"{n} {severity.value}{'s' if n != 1 and severity is not Severity.INFO else ''}"

@@ -92,6 +92,11 @@ class Verdict:
     measured: bool = True
     """False when no problem was found but the gradient path could not be measured: no verdict of health."""
 
+    @property
+    def word(self) -> str:
+        """``healthy``, ``not measured`` or ``unhealthy``: how every format heads the verdict."""
+        return "healthy" if self.healthy else "unhealthy" if self.measured else "not measured"
+
 
 NOT_MEASURED_SUMMARY = "the gradient path could not be measured (GC006), so this is no verdict of health"
 

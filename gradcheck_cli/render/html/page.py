@@ -36,7 +36,7 @@ from gradcheck_cli.render.view import (
     status_line,
     verdict,
 )
-from gradcheck_cli.report.report import Report, Severity
+from gradcheck_cli.report.report import NOT_MEASURED, Report, Severity
 from gradcheck_cli.report.sections import TrainingHistory
 
 
@@ -115,7 +115,7 @@ def verdict_banner(report: Report) -> str:
     if report.healthy:
         cls, head = "good", "✓ healthy"
         tail = f'<p class="summary">{e(verdict(report).summary)}</p>'
-    elif not report.measured and not report.problems:
+    elif report.status == NOT_MEASURED:
         cls, head = "unmeasured", "? not measured"
         tail = f'<p class="summary">{e(verdict(report).summary)}</p>'
     else:
