@@ -208,7 +208,7 @@ def _advise(
         findings,
         judged.diagnosis.layers,
         judged.diagnosis.path,
-        model_traits(model),
+        model_traits(model, {} if judged.audit is None else {layer.layer: layer.std for layer in judged.audit.layers}),
         activations=judged.activations,
         precision=judged.precision,
         half=judged.half,

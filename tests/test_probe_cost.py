@@ -16,8 +16,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gradcheck_cli.diagnose import weight_statistics as ws
 from gradcheck_cli.diagnose.weight_statistics import WeightStats, weight_stats, weight_stats_all
-from gradcheck_cli.probe.activations import ActivationRecorder
+from gradcheck_cli.probe.activations import ActivationRecorder, unit_peaks
 from gradcheck_cli.probe.norms import norm_and_max_abs, norms_and_max_abs
 from gradcheck_cli.probe.precision import BINS, NON_FINITE_BIN, OFFSET, ZERO_BIN, grouped_histograms
 from gradcheck_cli.probe.readout import to_host
@@ -141,6 +142,40 @@ def test_orthogonal_weights_pass_the_norm_prefilter(shape: tuple[int, int]) -> N
     assert noisy_stats is not None and not noisy_stats.orthogonal
 
 
+def _gram_test(matrix: torch.Tensor) -> bool:
+    """The orthogonality test without any prefilter: the 64 vectors' float32 Gram matrix against the identity."""
+    vectors = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.t()
+    count, length = vectors.shape
+    keep = min(count, ws.ORTHOGONAL_VECTORS)
+    if vectors.stride(1) == 1 or length == 1:
+        chosen = vectors.index_select(0, (torch.arange(keep) * count) // keep)
+    else:
+        chosen = vectors.narrow(0, 0, keep)
+    a = chosen.float()
+    gram = (a @ a.t()).double()
+    scale = float(gram.diagonal().mean())
+    deviation = float((gram / scale - torch.eye(keep, dtype=torch.float64)).abs().max())
+    return deviation * math.sqrt(length) < ws.ORTHOGONAL_TOLERANCE
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 200), (300, 40), (2000, 48), (12, 700)])
+def test_the_norm_prefilters_reject_only_what_the_gram_test_rejects(shape: tuple[int, int]) -> None:
+    """Orthogonal weights with noise from far inside to far beyond the tolerance: the test with its two norm
+    prefilters (16 vectors, then 64) decides as the Gram matrix alone does, on row- and column-major layouts."""
+    torch.manual_seed(3)
+    base = torch.empty(*shape)
+    nn.init.orthogonal_(base)
+    length = max(shape)
+    decided = []
+    for noise in (0.0, 1e-4, 0.01, 0.03, 0.05, 0.08, 0.1, 0.15, 0.3, 1.0):
+        for layout in (base, base.t().contiguous().t()):
+            weight = layout + noise / math.sqrt(length) * base.std() * torch.randn(*shape)
+            expected = _gram_test(weight)
+            assert ws._orthogonal(weight) == expected, (noise, weight.stride())
+            decided.append(expected)
+    assert any(decided) and not all(decided)  # both sides of the tolerance were tried
+
+
 def test_activation_statistics_read_back_in_call_order() -> None:
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Hardtanh())
@@ -157,6 +192,19 @@ def test_activation_statistics_read_back_in_call_order() -> None:
         assert total.derivative_sq == pytest.approx(sum(d for m, d in per_call if m == index), rel=1e-12)
     assert totals[0].saturated is not None and totals[1].dead is not None and totals[2].saturated is not None
     assert totals[1].saturated is None and totals[0].dead is None
+
+
+@pytest.mark.parametrize(
+    ("shape", "unit_dim"),
+    [((4, 8, 5, 5), 1), ((4, 8, 5, 5, 3), 1), ((6, 7, 9), 1), ((6, 7, 9), 2), ((32, 16), 1), ((3, 5, 7), 0)],
+)
+def test_unit_peaks_are_the_max_over_every_other_dimension(shape: tuple[int, ...], unit_dim: int) -> None:
+    torch.manual_seed(4)
+    z = torch.randn(*shape)
+    z.view(-1)[5] = NAN  # a NaN reaches its unit's peak as amax gives it
+    for tensor in (z, z.transpose(0, -1).contiguous().transpose(0, -1)):  # and a non-contiguous layout
+        expected = torch.amax(tensor, dim=[d for d in range(tensor.dim()) if d != unit_dim])
+        assert torch.equal(unit_peaks(tensor, unit_dim).nan_to_num(7.0), expected.nan_to_num(7.0))
 
 
 def test_an_fp16_gradient_norm_beyond_65504_is_finite() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -56,22 +57,24 @@ class ModelTraits:
         return self.activations & SATURATING
 
 
-def model_traits(model: nn.Module) -> ModelTraits:
-    """Collect the traits of ``model`` without running it."""
+def model_traits(model: nn.Module, stds: Mapping[str, float] | None = None) -> ModelTraits:
+    """Collect the traits of ``model`` without running it. ``stds``: weights' standard deviations already measured
+    (the init audit's, by module name), which are not measured again."""
+    known = stds or {}
     types = {name: module_type(m) for name, m in model.named_modules()}
     kinds = set(types.values())
     recurrent = set(kinds & (PLAIN_RECURRENT | GATED_RECURRENT))
     for module in model.modules():
         if isinstance(module, nn.RNN) or module_type(module) == "RNN":
             recurrent.add("RNN")
-    weights = []
+    weights: list[tuple[str, int, int, torch.Tensor | None]] = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if types[name] in {"Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D"} and isinstance(weight, torch.Tensor):
-            found = _fans_and_sample(types[name], weight.detach())
+            found = _fans_and_sample(types[name], weight.detach(), measured=name in known)
             if found is not None:
                 weights.append((name, *found))
-    init = _init_scales(weights)
+    init = _init_scales(weights, known)
     half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
     return ModelTraits(
         activations=frozenset(kinds & (RELU_LIKE | SATURATING)),
@@ -82,8 +85,9 @@ def model_traits(model: nn.Module) -> ModelTraits:
     )
 
 
-def _fans_and_sample(kind: str, weight: torch.Tensor) -> tuple[int, int, torch.Tensor] | None:
-    """(fan in, fan out, at most 2^16 evenly strided entries as float32) of a weight; None when it has no scale."""
+def _fans_and_sample(kind: str, weight: torch.Tensor, measured: bool) -> tuple[int, int, torch.Tensor | None] | None:
+    """(fan in, fan out, at most 2^16 evenly strided entries as float32 unless its std was ``measured``) of a
+    weight; None when it has no scale."""
     if weight.dim() < 2 or weight.numel() < 2 or not weight.is_floating_point():
         return None
     if kind == "Conv1D":  # Hugging Face GPT-2 stores (in, out)
@@ -91,16 +95,22 @@ def _fans_and_sample(kind: str, weight: torch.Tensor) -> tuple[int, int, torch.T
     else:
         receptive = weight[0][0].numel()
         fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+    if measured:
+        return fan_in, fan_out, None
     flat = weight.reshape(-1)
     return fan_in, fan_out, flat[:: -(-flat.numel() // 65536)].float()  # an i.i.d. init's scale needs no more
 
 
-def _init_scales(weights: list[tuple[str, int, int, torch.Tensor]]) -> list[InitScale]:
-    """Each weight's std against Xavier's and Kaiming's, the stds copied to the host once per device."""
-    stds: dict[int, float] = {}
-    for device in {sample.device for *_, sample in weights}:
-        indices = [i for i, (*_, sample) in enumerate(weights) if sample.device == device]
-        values = torch.stack([weights[i][3].std() for i in indices]).tolist()
+def _init_scales(
+    weights: list[tuple[str, int, int, torch.Tensor | None]], known: Mapping[str, float]
+) -> list[InitScale]:
+    """Each weight's std against Xavier's and Kaiming's: ``known`` ones as given, the others' stds copied to the
+    host once per device."""
+    stds = {i: known[name] for i, (name, *_, sample) in enumerate(weights) if sample is None}
+    sampled = [(i, sample) for i, (*_, sample) in enumerate(weights) if sample is not None]
+    for device in {sample.device for _, sample in sampled}:
+        indices = [i for i, sample in sampled if sample.device == device]
+        values = torch.stack([sample.std() for i, sample in sampled if sample.device == device]).tolist()
         stds.update(zip(indices, values, strict=True))
     return [
         InitScale(name, stds[i], math.sqrt(2.0 / (fan_in + fan_out)), math.sqrt(2.0 / fan_in))

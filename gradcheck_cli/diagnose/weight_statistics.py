@@ -39,6 +39,8 @@ HOST_BATCH = 64
 """Samples copied to the host together, at most (64 × 128 KB of float64)."""
 ORTHOGONAL_VECTORS = 64
 ORTHOGONAL_ENTRIES = 1 << 22
+FIRST_VECTORS = 16
+"""Vectors whose norms are compared first, before the 64 of the orthogonality test are read."""
 ORTHOGONAL_TOLERANCE = 0.1
 """Orthogonal when √length·max|G/c − I| is below this (i.i.d. weights give about 1 and more)."""
 
@@ -206,7 +208,17 @@ def _orthogonal(matrix: torch.Tensor) -> bool:
     keep = min(count, ORTHOGONAL_VECTORS)
     if keep * length > ORTHOGONAL_ENTRIES:
         return False
-    a = vectors.index_select(0, _evenly(count, keep, vectors.device)).to(device="cpu", dtype=torch.float32)
+    if vectors.stride(1) == 1 or length == 1:  # each vector contiguous: evenly spaced ones cost only themselves
+        index = _evenly(count, keep, vectors.device)
+        if _norms_spread(vectors.index_select(0, index[:FIRST_VECTORS])):
+            return False
+        chosen = vectors.index_select(0, index)
+    else:  # vectors across the memory layout (a tall weight's columns): a block of neighbours reads a slice of
+        # each row, where evenly spaced ones touch every cache line (GPT-2's tied 50257×768 lm_head)
+        chosen = vectors.narrow(0, 0, keep)
+        if _norms_spread(chosen.narrow(0, 0, min(keep, FIRST_VECTORS))):
+            return False
+    a = chosen.to(device="cpu", dtype=torch.float32)
     if _norms_unequal(a):
         return False
     gram = (a @ a.t()).double()  # float32 products are far inside the 0.1/√length tolerance
@@ -215,6 +227,27 @@ def _orthogonal(matrix: torch.Tensor) -> bool:
         return False
     deviation = float((gram / scale - torch.eye(keep, dtype=torch.float64)).abs().max())
     return deviation * math.sqrt(length) < ORTHOGONAL_TOLERANCE
+
+
+def _norms_spread(first: torch.Tensor) -> bool:
+    """Whether the first of :func:`_orthogonal`'s vectors already fail its test by their norms alone: 16 vectors
+    read instead of 64 (in a tall row-major weight, one cache line of each row), which is where i.i.d. weights
+    stop (their norms² spread by √(2/length), ≥ 6× the tolerance).
+
+    The test fails when a diagonal entry of the float32 Gram matrix, over the mean of the diagonal, is off 1 by
+    t = 0.1/√length or more. Two entries in the ratio ρ cannot both be within t of 1 for any mean when
+    ρ > (1 + t)/(1 − t); each float32 entry is within γ = n·2⁻²⁴/(1 − n·2⁻²⁴) of its exact value, so an exact
+    ratio of the largest to the smallest above that bound × (1 + γ)/(1 − γ) fails the test whatever the rounding.
+    """
+    length = first.shape[1]
+    norms = first.to(device="cpu", dtype=torch.float32).double().square().sum(dim=1).tolist()
+    low, high = min(norms), max(norms)
+    if not (math.isfinite(high) and low > 0):
+        return False  # the full test decides
+    unit = length * 2.0**-24
+    gamma = unit / (1.0 - unit)
+    t = ORTHOGONAL_TOLERANCE / math.sqrt(length) * (1.0 + 1e-9) + 1e-12
+    return high / low * (1.0 - gamma) / (1.0 + gamma) > (1.0 + t) / (1.0 - t) * (1.0 + 1e-12)
 
 
 def _norms_unequal(a: torch.Tensor) -> bool:

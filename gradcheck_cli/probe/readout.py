@@ -26,6 +26,7 @@ from gradcheck_cli.distributed.reduce import (
     summed_over_ranks,
 )
 from gradcheck_cli.probe.modules import module_type
+from gradcheck_cli.probe.norms import l2_norms
 from gradcheck_cli.probe.results import LayerMeasure, Norm
 
 
@@ -163,7 +164,7 @@ def read_layers(
     floats = [p for p in params if p.is_floating_point()]
     grad_ids = sorted(gradients)
     readout = Readout()
-    readout.add(list(torch._foreach_norm([local(p.detach()) for p in floats])) if floats else [], PARAM_NORM)
+    readout.add(l2_norms([local(p.detach()) for p in floats]) if floats else [], PARAM_NORM)
     readout.add([gradients[i][0] for i in grad_ids], PARAM_NORM)
     readout.add([gradients[i][1] for i in grad_ids], PARAM_MAX)
     act_pairs = readout.add_activation_gradients(recorder, sharding)
