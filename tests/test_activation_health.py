@@ -93,6 +93,31 @@ def test_inplace_relu_is_measured_before_it_overwrites_its_input():
     assert relu.derivative_rms == 0.0
 
 
+def test_a_residual_relu_after_an_identity_shortcut_judges_channels():
+    """Hugging Face's ResNet adds an ``nn.Identity`` shortcut before the block's ReLU: the units are still the
+    BatchNorm's channels, not the last (width) dimension."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm, self.shortcut, self.act = (
+                nn.Conv2d(4, 4, 3, padding=1),
+                nn.BatchNorm2d(4),
+                nn.Identity(),
+                nn.ReLU(),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.norm(self.conv(x)) + self.shortcut(x))
+
+    torch.manual_seed(0)
+    model = Block()
+    with torch.no_grad():
+        model.norm.bias.copy_(torch.tensor([-100.0, -100.0, -100.0, 0.0]))  # three channels dead for any input
+    (relu,) = section(model, Batch(args=(torch.randn(8, 4, 6, 10),)))
+    assert relu.samples_per_unit == 8 * 6 * 10 and relu.dead == 0.75
+
+
 def test_rnn_cell_loop_counts_every_call():
     torch.manual_seed(0)
 

@@ -125,10 +125,16 @@ def _fields(stats: WeightStats | None) -> tuple[object, ...] | None:
 
 
 def test_weight_statistics_of_many_weights_equal_one_at_a_time() -> None:
+    """Reduced in batches of four, a weight's statistics are its own: the same as alone, to the rounding of a
+    batched matrix product (the top singular value: 1e-16 relative)."""
     matrices = _matrices()
     together = weight_stats_all(matrices)
     for matrix, stats in zip(matrices, together, strict=True):
-        assert _fields(stats) == _fields(weight_stats(matrix.clone() if matrix.is_contiguous() else matrix))
+        alone = _fields(weight_stats(matrix.clone() if matrix.is_contiguous() else matrix))
+        both = _fields(stats)
+        assert (both is None) == (alone is None)
+        for a, b in zip(both or (), alone or (), strict=True):
+            assert a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-12))
 
 
 @pytest.mark.parametrize("shape", [(96, 96), (64, 200), (200, 64), (8, 3000)])

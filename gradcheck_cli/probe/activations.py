@@ -32,6 +32,10 @@ SIGMOID_SATURATION = math.log((1 + math.sqrt(1 - SATURATION_BOUND)) / (1 - math.
 """|z| beyond which σ'(z) < 1 % of σ'(0) = 1/4 (≈ 5.99)."""
 
 CHANNEL_FIRST = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
+PASS_THROUGH = frozenset({"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"})
+SHAPE_KEEPING = DERIVATIVE_MEASURED | PASS_THROUGH
+"""Leaves that hand on their input's layout: the producer of an activation's input is the last call before them
+(a residual block's ReLU after an ``nn.Identity`` shortcut is fed by the block's BatchNorm, channels first)."""
 CHANNEL_FIRST_NORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d")
 
 
@@ -119,7 +123,7 @@ class ActivationRecorder(HookStack):
 
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             previous = self.leaf_calls[-1][1] if self.leaf_calls else ""
-            producer = next((t for _, t in reversed(self.leaf_calls) if t not in DERIVATIVE_MEASURED), previous)
+            producer = next((t for _, t in reversed(self.leaf_calls) if t not in SHAPE_KEEPING), previous)
             self.leaf_calls.append((name, kind))
             if kind not in DERIVATIVE_MEASURED or not args or not isinstance(args[0], torch.Tensor):
                 return
