@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradcheck_cli.diagnose import weight_statistics as ws
 from gradcheck_cli.diagnose.weight_statistics import WeightStats, weight_stats, weight_stats_all
-from gradcheck_cli.probe.activations import ActivationRecorder, unit_peaks
+from gradcheck_cli.probe.activations import ActivationRecorder, derivative, saturation_limit, unit_peaks
 from gradcheck_cli.probe.norms import norm_and_max_abs, norms_and_max_abs
-from gradcheck_cli.probe.precision import BINS, NON_FINITE_BIN, OFFSET, ZERO_BIN, grouped_histograms
+from gradcheck_cli.probe.precision import BINS, NON_FINITE_BIN, OFFSET, ZERO_BIN, grouped_histograms, sample
 from gradcheck_cli.probe.readout import to_host
 from gradcheck_cli.probe.recorder import max_abs
 
@@ -148,6 +148,21 @@ def test_orthogonal_weights_pass_the_norm_prefilter(shape: tuple[int, int]) -> N
     assert noisy_stats is not None and not noisy_stats.orthogonal
 
 
+@pytest.mark.parametrize("stored", [(768, 2304), (3072, 768), (700, 90)])
+def test_a_transposed_weight_is_sampled_as_a_plain_row_gather(stored: tuple[int, int]) -> None:
+    """Hugging Face's Conv1D weight, seen as (out, in), is gathered along its memory layout: the same values and
+    layout as ``index_select`` over its rows."""
+    matrix = torch.randn(*stored).t()
+    rows, cols = matrix.shape
+    width = min(cols, ws.SAMPLE_ENTRIES // ws.MIN_VECTORS)
+    keep = max(ws.MIN_VECTORS, ws.SAMPLE_ENTRIES // width)
+    expected = matrix.index_select(0, (torch.arange(keep) * rows) // keep) if rows > keep else matrix
+    if cols > width:
+        expected = expected.index_select(1, (torch.arange(width) * cols) // width)
+    got = ws._sample(matrix)
+    assert torch.equal(got, expected) and got.stride() == expected.stride()
+
+
 def _gram_test(matrix: torch.Tensor) -> bool:
     """The orthogonality test without any prefilter: the 64 vectors' float32 Gram matrix against the identity."""
     vectors = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.t()
@@ -211,6 +226,38 @@ def test_unit_peaks_are_the_max_over_every_other_dimension(shape: tuple[int, ...
     for tensor in (z, z.transpose(0, -1).contiguous().transpose(0, -1)):  # and a non-contiguous layout
         expected = torch.amax(tensor, dim=[d for d in range(tensor.dim()) if d != unit_dim])
         assert torch.equal(unit_peaks(tensor, unit_dim).nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+def test_activation_sums_reduced_by_kind_equal_each_call_alone() -> None:
+    """φ'(z)² sums and saturated counts reduced per kind at the end (LeakyReLUs of two slopes apart, a loop of
+    300 calls flushed as it goes) equal each call's own sums over its sample."""
+    torch.manual_seed(5)
+    acts = [nn.Tanh(), nn.Sigmoid(), nn.LeakyReLU(0.1), nn.LeakyReLU(0.3), nn.Hardtanh(-2.0, 2.0), nn.ReLU(), nn.ELU()]
+    model = nn.Sequential(*[m for act in acts for m in (nn.Linear(64, 64), act)])
+    x = torch.randn(100, 64) * 3.0
+    expected: list[tuple[float, float | None]] = []
+    with ActivationRecorder(model) as recorder:
+        for _ in range(300 // len(acts) + 1):
+            z = x
+            for layer, act in zip(model[::2], acts, strict=True):
+                z = layer(z)
+                part = sample(z.detach())
+                slope = derivative(type(act).__name__, part, act)
+                limit = saturation_limit(type(act).__name__)
+                saturated = (
+                    (part.abs() > limit).sum()
+                    if limit
+                    else (slope == 0).sum()
+                    if isinstance(act, nn.Hardtanh)
+                    else None
+                )
+                expected.append((float(slope.square().sum()), None if saturated is None else float(saturated)))
+                z = act(z)
+        recorder.device_tensors()
+    assert len(recorder.calls) == len(expected) > 256
+    for call, (derivative_sq, saturated) in zip(recorder.calls, expected, strict=True):
+        assert float(call.derivative_sq) == pytest.approx(derivative_sq, rel=1e-5)
+        assert (None if call.saturated is None else float(call.saturated)) == saturated
 
 
 def test_an_fp16_gradient_norm_beyond_65504_is_finite() -> None:

@@ -47,10 +47,12 @@ class ActivationCall:
     elements: int
     sampled: int
     """Elements in the strided sample the derivative and saturation sums are over."""
-    derivative_sq: torch.Tensor
-    saturated: torch.Tensor | None
     dead_units: torch.Tensor | None
     units: int
+    derivative_sq: torch.Tensor | None = None
+    """Σ φ'(z)² over the sample: reduced with the other calls of its kind (:meth:`ActivationRecorder.reduce`)."""
+    saturated: torch.Tensor | None = None
+    """Saturated elements of the sample (Sigmoid/Tanh, Hardtanh/Hardsigmoid), reduced like ``derivative_sq``."""
 
 
 def derivative(kind: str, z: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -96,6 +98,31 @@ def unit_peaks(z: torch.Tensor, unit_dim: int) -> torch.Tensor:
     return z.flatten(0, unit_dim - 1).amax(dim=0) if unit_dim > 0 else z
 
 
+PENDING_CALLS = 256
+"""Samples kept for a batched reduction at most (256 × 16 KB): a cell unrolled for thousands of steps is reduced
+as it goes."""
+
+
+_Group = tuple[str, tuple[float, ...], torch.dtype, torch.device]
+"""Calls reduced together: the activation's kind, what else φ' depends on, the sample's dtype and device."""
+
+
+def _per_call(values: torch.Tensor, owner: torch.Tensor, calls: int) -> torch.Tensor:
+    """The sum of ``values`` per call, ``owner`` naming each value's call."""
+    return torch.zeros(calls, dtype=values.dtype, device=values.device).index_add_(0, owner, values)
+
+
+def _derivative_parameters(kind: str, module: nn.Module) -> tuple[float, ...]:
+    """What φ' depends on beyond the kind (calls that agree on it are reduced together)."""
+    if kind == "LeakyReLU":
+        return (float(getattr(module, "negative_slope", 0.01)),)
+    if kind == "Hardtanh":
+        return (float(getattr(module, "min_val", -1.0)), float(getattr(module, "max_val", 1.0)))
+    if kind == "ELU":
+        return (float(getattr(module, "alpha", 1.0)),)
+    return ()
+
+
 def saturation_limit(kind: str) -> float | None:
     """|z| beyond which the unit counts as saturated, or None for non-saturating activations."""
     return {"Sigmoid": SIGMOID_SATURATION, "Tanh": TANH_SATURATION}.get(kind)
@@ -113,6 +140,9 @@ class ActivationRecorder(HookStack):
         self.modules: list[tuple[str, str]] = []
         """(name, class name) of the measured activation modules; ``ActivationCall.module`` indexes it."""
         self._index: dict[int, int] = {}
+        self._pending: dict[_Group, tuple[nn.Module, list[tuple[ActivationCall, torch.Tensor]]]] = {}
+        """Calls whose samples wait to be reduced with the others of their kind (:meth:`reduce`)."""
+        self._pending_calls = 0
 
     def _register(self) -> None:
         for name, module in self._leaves:
@@ -139,32 +169,56 @@ class ActivationRecorder(HookStack):
             self._index[key] = len(self.modules)
             self.modules.append((name, kind))
         with torch.no_grad():
-            part = sample(z)  # shares and means need no more than a strided sample; dead units need all of z
-            slope = derivative(kind, part, module)
-            derivative_sq = slope.square().sum()
-            limit = saturation_limit(kind)
-            saturated = None
-            if limit is not None:
-                saturated = (part.abs() > limit).sum()
-            elif kind in ("Hardtanh", "Hardsigmoid"):
-                saturated = (slope == 0).sum()
-            dead, units, looked = None, 0, z.numel()
+            # shares and means need no more than a strided sample (a copy: an in-place ReLU overwrites z next);
+            # dead units need all of z
+            part = sample(z).clone()
+            dead, units = None, 0
             if kind in DEAD_UNITS_MEASURED and z.dim() >= 2:
                 unit_dim = 1 if z.dim() >= 3 and producer.startswith(CHANNEL_FIRST + CHANNEL_FIRST_NORMS) else -1
                 peak = unit_peaks(z, unit_dim % z.dim())
                 dead, units = (peak <= 0).sum(), peak.numel()
-        call = ActivationCall(self._index[key], looked, part.numel(), derivative_sq, saturated, dead, units)
+        call = ActivationCall(self._index[key], z.numel(), part.numel(), dead, units)
         self.calls.append(call)
+        group: _Group = (kind, _derivative_parameters(kind, module), part.dtype, part.device)
+        self._pending.setdefault(group, (module, []))[1].append((call, part))
+        self._pending_calls += 1
+        if self._pending_calls >= PENDING_CALLS:
+            self.reduce()
+
+    def reduce(self) -> None:
+        """φ'(z)² sums and saturated counts of the calls not reduced yet, a few kernels per kind of activation: the
+        samples of one kind joined, each call's share summed into its own slot (49 Tanh calls of an MLP: ~10
+        kernels instead of ~400)."""
+        with torch.no_grad():
+            for (kind, _, _, _), (module, members) in self._pending.items():
+                flat = torch.cat([part for _, part in members])
+                sizes = torch.tensor([part.numel() for _, part in members], device=flat.device)
+                owner = torch.repeat_interleave(torch.arange(len(members), device=flat.device), sizes)
+                slope = derivative(kind, flat, module)
+                sums = _per_call(slope.square(), owner, len(members))
+                limit = saturation_limit(kind)
+                saturated = None
+                if limit is not None:
+                    saturated = flat.abs() > limit
+                elif kind in ("Hardtanh", "Hardsigmoid"):
+                    saturated = slope == 0
+                counts = None if saturated is None else _per_call(saturated.to(flat.dtype), owner, len(members))
+                for index, (call, _) in enumerate(members):
+                    call.derivative_sq = sums[index]
+                    call.saturated = None if counts is None else counts[index]
+        self._pending.clear()
+        self._pending_calls = 0
 
     def device_tensors(self) -> list[torch.Tensor]:
         """Every statistic to copy to the host, in the order :meth:`summarise` reads them back: each kind of
         statistic (φ'(z)² sums, saturated counts, dead units) over all calls, stacked and widened to float64."""
+        self.reduce()
         kinds = (
-            [c.derivative_sq for c in self.calls],
+            [c.derivative_sq for c in self.calls if c.derivative_sq is not None],
             [c.saturated for c in self.calls if c.saturated is not None],
             [c.dead_units for c in self.calls if c.dead_units is not None],
         )
-        if len({c.derivative_sq.device for c in self.calls}) > 1:  # a model split over devices: one by one
+        if len({t.device for t in kinds[0]}) > 1:  # a model split over devices: one by one
             return [t.reshape(1).double() for kind in kinds for t in kind]
         return [torch.stack([t.reshape(()) for t in kind]).double() for kind in kinds if kind]
 
