@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradcheck_cli.diagnose import weight_statistics as ws
 from gradcheck_cli.diagnose.weight_statistics import WeightStats, weight_stats, weight_stats_all
 from gradcheck_cli.probe.activations import ActivationRecorder, derivative, saturation_limit, unit_peaks
-from gradcheck_cli.probe.norms import norm_and_max_abs, norms_and_max_abs
+from gradcheck_cli.probe.norms import _blas_norm, l2_norms, norm_and_max_abs, norms_and_max_abs
 from gradcheck_cli.probe.precision import BINS, NON_FINITE_BIN, OFFSET, ZERO_BIN, grouped_histograms, sample
 from gradcheck_cli.probe.readout import to_host
 from gradcheck_cli.probe.recorder import max_abs
@@ -56,6 +56,25 @@ def test_fused_gradient_norms_equal_the_per_tensor_ones() -> None:
             low, high = torch.aminmax(dense)
             assert _same(float(peak), float(torch.maximum(high, low.neg())))
             assert _same(float(max_abs(t)), float(peak))
+
+
+def test_blas_norms_are_the_float64_norm_with_nan_inf_and_overflow_as_vector_norm() -> None:
+    """√(v·v) through BLAS: within float32 rounding of the exact (float64) norm, non-contiguous and small
+    tensors through ``_foreach_norm``; NaN, Inf and float32 overflow read as ``vector_norm`` reads them."""
+    torch.manual_seed(6)
+    big = torch.randn(4, 64, 56, 56)
+    nan, inf = torch.randn(10_000), torch.randn(10_000)
+    nan[77], inf[5] = NAN, -INF
+    tensors = [big, big.transpose(1, 3), torch.randn(300), torch.randn(5000, dtype=torch.float64) * 1e200, nan, inf,
+               torch.full((8192,), 1e20), torch.zeros(4096)]  # fmt: skip
+    for tensor, norm in zip(tensors, l2_norms(tensors), strict=True):
+        exact = float(torch.linalg.vector_norm(tensor.double()))
+        plain = float(torch.linalg.vector_norm(tensor))
+        if math.isfinite(plain):
+            assert float(norm) == pytest.approx(exact, rel=2e-5)
+        else:  # the same NaN/Inf, and the same overflow beyond float32's range (1e20² per element)
+            assert _same(float(norm), plain)
+    assert _blas_norm(big) and not _blas_norm(big.transpose(1, 3)) and not _blas_norm(torch.randn(300))
 
 
 def test_one_host_copy_keeps_order_and_values_across_dtypes() -> None:
