@@ -11,10 +11,10 @@ snippet), (4) forward+backward under ``torch.autograd.detect_anomaly()``, and (5
 ``wandb.watch(model, log="gradients", log_freq=1)`` in an offline run with one ``wandb.log`` per step (on a
 second instance of the model, so its hooks never fire in the other modes). Ratios are taken per
 repetition against that repetition's bare pass; the table gives their median and min–max. Peak memory is
-measured in fresh subprocesses (one per workload and mode), after one warm-up pass: the peak resident set
-(VmHWM, reset through /proc/self/clear_refs) above the resident set before the pass, so the model's
-weights cancel out. With ``--device cuda`` times are CUDA-synchronised
-and memory is ``torch.cuda.max_memory_allocated``.
+measured in fresh subprocesses (one per workload and mode), after one warm-up pass: the bytes the pass's
+tensors hold at their peak above what they held before it, so the model's weights cancel out (on a CPU from
+the allocator's events under ``torch.profiler(profile_memory=True)``, on CUDA ``torch.cuda.max_memory_allocated``).
+With ``--device cuda`` times are CUDA-synchronised.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -214,13 +213,13 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _rss_bytes() -> int:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize()
-
-
 def peak_memory(name: str, mode: str, device: torch.device) -> int:
-    """Bytes the pass adds at its peak above what the process held before it (run in a fresh process)."""
+    """Bytes the pass's tensors hold at its peak above what they held before it (run in a fresh process).
+
+    On CUDA, ``torch.cuda.max_memory_allocated``. On a CPU, the same quantity from the CPU allocator's own
+    events (``torch.profiler`` with ``profile_memory``: every allocation and free with its size, in order):
+    deterministic, where the resident set (VmHWM, measured here before) counts what glibc keeps and moved by
+    more than the 5 % asked for between runs of the same code."""
     work = WORKLOADS[name][1](device)
     work.model.train()
     run = _runner(work, mode)
@@ -233,18 +232,18 @@ def peak_memory(name: str, mode: str, device: torch.device) -> int:
         run()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set, to the current one
-    before = _rss_bytes()
-    run()
-    return max(0, _peak_rss_bytes() - before)
+    from torch.profiler import ProfilerActivity, profile
 
-
-def _peak_rss_bytes() -> int:
-    """VmHWM: this process's peak resident set since the last reset (ru_maxrss would include the parent's)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def _memory_in_subprocess(name: str, mode: str, device: str) -> int:

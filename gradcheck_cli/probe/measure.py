@@ -378,8 +378,8 @@ def _collect(
     with_grad = {i: local(p.grad) for i, p in enumerate(params) if p.is_floating_point() and p.grad is not None}
     gradients = dict(zip(with_grad, norms_and_max_abs(list(with_grad.values())), strict=True))
     timed = sorted(recorder.time_norms)
+    activation_values = activations.device_tensors()  # first: its samples are freed before the histograms' peak
     hist = layer_histograms(len(named), _histogram_inputs(named, [params[i] for i in gradients], recorder))
-    activation_values = activations.device_tensors()
     extras = (
         Extra(run.output_max, MAX),
         Extra([run.loss.reshape(())], MEAN),

@@ -56,24 +56,45 @@ def exponent_histogram(tensor: torch.Tensor) -> torch.Tensor:
     return torch.bincount(_bins(sample(tensor).clone()), minlength=BINS)
 
 
+CHUNK = 1 << 17
+"""Sampled elements binned together at most: the temporaries of one batch stay near 1.5 MB while every gradient
+is still alive (an MLP's 150 samples binned at once raised its peak memory 11 % above a bare pass)."""
+
+
 def grouped_histograms(tensors: Sequence[torch.Tensor], groups: Sequence[int], count: int) -> torch.Tensor:
     """One histogram per group (``count`` × :data:`BINS`) over many tensors of one device, in a few kernels: the
-    samples joined group by group (counts do not depend on the order), each group's bins moved to its own row."""
+    samples joined group by group (counts do not depend on the order) in batches of at most :data:`CHUNK`
+    elements, each group's bins moved to its own row."""
     order = sorted(range(len(tensors)), key=lambda i: groups[i])
-    samples = [sample(tensors[i]) for i in order]
+    samples = [(groups[i], sample(tensors[i])) for i in order]
     if not samples:
         return torch.zeros((count, BINS), dtype=torch.int64)
-    flat = torch.cat([s.to(torch.float64) if s.dtype != samples[0].dtype else s for s in samples])
+    total = torch.zeros(count * BINS, dtype=torch.int64, device=samples[0][1].device)
+    start = 0
+    while start < len(samples):
+        end, size = start, 0
+        while end < len(samples) and (end == start or size + samples[end][1].numel() <= CHUNK):
+            size += samples[end][1].numel()
+            end += 1
+        total += _binned(samples[start:end], count)
+        start = end
+    return total.reshape(count, BINS)
+
+
+def _binned(samples: Sequence[tuple[int, torch.Tensor]], count: int) -> torch.Tensor:
+    """The flat histogram (``count`` · :data:`BINS`) of (group, sample) pairs sorted by group."""
+    first = samples[0][1].dtype
+    flat = torch.cat([s.to(torch.float64) if s.dtype != first else s for _, s in samples])
     index = _bins(flat)
     runs: dict[int, list[int]] = {}  # group → [first element, end] of its run in ``flat``
     end = 0
-    for position, s in zip(order, samples, strict=True):
+    for group, s in samples:
         end += s.numel()
-        runs.setdefault(groups[position], [end - s.numel(), end])[1] = end
-    for group, (first, last) in runs.items():
+        runs.setdefault(group, [end - s.numel(), end])[1] = end
+    for group, (first_element, last) in runs.items():
         if group:
-            index[first:last] += group * BINS
-    return torch.bincount(index, minlength=count * BINS).reshape(count, BINS)
+            index[first_element:last] += group * BINS
+    return torch.bincount(index, minlength=count * BINS)
 
 
 def layer_histograms(count: int, tensors: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
