@@ -104,6 +104,22 @@ def test_grouped_histogram_bins_zero_non_finite_and_exponents() -> None:
     assert hist[0, ZERO_BIN] == 1 and hist[0, OFFSET] == 1
 
 
+def test_histograms_binned_in_batches_equal_each_tensor_alone() -> None:
+    """More sampled elements than one batch holds (``CHUNK``), groups spanning a batch boundary, mixed dtypes:
+    the counts are each tensor's own histogram, summed per group."""
+    from gradcheck_cli.probe.precision import CHUNK, exponent_histogram
+
+    torch.manual_seed(7)
+    tensors = [torch.randn(300, 300) * 10.0 ** (i % 7 - 3) for i in range(80)]
+    tensors += [torch.randn(5000, dtype=torch.float64), torch.tensor([NAN, INF, 0.0, 1e-45])]
+    groups = [i % 5 for i in range(len(tensors))]
+    assert sum(min(t.numel(), 4096) for t in tensors) > 2 * CHUNK
+    expected = torch.zeros((5, BINS), dtype=torch.int64)
+    for tensor, group in zip(tensors, groups, strict=True):
+        expected[group] += exponent_histogram(tensor)
+    assert torch.equal(grouped_histograms(tensors, groups, 5), expected)
+
+
 def _matrices() -> list[torch.Tensor]:
     torch.manual_seed(1)
     orthogonal = torch.empty(96, 96)
