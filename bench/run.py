@@ -2,6 +2,7 @@
 
     python bench/run.py                      # every workload, 7 repetitions, CPU
     python bench/run.py --only gpt2 --reps 9 --device cuda
+    python bench/run.py --reps 9 --rounds 3    # each workload in 3 fresh processes, repetitions pooled
 
 For each workload: after warm-up, each repetition times, in turn and alternating the order, (1) a bare
 forward+backward with the same loss gradcheck differentiates, (2) ``gradcheck_cli.check(model, batch,
@@ -205,7 +206,38 @@ def time_workload(name: str, device: torch.device, reps: int, warmup: int) -> di
         "seconds": {mode: statistics.median(values) for mode, values in seconds.items()},
         "bare_s": statistics.median(seconds["bare"]),
         "ratio": {mode: _summary(values) for mode, values in ratios.items()},
+        "ratios": ratios,
+        "bare_seconds": seconds["bare"],
         "parameters": sum(p.numel() for p in work.model.parameters()),
+    }
+
+
+def time_in_rounds(name: str, device: str, reps: int, warmup: int, rounds: int) -> dict[str, Any]:
+    """:func:`time_workload` in ``rounds`` fresh processes, one after another, every repetition pooled.
+
+    On a shared machine one process's numbers drift together (the same code's ratio moved by ±0.05 between
+    processes on the CI box while its repetitions agreed within a process), so a process is one sample and
+    the rounds make several; each round's median is kept beside the pooled summary."""
+    per_round = []
+    for _ in range(rounds):
+        out = subprocess.run(
+            [sys.executable, __file__, "--time-round", name, "--reps", str(reps), "--warmup", str(warmup),
+             "--device", device],
+            capture_output=True,
+            text=True,
+            check=True,
+        )  # fmt: skip
+        per_round.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    pooled = {mode: [v for r in per_round for v in r["ratios"][mode]] for mode in per_round[0]["ratios"]}
+    bare = [v for r in per_round for v in r["bare_seconds"]]
+    return {
+        **per_round[0],
+        "seconds": None,
+        "bare_s": statistics.median(bare),
+        "ratio": {mode: _summary(values) for mode, values in pooled.items()},
+        "ratios": pooled,
+        "bare_seconds": bare,
+        "rounds": [{mode: r["ratio"][mode]["median"] for mode in r["ratio"]} for r in per_round],
     }
 
 
@@ -294,15 +326,25 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="fresh processes per workload, repetitions pooled (1: this one)"
+    )
     parser.add_argument("--memory-probe", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--time-round", metavar="WORKLOAD", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.memory_probe:
         print(peak_memory(args.memory_probe[0], args.memory_probe[1], device))
         return
+    if args.time_round:
+        print(json.dumps(time_workload(args.time_round, device, args.reps, args.warmup)))
+        return
     results = []
     for name in args.only.split(","):
-        result = time_workload(name, device, args.reps, args.warmup)
+        if args.rounds > 1:
+            result = time_in_rounds(name, args.device, args.reps, args.warmup, args.rounds)
+        else:
+            result = time_workload(name, device, args.reps, args.warmup)
         if not args.no_memory:
             bare = _memory_in_subprocess(name, "bare", args.device)
             probed = _memory_in_subprocess(name, "gradcheck", args.device)
@@ -314,10 +356,12 @@ def main() -> None:
         if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     )
-    print(f"torch {torch.__version__}, {machine}, {args.reps} repetitions after {args.warmup} warm-up\n")
+    rounds = f" in each of {args.rounds} fresh processes, pooled" if args.rounds > 1 else ""
+    print(f"torch {torch.__version__}, {machine}, {args.reps} repetitions after {args.warmup} warm-up{rounds}\n")
     print(_table(results))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "results": results}, indent=2))
+        meta = {"machine": machine, "torch": torch.__version__, "reps": args.reps, "rounds": args.rounds}
+        args.json.write_text(json.dumps({**meta, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
