@@ -131,7 +131,8 @@ def _check(
             findings += optimisation_findings(trace)
     with phase("diagnose"):
         recommendations = _advise(model, judged, findings, provenance.trained)
-    notes = _notes(provenance, sharding, judged, result, settings, autocast_device(list(model.parameters())))
+    device = autocast_device(list(model.parameters())) if settings.autocast is not None else None
+    notes = _notes(provenance, sharding, judged, result, settings, device)
     report = dataclasses.replace(
         _report(model, ready, result, judged.diagnosis, findings, recommendations, notes, settings, provenance),
         init_audit=judged.audit,
@@ -222,10 +223,10 @@ def _notes(
     judged: _Judged,
     result: ProbeResult,
     settings: ProbeSettings,
-    device: str,
+    device: str | None,
 ) -> list[str]:
     """The loader's notes, then what this run did that the numbers alone do not say (``device``: the type the
-    parameters are on, where autocast ran)."""
+    parameters are on, where autocast ran; None without autocast)."""
     notes = list(provenance.notes)
     if sharding is not None:
         notes.append(

@@ -19,10 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradcheck_cli.diagnose import weight_statistics as ws
 from gradcheck_cli.diagnose.weight_statistics import WeightStats, weight_stats, weight_stats_all
 from gradcheck_cli.probe.activations import ActivationRecorder, derivative, saturation_limit, unit_peaks
-from gradcheck_cli.probe.norms import _blas_norm, l2_norms, norm_and_max_abs, norms_and_max_abs
+from gradcheck_cli.probe.norms import _blas_norm, l2_norms, max_abs, norm_and_max_abs, norms_and_max_abs
 from gradcheck_cli.probe.precision import BINS, NON_FINITE_BIN, OFFSET, ZERO_BIN, grouped_histograms, sample
 from gradcheck_cli.probe.readout import to_host
-from gradcheck_cli.probe.recorder import max_abs
 
 NAN, INF = math.nan, math.inf
 

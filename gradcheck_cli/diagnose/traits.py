@@ -109,9 +109,9 @@ def _init_scales(
     stds = {i: known[name] for i, (name, *_, sample) in enumerate(weights) if sample is None}
     sampled = [(i, sample) for i, (*_, sample) in enumerate(weights) if sample is not None]
     for device in {sample.device for _, sample in sampled}:
-        indices = [i for i, sample in sampled if sample.device == device]
-        values = torch.stack([sample.std() for i, sample in sampled if sample.device == device]).tolist()
-        stds.update(zip(indices, values, strict=True))
+        members = [(i, sample) for i, sample in sampled if sample.device == device]
+        values = torch.stack([sample.std() for _, sample in members]).tolist()
+        stds.update(zip((i for i, _ in members), values, strict=True))
     return [
         InitScale(name, stds[i], math.sqrt(2.0 / (fan_in + fan_out)), math.sqrt(2.0 / fan_in))
         for i, (name, fan_in, fan_out, _) in enumerate(weights)

@@ -78,7 +78,7 @@ def weight_stats(matrix: torch.Tensor) -> WeightStats | None:
 
 def weight_stats_all(matrices: Sequence[torch.Tensor]) -> list[WeightStats | None]:
     """:func:`weight_stats` of every matrix. The samples of one shape are stacked and copied to the host at once
-    (one transfer per shape from a GPU), then reduced one matrix at a time, each in the CPU's cache."""
+    (one transfer per shape from a GPU), then reduced ``CACHE_ENTRIES`` at a time (:func:`_stats`)."""
     samples = [_sample(m) for m in matrices]
     groups: dict[tuple[object, ...], list[int]] = {}
     for index, sample in enumerate(samples):
@@ -257,14 +257,12 @@ def _norms_spread(first: torch.Tensor) -> bool:
     ρ > (1 + t)/(1 − t); each float32 entry is within γ = n·2⁻²⁴/(1 − n·2⁻²⁴) of its exact value, so an exact
     ratio of the largest to the smallest above that bound × (1 + γ)/(1 − γ) fails the test whatever the rounding.
     """
-    length = first.shape[1]
-    norms = first.to(device="cpu", dtype=torch.float32).double().square().sum(dim=1).tolist()
+    norms = _squared_norms(first)
     low, high = min(norms), max(norms)
     if not (math.isfinite(high) and low > 0):
         return False  # the full test decides
-    unit = length * 2.0**-24
+    unit, t = _rounding_and_tolerance(first.shape[1])
     gamma = unit / (1.0 - unit)
-    t = ORTHOGONAL_TOLERANCE / math.sqrt(length) * (1.0 + 1e-9) + 1e-12
     return high / low * (1.0 - gamma) / (1.0 + gamma) > (1.0 + t) / (1.0 - t) * (1.0 + 1e-12)
 
 
@@ -276,15 +274,24 @@ def _norms_unequal(a: torch.Tensor) -> bool:
     (n = length), and their mean too, so an entry whose exact ratio to the mean is r deviates from 1 there by at
     least |r − 1| − 2.1·γ·r; one such deviation beyond the tolerance fails the test.
     """
-    length = a.shape[1]
-    norms = a.double().square().sum(dim=1).tolist()
+    norms = _squared_norms(a)
     scale = sum(norms) / len(norms)
     if not math.isfinite(scale) or scale <= 0:
         return False  # the full test decides
-    unit = length * 2.0**-24
+    unit, bound = _rounding_and_tolerance(a.shape[1])
     slack = 2.1 * unit / (1.0 - unit)
-    bound = ORTHOGONAL_TOLERANCE / math.sqrt(length) * (1.0 + 1e-9) + 1e-12
     return any(abs(r - 1.0) - slack * r > bound for r in (n / scale for n in norms))
+
+
+def _squared_norms(vectors: torch.Tensor) -> list[float]:
+    """Each vector's exact squared norm after rounding to float32, as the Gram test's product sees it."""
+    return vectors.to(device="cpu", dtype=torch.float32).double().square().sum(dim=1).tolist()
+
+
+def _rounding_and_tolerance(length: int) -> tuple[float, float]:
+    """(n·2⁻²⁴ for vectors of ``length`` n, the float32 dot product's relative rounding; t = 0.1/√n with a margin for
+    the test's own float64 arithmetic): what the norm prefilters of :func:`_orthogonal` bound the Gram test by."""
+    return length * 2.0**-24, ORTHOGONAL_TOLERANCE / math.sqrt(length) * (1.0 + 1e-9) + 1e-12
 
 
 def looks_like(stats: WeightStats, fan_in: int, fan_out: int, gain: float, hidden: int | None) -> str:

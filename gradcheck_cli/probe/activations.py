@@ -189,11 +189,11 @@ class ActivationRecorder(HookStack):
                 by_size: dict[int, list[tuple[ActivationCall, torch.Tensor]]] = {}
                 for call, part in members:
                     by_size.setdefault(part.numel(), []).append((call, part))
+                limit = saturation_limit(kind)
                 for same in by_size.values():
                     parts = torch.stack([part for _, part in same])
                     slope = derivative(kind, parts, module)
                     sums = slope.square().sum(dim=1)
-                    limit = saturation_limit(kind)
                     counts = None
                     if limit is not None:
                         counts = (parts.abs() > limit).sum(dim=1)

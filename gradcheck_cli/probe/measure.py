@@ -30,11 +30,11 @@ from gradcheck_cli.probe.half_emulation import HalfEmulation
 from gradcheck_cli.probe.loss import choose_loss, float_leaves
 from gradcheck_cli.probe.module_state import SavedTensorAttributes
 from gradcheck_cli.probe.modules import expected_input, parametrised_modules, supports_module_hooks, unique_params
-from gradcheck_cli.probe.norms import norms_and_max_abs
+from gradcheck_cli.probe.norms import max_abs, norms_and_max_abs
 from gradcheck_cli.probe.precision import BINS, layer_histograms, shifted_histogram
 from gradcheck_cli.probe.program_hooks import recorder_for
 from gradcheck_cli.probe.readout import Extra, LossScale, read_layers
-from gradcheck_cli.probe.recorder import ActivationGradientRecorder, max_abs
+from gradcheck_cli.probe.recorder import ActivationGradientRecorder
 from gradcheck_cli.probe.results import CallGraph, LossChoice, ProbeResult
 
 

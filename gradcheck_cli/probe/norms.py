@@ -49,8 +49,10 @@ def l2_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [norm for norm in found if norm is not None]
 
 
-def _max_abs(tensor: torch.Tensor) -> torch.Tensor:
-    """max |element| of a dense non-empty tensor, NaN-propagating, in one pass."""
+def max_abs(tensor: torch.Tensor) -> torch.Tensor:
+    """max |element| as a 0-dim device tensor, NaN-propagating, in one pass and without a full-size temporary."""
+    if tensor.is_sparse:
+        tensor = tensor.coalesce().values()
     low, high = torch.aminmax(tensor)
     return torch.maximum(high, low.neg())
 
@@ -58,7 +60,7 @@ def _max_abs(tensor: torch.Tensor) -> torch.Tensor:
 def norm_and_max_abs(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """L2 norm and max |element| as 0-dim device tensors, without a sync.
 
-    ``aminmax`` propagates NaN and cost about as much as the norm, where ``ord=inf`` is a scalar loop on a
+    ``aminmax`` propagates NaN and costs about as much as the norm, where ``ord=inf`` is a scalar loop on a
     CPU (17× slower) and on older versions materialised ``abs()``. A NaN or Inf element makes the max
     non-finite; an L2 norm that overflows float32 while the max stays finite means a huge but finite gradient.
     """
@@ -70,8 +72,8 @@ def norm_and_max_abs(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if tensor.dtype in HALF:
         # an fp16 gradient's norm is returned in float32: as fp16 it reads inf beyond 65504 although every element
         # is finite (a million elements of 300: 3e5)
-        return torch.linalg.vector_norm(tensor, dtype=torch.float32), _max_abs(tensor)
-    return l2_norms([tensor])[0], _max_abs(tensor)
+        return torch.linalg.vector_norm(tensor, dtype=torch.float32), max_abs(tensor)
+    return l2_norms([tensor])[0], max_abs(tensor)
 
 
 def norms_and_max_abs(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -11,16 +11,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradcheck_cli.probe.loss import float_leaves
-from gradcheck_cli.probe.norms import norm_and_max_abs
+from gradcheck_cli.probe.norms import max_abs, norm_and_max_abs
 from gradcheck_cli.probe.precision import sample
-
-
-def max_abs(tensor: torch.Tensor) -> torch.Tensor:
-    """max |element| as a 0-dim device tensor, NaN-propagating, in one pass and without a full-size temporary."""
-    if tensor.is_sparse:
-        tensor = tensor.coalesce().values()
-    low, high = torch.aminmax(tensor)
-    return torch.maximum(high, low.neg())
 
 
 def broadcast_over_batch(grad: torch.Tensor, rows: int, module: nn.Module) -> bool:

@@ -21,9 +21,9 @@ from torch import nn
 from gradcheck_cli.distributed.reduce import FIRST, MAX, MEAN, Sharding, collective_device, local
 from gradcheck_cli.probe.loss import float_leaves
 from gradcheck_cli.probe.modules import unique_params
-from gradcheck_cli.probe.norms import norm_and_max_abs
+from gradcheck_cli.probe.norms import max_abs, norm_and_max_abs
 from gradcheck_cli.probe.readout import Extra, LossScale, Reading, peak, read_layers
-from gradcheck_cli.probe.recorder import ActivationGradientRecorder, HookStack, max_abs
+from gradcheck_cli.probe.recorder import ActivationGradientRecorder, HookStack
 from gradcheck_cli.training.log import StepLog, step_measure
 
 
