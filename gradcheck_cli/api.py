@@ -91,7 +91,9 @@ def check(
     Beyond the one probe: ``verify`` applies each recommendation to a copy of the model and
     probes the copy on the same batch (the list is then ordered by the verified effect);
     ``autocast`` (``"fp16"``/``"bf16"``) probes under ``torch.autocast`` (fp16 with a
-    GradScaler-style loss scale) beside a float32 reference; ``steps`` > 0 runs that many
+    GradScaler-style loss scale) beside a float32 reference and forecasts what half precision loses (the
+    ``precision`` section, GC013/GC014: measured only for a model held in fp16/bf16 or under ``autocast``,
+    it costs a pass over every gradient); ``steps`` > 0 runs that many
     ``optimizer`` steps at ``lr`` on a copy (the optimisation probe).
     """
     return _check(model, batch, *check_settings(settings, provenance, options, "check"))
@@ -155,7 +157,8 @@ class _Judged:
 
     diagnosis: Diagnosis
     activations: tuple[ActivationLayer, ...]
-    precision: Precision
+    precision: Precision | None
+    """The half-precision forecast; None for a float32 model probed without ``autocast``."""
     audit: InitAudit | None
     findings: tuple[Finding, ...]
     """What is wrong, then why: the rules', the init audit's, the activations', the precision's."""
@@ -175,14 +178,16 @@ def _judge(
     diagnosis = diagnose(result, settings.thresholds)
     activations = activation_section(result.activations)
     truth = reference or result
-    precision = precision_section(
-        [m.name for m in result.layers],
-        truth.precision,
-        [_peak(m) for m in truth.layers],
-        autocast=settings.autocast_name,
-        scale_used=result.loss_scale,
-        lost=_lost(reference, result) if reference is not None else (),
-    )
+    precision = None
+    if truth.precision:  # measured where half precision is in use or asked about (_measure)
+        precision = precision_section(
+            [m.name for m in result.layers],
+            truth.precision,
+            [_peak(m) for m in truth.layers],
+            autocast=settings.autocast_name,
+            scale_used=result.loss_scale,
+            lost=_lost(reference, result) if reference is not None else (),
+        )
     auditable = result.activation_hooks and (sharding is None or sharding.mode == "ddp")
     audit = audit_init(model, result.leaf_calls, trained=trained) if auditable else None
     half = settings.autocast is Autocast.fp16 or any(p.dtype == torch.float16 for p in model.parameters())
@@ -190,7 +195,7 @@ def _judge(
     if audit is not None:
         findings += init_findings(audit)
     findings += activation_findings(activations)
-    if not _non_finite(findings):  # NaN/Inf already: fp16 is not the story
+    if precision is not None and not _non_finite(findings):  # NaN/Inf already: fp16 is not the story
         findings += precision_findings(precision, half=half)
     return _Judged(diagnosis, activations, precision, audit, tuple(findings), half)
 
@@ -293,16 +298,20 @@ def _measure(model: nn.Module, batch: Batch, settings: ProbeSettings) -> tuple[P
     """The probe the report reads, and a float32 reference where half precision is involved.
 
     Under ``autocast`` the float32 pass comes first (it sets the loss scale for fp16); for a model that
-    holds fp16/bf16 parameters, a float32 copy is probed as well.
+    holds fp16/bf16 parameters, a float32 copy is probed as well. The half-precision forecast (the probe's
+    ``precision`` histograms) is measured only then: where half precision is in use or asked about.
     """
-    result = probe(model, batch, **settings.pass_options())
     held_in_half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+    forecast = held_in_half or settings.autocast is not None
+    result = probe(model, batch, **settings.pass_options(), precision=forecast)
     # a model held in half precision has already rounded its small gradients away: a float32 copy is the truth
     reference = _float32_reference(model, batch, settings) if held_in_half else None
     if settings.autocast is not None:
         truth = reference or result
         scale = recommended_scale(truth.precision) if settings.autocast is Autocast.fp16 else 1.0
-        half = probe_scaled(model, batch, **settings.pass_options(), autocast=settings.autocast_name, loss_scale=scale)
+        half = probe_scaled(
+            model, batch, **settings.pass_options(), autocast=settings.autocast_name, loss_scale=scale, precision=True
+        )
         return half, truth
     return result, reference
 
@@ -363,7 +372,7 @@ def _float32_reference(model: nn.Module, batch: Batch, settings: ProbeSettings) 
         target=batch.target,
     )
     try:
-        return probe(copy, floats, **settings.pass_options())
+        return probe(copy, floats, **settings.pass_options(), precision=True)
     except GradcheckError:
         return None
 
@@ -376,8 +385,8 @@ def _to_float32(value: Any) -> Any:
 
 def _peak(measure: LayerMeasure) -> float:
     """The largest |gradient element| of a layer, over its parameters and its output calls."""
-    peaks = [n.max_abs for n in (measure.grad, *measure.calls) if n is not None]
-    return max(peaks, default=0.0)
+    peaks = [n.max_abs for n in (measure.grad, *measure.calls) if n is not None and n.max_abs is not None]
+    return max(peaks, default=0.0)  # every maximum is measured where the forecast runs (probe's ``precision``)
 
 
 def _lost(reference: ProbeResult, half: ProbeResult) -> tuple[tuple[str, float], ...]:

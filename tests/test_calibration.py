@@ -125,4 +125,4 @@ def test_fused_plain_rnn_through_time_is_measured_from_the_input_gradient_per_st
     orthogonal = report.verifications[0]
     assert orthogonal.verified and not orthogonal.fixed and orthogonal.effect and orthogonal.effect > 1
     exploding = _zoo("nn.RNN fused 200 (radius 2.0)")
-    assert [f.code for f in exploding.findings] == ["GC009", "GC014"]  # and fp16 would overflow (information)
+    assert [f.code for f in exploding.findings] == ["GC009"]  # float32: no half-precision forecast unless asked

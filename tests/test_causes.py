@@ -138,7 +138,7 @@ def test_autocast_fp16_probe_scales_the_loss_and_reports_unscaled_norms():
 
 def test_json_report_carries_every_cause_section_as_strict_json():
     model, batch = get_example("relu-xavier").build(0)
-    data = json.loads(render_json(check(model, batch, steps=2, lr=0.01)))
+    data = json.loads(render_json(check(model, batch, steps=2, lr=0.01, autocast="bf16")))
     for key in ("init_audit", "activations", "precision", "non_finite_origin", "verifications", "optimisation"):
         assert key in data
     assert data["init_audit"]["layers"][0]["looks_like"] == "xavier"

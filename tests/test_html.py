@@ -120,7 +120,8 @@ def example(name: str) -> Report:
 @pytest.fixture(scope="module")
 def reports() -> dict[str, Report]:
     model, batch = zoo.hf_gpt2(True)
-    made = {name: example(name) for name in ("relu-xavier", "relu-kaiming", "nan-weight", "rnn-vanishing")}
+    names = ("relu-xavier", "relu-kaiming", "nan-weight", "rnn-vanishing", "fp16-underflow")
+    made = {name: example(name) for name in names}
     made["gpt2"] = check(model, batch, source="hf-gpt2", checkpoint_kind="module")
     return made
 
@@ -196,7 +197,15 @@ def test_sick_model_page(reports: dict[str, Report], pages: dict[str, str]) -> N
     for run_value in (report.run.model_type, report.run.batch, report.run.loss, report.run.device):
         assert run_value in page.plain
     assert report.run.torch_version in page.plain
-    assert "init audit" in page.plain and "activations" in page.plain and "half precision" in page.plain
+    assert "init audit" in page.plain and "activations" in page.plain
+    assert report.precision is None and "half precision" not in page.plain  # a float32 model: no forecast asked for
+
+
+def test_half_precision_model_page_has_the_forecast(reports: dict[str, Report], pages: dict[str, str]) -> None:
+    report, page = reports["fp16-underflow"], Page(pages["fp16-underflow"])
+    assert report.precision is not None and report.precision.layers
+    assert "half precision" in page.plain
+    assert any(f.code == "GC013" and f.severity.value == "warning" for f in report.findings)
 
 
 def test_table_has_one_row_per_layer(reports: dict[str, Report], pages: dict[str, str]) -> None:

@@ -67,7 +67,7 @@ def test_probe_histograms_cover_parameter_and_activation_gradients():
     torch.manual_seed(0)
     model = mlp(3, 16, nn.ReLU, None)
     x = torch.randn(8, 16)
-    result = probe(model, Batch(args=(x,)))
+    result = probe(model, Batch(args=(x,)), precision=True)
     first = result.precision[0]
     # weight 16×16 + bias 16 + the output gradient 8×16 of its one call
     assert sum(first) == 16 * 16 + 16 + 8 * 16
@@ -87,7 +87,7 @@ def test_precision_findings_are_information_for_float32_and_warnings_for_fp16():
 def test_fp16_underflow_example_probes_in_half_with_gradients_below_range():
     model, batch = get_example("fp16-underflow").build(0)
     assert all(p.dtype == torch.float16 for p in model.parameters())
-    result = probe(model, batch)
+    result = probe(model, batch, precision=True)
     zeros = [h[0] / sum(h) for h in result.precision if sum(h)]
     assert max(zeros) > 0.3  # fp16 arithmetic already flushed a large share of the gradient to exact zeros
 
@@ -95,7 +95,7 @@ def test_fp16_underflow_example_probes_in_half_with_gradients_below_range():
 @pytest.mark.parametrize("entry", HEALTHY, ids=lambda z: z.name)
 def test_healthy_float32_models_have_no_precision_finding(entry):
     model, batch = entry.build()
-    result = probe(model, batch)
+    result = probe(model, batch, precision=True)  # the forecast --autocast asks for, of the float32 pass
     names = [m.name for m in result.layers]
     section = precision_section(names, result.precision, [0.0] * len(names))
     assert precision_findings(section, half=False) == ()

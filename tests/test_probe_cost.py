@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradcheck_cli.diagnose import weight_statistics as ws
 from gradcheck_cli.diagnose.weight_statistics import WeightStats, weight_stats, weight_stats_all
+from gradcheck_cli.load.batch import Batch
 from gradcheck_cli.probe.activations import ActivationRecorder, derivative, saturation_limit, unit_peaks
+from gradcheck_cli.probe.measure import probe
 from gradcheck_cli.probe.norms import _blas_norm, l2_norms, max_abs, norm_and_max_abs, norms_and_max_abs
 from gradcheck_cli.probe.precision import BINS, NON_FINITE_BIN, OFFSET, ZERO_BIN, grouped_histograms, sample
 from gradcheck_cli.probe.readout import to_host
@@ -302,3 +304,27 @@ def test_an_fp16_gradient_norm_beyond_65504_is_finite() -> None:
     assert torch.isinf(torch.linalg.vector_norm(grad))  # what fp16 would read
     for norm, peak in (norm_and_max_abs(grad), *norms_and_max_abs([grad, torch.ones(3)])[:1]):
         assert float(norm) == pytest.approx(3e5, rel=1e-3) and float(peak) == 300.0
+
+
+@pytest.mark.parametrize("width", [8, 64])  # below and at the BLAS norm's size
+def test_a_gradient_maximum_is_read_only_where_its_norm_is_non_finite(width: int) -> None:
+    """Without the half-precision forecast the probe skips each parameter gradient's max |g| (a pass over every
+    gradient), since a finite norm already says every element is finite; where the norm is Inf or NaN the max is
+    read, so a sum of squares beyond float32's range is told from an Inf or NaN element."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width, bias=False), nn.Linear(width, width))
+    x, target = torch.randn(16, width), torch.zeros(16, width)
+    healthy = probe(model, Batch(args=(x,), target=target))
+    assert all(m.grad is not None and m.grad.max_abs is None and m.grad.finite for m in healthy.layers)
+    forecast = probe(model, Batch(args=(x,), target=target), precision=True)
+    assert all(m.grad is not None and m.grad.max_abs is not None for m in forecast.layers)
+    assert [m.grad.l2 for m in healthy.layers if m.grad] == [m.grad.l2 for m in forecast.layers if m.grad]
+
+    huge = probe(model, Batch(args=(x * 1e12,), target=target))  # elements ~1e22: their squares overflow float32
+    first = huge.layers[0].grad
+    assert first is not None and math.isinf(first.l2) and first.max_abs is not None
+    assert math.isfinite(first.max_abs) and first.finite
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    broken = probe(model, Batch(args=(x,), target=target)).layers[0].grad
+    assert broken is not None and math.isnan(broken.l2) and broken.max_abs is not None and not broken.finite

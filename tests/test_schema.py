@@ -76,7 +76,8 @@ def test_every_built_in_example_validates(validator: Any, reports: dict[str, Rep
 
 def test_a_report_with_every_section_validates(validator: Any, reports: dict[str, Report]) -> None:
     report = reports["relu-xavier"]
-    assert report.init_audit and report.optimisation and report.verifications and report.precision
+    precision = reports["fp16-underflow"].precision  # a half-precision model: the forecast runs
+    assert report.init_audit and report.optimisation and report.verifications and precision
     finding = Finding("GC001", "vanishing-gradient", Severity.ERROR, Problem.VANISHING, "0", "gone", {"x": 1.0})
     step = StepRecord(3, float("nan"), 1.5, 1e-3, 0.7, (1.0, float("inf")))
     onset = Onset("vanishing", 3, None, ("GC001",), ("0",), "began", 9, (("0", 2.5),))
@@ -85,7 +86,7 @@ def test_a_report_with_every_section_validates(validator: Any, reports: dict[str
         init_audit=report.init_audit,
         optimisation=report.optimisation,
         verifications=report.verifications,
-        precision=report.precision,
+        precision=precision,
         baseline=BaselineDiff("base.json", 1.0, (finding,), (finding,), (LayerMove("0", 1.0, 0.0),), ()),
         history=TrainingHistory("log.jsonl", 10, 1, ("0",), (step,), "vanishing", (onset,), ((3, ("vanishing",)),)),
         timing={"probe": 0.1},

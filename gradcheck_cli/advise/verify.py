@@ -251,8 +251,8 @@ def _verify_scaling(run: _Run) -> Verification:
     autocast = None if half else "fp16"
     reference = {p.layer: p.zero for p in report.precision.layers}
     try:
-        plain = probe(model, batch, **options, autocast=autocast)
-        scaled = probe_scaled(model, batch, **options, autocast=autocast, loss_scale=scale)
+        plain = probe(model, batch, **options, autocast=autocast, precision=True)
+        scaled = probe_scaled(model, batch, **options, autocast=autocast, loss_scale=scale, precision=True)
     except Exception as exc:  # the user's forward under autocast can raise anything
         reason = f"probing with a loss scale failed ({type(exc).__name__}: {first_line(exc)})"
         return Verification("mixed_precision_scaling", False, before=before, reason=reason)

@@ -30,7 +30,7 @@ from gradcheck_cli.probe.half_emulation import HalfEmulation
 from gradcheck_cli.probe.loss import choose_loss, float_leaves
 from gradcheck_cli.probe.module_state import SavedTensorAttributes
 from gradcheck_cli.probe.modules import expected_input, parametrised_modules, supports_module_hooks, unique_params
-from gradcheck_cli.probe.norms import max_abs, norms_and_max_abs
+from gradcheck_cli.probe.norms import gradient_norms, max_abs, norms_and_max_abs
 from gradcheck_cli.probe.precision import BINS, layer_histograms, shifted_histogram
 from gradcheck_cli.probe.program_hooks import recorder_for
 from gradcheck_cli.probe.readout import Extra, LossScale, read_layers
@@ -58,6 +58,7 @@ def probe(
     autocast: str | None = None,
     loss_scale: float = 1.0,
     loss_output: int | str | None = None,
+    precision: bool = False,
 ) -> ProbeResult:
     """Run one forward and backward pass of ``model`` on ``batch`` and measure every layer.
 
@@ -72,40 +73,24 @@ def probe(
     ``loss_output`` picks the output the loss is computed from (an index or a key; probe/loss.py).
     Before backward, the autograd graph is walked from the loss (probe/graph.py): every call's depth
     from the loss, and whether it lies on a path to it, come from the graph, not the call order.
+    ``precision`` adds what the half-precision forecast reads (diagnose/precision.py): every gradient's exponent
+    histogram and each parameter gradient's largest element (without it that is read only where the norm is
+    non-finite: a full pass over every gradient that nothing else needs).
     """
-    named = parametrised_modules(model)
-    if not any(p.is_floating_point() for _, m in named for p in m.parameters(recurse=False)):
-        raise BatchError("the model has no floating-point parameters, so there is no gradient to check")
-    sharding = current_sharding()
-    subclass = next(
-        (
-            p
-            for _, m in named
-            for p in m.parameters(recurse=False)
-            if type(p.detach()) is not torch.Tensor and not (sharding is not None and is_dtensor(p))
-        ),
-        None,
-    )
-    if subclass is not None:
-        raise BatchError(
-            f"parameters of tensor subclass {type(subclass.detach()).__name__} are not supported yet; "
-            "check the model with plain tensor weights"
-        )
+    named, params, frozen = _probed_parameters(model, unfreeze)
     modules = [m for _, m in named]
     hooks = supports_module_hooks(model)
-    params = unique_params(modules)
-    frozen = {id(p) for p in params if not p.requires_grad}
-    if not unfreeze and all(id(p) in frozen for p in params if p.is_floating_point()):
-        raise BatchError(
-            "the model has no trainable parameters (every one has requires_grad=False); unfreeze the layers you "
-            "train, or pass --unfreeze to measure the gradient flow anyway"
-        )
+    sharding = current_sharding()
     with (
         restored_state(model, params, keep_grads),
         torch.random.fork_rng(devices=cuda_devices(params)),
         torch.enable_grad(),
         recorder_for(
-            modules, hooks, batch_rows=_batch_rows(batch) if sharding is not None else None, graph=hooks
+            modules,
+            hooks,
+            samples=precision,
+            batch_rows=_batch_rows(batch) if sharding is not None else None,
+            graph=hooks,
         ) as recorder,
         contextlib.ExitStack() as output_hooks,
         ActivationRecorder(model if hooks else nn.Module()) as activations,
@@ -133,7 +118,41 @@ def probe(
         del output, leaves
         run_backward(loss * loss_scale if loss_scale != 1.0 else loss)
         run = _Pass(loss.detach(), choice, output_max, hooks, mode, autocast, loss_scale, graph, output_grads)
-        return _collect(named, params, frozen, recorder, activations, run)
+        return _collect(named, params, frozen, recorder, activations, run, precision, precision or sharding is not None)
+
+
+def _probed_parameters(
+    model: nn.Module, unfreeze: bool
+) -> tuple[list[tuple[str, nn.Module]], list[nn.Parameter], set[int]]:
+    """The modules that own parameters, each parameter once, and the ids of the frozen ones; a model without a
+    floating-point parameter, with a tensor-subclass one, or (unless ``unfreeze``) with nothing trainable is
+    refused."""
+    named = parametrised_modules(model)
+    if not any(p.is_floating_point() for _, m in named for p in m.parameters(recurse=False)):
+        raise BatchError("the model has no floating-point parameters, so there is no gradient to check")
+    sharding = current_sharding()
+    subclass = next(
+        (
+            p
+            for _, m in named
+            for p in m.parameters(recurse=False)
+            if type(p.detach()) is not torch.Tensor and not (sharding is not None and is_dtensor(p))
+        ),
+        None,
+    )
+    if subclass is not None:
+        raise BatchError(
+            f"parameters of tensor subclass {type(subclass.detach()).__name__} are not supported yet; "
+            "check the model with plain tensor weights"
+        )
+    params = unique_params([m for _, m in named])
+    frozen = {id(p) for p in params if not p.requires_grad}
+    if not unfreeze and all(id(p) in frozen for p in params if p.is_floating_point()):
+        raise BatchError(
+            "the model has no trainable parameters (every one has requires_grad=False); unfreeze the layers you "
+            "train, or pass --unfreeze to measure the gradient flow anyway"
+        )
+    return named, params, frozen
 
 
 def _batch_rows(batch: Batch) -> int | None:
@@ -191,6 +210,7 @@ def probe_scaled(
     autocast: str | None,
     loss_scale: float,
     loss_output: int | str | None = None,
+    precision: bool = False,
 ) -> ProbeResult:
     """:func:`probe` with the loss scaled GradScaler-style: a scale whose gradients overflow backs off.
 
@@ -209,6 +229,7 @@ def probe_scaled(
             autocast=autocast,
             loss_scale=scale,
             loss_output=loss_output,
+            precision=precision,
         )
         if scale <= 1.0 or _gradients_finite(result):
             return result
@@ -372,14 +393,20 @@ def _collect(
     recorder: ActivationGradientRecorder,
     activations: ActivationRecorder,
     run: _Pass,
+    precision: bool,
+    maxima: bool,
 ) -> ProbeResult:
     """The shared readout (probe/readout.py) of the layers, plus what only a probe shows: the output's and the
-    loss's finiteness, the gradient through time, the precision histograms and the activations' health."""
+    loss's finiteness, the gradient through time, the activations' health, with ``precision`` the histograms
+    of the half-precision forecast, and with ``maxima`` every parameter gradient's max |g|."""
     with_grad = {i: local(p.grad) for i, p in enumerate(params) if p.is_floating_point() and p.grad is not None}
-    gradients = dict(zip(with_grad, norms_and_max_abs(list(with_grad.values())), strict=True))
+    tensors = list(with_grad.values())
+    pairs = norms_and_max_abs(tensors) if maxima else [(n, None) for n in gradient_norms(tensors)]
+    gradients: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = dict(zip(with_grad, pairs, strict=True))
     timed = sorted(recorder.time_norms)
     activation_values = activations.device_tensors()  # first: its samples are freed before the histograms' peak
-    hist = layer_histograms(len(named), _histogram_inputs(named, [params[i] for i in gradients], recorder))
+    histograms = _histogram_inputs(named, [params[i] for i in gradients], recorder) if precision else []
+    hist = layer_histograms(len(named), histograms) if precision else torch.zeros(0)
     extras = (
         Extra(run.output_max, MAX),
         Extra([run.loss.reshape(())], MEAN),
@@ -410,7 +437,9 @@ def _collect(
         loss_value=loss_value,
         mode=run.mode,
         output_finite=all(math.isfinite(v) for v in out_values),
-        precision=tuple(shifted_histogram(hist_values[i * BINS : (i + 1) * BINS], shift) for i in range(len(named))),
+        precision=tuple(shifted_histogram(hist_values[i * BINS : (i + 1) * BINS], shift) for i in range(len(named)))
+        if precision
+        else (),
         activations=activations.summarise(list(activation_summaries)),
         leaf_calls=tuple(activations.leaf_calls),
         autocast=run.autocast,

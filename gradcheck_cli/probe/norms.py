@@ -69,11 +69,29 @@ def norm_and_max_abs(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if tensor.numel() == 0:
         zero = tensor.new_zeros((), dtype=torch.float32)
         return zero, zero
+    return l2_norm(tensor), max_abs(tensor)
+
+
+def l2_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of a gradient as a 0-dim device tensor, without a sync: a sparse one's stored values, 0 for an
+    empty one, a half-precision one's in float32 (as fp16 it reads inf beyond 65504 although every element is
+    finite: a million elements of 300 make 3e5)."""
+    if tensor.is_sparse:
+        tensor = tensor.coalesce().values()
+    if tensor.numel() == 0:
+        return tensor.new_zeros((), dtype=torch.float32)
     if tensor.dtype in HALF:
-        # an fp16 gradient's norm is returned in float32: as fp16 it reads inf beyond 65504 although every element
-        # is finite (a million elements of 300: 3e5)
-        return torch.linalg.vector_norm(tensor, dtype=torch.float32), max_abs(tensor)
-    return l2_norms([tensor])[0], max_abs(tensor)
+        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+    return l2_norms([tensor])[0]
+
+
+def gradient_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`l2_norm` of every tensor, the dense non-empty float32/float64 ones together (:func:`l2_norms`)."""
+    dense = [i for i, t in enumerate(tensors) if not t.is_sparse and t.numel() and t.dtype not in HALF]
+    found: dict[int, torch.Tensor] = {}
+    if dense and len({tensors[i].device for i in dense}) == 1:
+        found = dict(zip(dense, l2_norms([tensors[i] for i in dense]), strict=True))
+    return [found[i] if i in found else l2_norm(t) for i, t in enumerate(tensors)]
 
 
 def norms_and_max_abs(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -26,7 +26,7 @@ from gradcheck_cli.distributed.reduce import (
     summed_over_ranks,
 )
 from gradcheck_cli.probe.modules import module_type
-from gradcheck_cli.probe.norms import l2_norms
+from gradcheck_cli.probe.norms import l2_norms, max_abs
 from gradcheck_cli.probe.results import LayerMeasure, Norm
 
 
@@ -130,7 +130,7 @@ class Reading:
     """Every forward call of one micro-batch as (layer index, call index of that layer), in forward order."""
     per_call: tuple[Norm | None, ...]
     """‖∂L/∂output‖ of every recorded call (all micro-batches, unscaled), by call id."""
-    grads: Mapping[int, tuple[float, float]]
+    grads: Mapping[int, tuple[float, float | None]]
     """Per parameter index: (L2, max |g|) of its gradient, as read (still carrying the loss scale)."""
     total_norm: float
     """‖∂L/∂θ‖ (unscaled) with every parameter counted once (a tied embedding and output layer share one)."""
@@ -144,7 +144,7 @@ class Reading:
 def read_layers(
     named: Sequence[tuple[str, nn.Module]],
     params: Sequence[nn.Parameter],
-    gradients: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+    gradients: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]],
     recorder: Any,
     *,
     frozen: Set[int],
@@ -156,7 +156,8 @@ def read_layers(
     """Read every layer's numbers and the ``extras`` in one synchronisation.
 
     ``params``: each parameter of ``named`` once (probe/modules.py: ``unique_params``); ``gradients``: per index
-    into ``params``, (L2, max |g|) of its gradient as 0-dim device tensors; ``recorder``: the
+    into ``params``, (L2, max |g|) of its gradient as 0-dim device tensors, where a max left None is taken only
+    if the norm reads non-finite (:func:`_lazy_maxima`; one process, not distributed); ``recorder``: the
     :class:`~gradcheck_cli.probe.recorder.ActivationGradientRecorder` of the pass; ``frozen``: ids of the
     parameters that do not train; ``scale``: the loss scale to divide out. The calls of ``backward_passes``
     micro-batches fold into one (:func:`fold`).
@@ -166,7 +167,8 @@ def read_layers(
     readout = Readout()
     readout.add(l2_norms([local(p.detach()) for p in floats]) if floats else [], PARAM_NORM)
     readout.add([gradients[i][0] for i in grad_ids], PARAM_NORM)
-    readout.add([gradients[i][1] for i in grad_ids], PARAM_MAX)
+    measured_max = [i for i in grad_ids if gradients[i][1] is not None]
+    readout.add([gradients[i][1] for i in measured_max], PARAM_MAX)  # type: ignore[misc]
     act_pairs = readout.add_activation_gradients(recorder, sharding)
     readout.add(recorder.output_max, MAX)
     for extra in extras:
@@ -176,11 +178,15 @@ def read_layers(
     take = readout.read(sharding).take
 
     weight_of = dict(zip(map(id, floats), take(len(floats)), strict=True))
-    grads = dict(zip(grad_ids, zip(take(len(grad_ids)), take(len(grad_ids)), strict=True), strict=True))
+    grad_l2 = dict(zip(grad_ids, take(len(grad_ids)), strict=True))
+    grad_max: dict[int, float | None] = dict(zip(measured_max, take(len(measured_max)), strict=True))
     act_values = take(2 * act_pairs)
     call_out = take(len(recorder.output_max))
     extra_values = tuple(tuple(take(sum(t.numel() for t in extra.tensors))) for extra in extras)
     scale_value = take(1)[0] if isinstance(scale.value, torch.Tensor) else _number(scale.value)
+    if len(grad_max) < len(grad_l2):
+        grad_max |= _lazy_maxima(params, grad_l2, grad_max, sharding)
+    grads = {i: (grad_l2[i], grad_max[i]) for i in grad_ids}
     divide = scale_value if scale_value and scale_value > 0 else 1.0
     param_divide = divide if scale.parameters else 1.0
 
@@ -196,7 +202,7 @@ def read_layers(
     layers = []
     for layer, (name, module) in enumerate(named):
         own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
-        pairs = [grads[index_of[id(p)]] for p in own if index_of[id(p)] in grads]
+        own_grads = [grads[index_of[id(p)]] for p in own if index_of[id(p)] in grads]
         layers.append(
             LayerMeasure(
                 name=name,
@@ -204,13 +210,33 @@ def read_layers(
                 params=sum(p.numel() for p in module.parameters(recurse=False)),
                 frozen=bool(own) and all(id(p) in frozen for p in own),
                 weight_norm=math.sqrt(sum(weight_of[id(p)] ** 2 for p in own)),
-                grad=combine(pairs, param_divide),
+                grad=combine(own_grads, param_divide),
                 calls=tuple(calls_of[layer]),
                 output_max=peak(outs_of[layer]) if outs_of[layer] else None,
             )
         )
     total = math.sqrt(sum(l2 * l2 for l2, _ in grads.values())) / param_divide
     return Reading(tuple(layers), tuple(order), tuple(per_call), grads, total, scale_value, micro, extra_values)
+
+
+def _lazy_maxima(
+    params: Sequence[nn.Parameter],
+    l2: Mapping[int, float],
+    known: Mapping[int, float | None],
+    sharding: Sharding | None,
+) -> dict[int, float | None]:
+    """The max |g| of each gradient whose maximum was not measured: read now where its norm is NaN or Inf (a NaN
+    or Inf element, or a sum of squares beyond float32's range with every element finite); None where the norm
+    is finite (then so is every element, which is all the diagnosis reads of it)."""
+    if sharding is not None:
+        raise ValueError("a distributed readout measures every gradient's maximum")
+    missing = [i for i in l2 if i not in known]
+    found: dict[int, float | None] = {i: None for i in missing}
+    overflow = [i for i in missing if not math.isfinite(l2[i])]
+    grads = [local(g.detach()) for g in (params[i].grad for i in overflow) if g is not None]
+    if overflow and len(grads) == len(overflow):
+        found |= dict(zip(overflow, to_host([max_abs(g) for g in grads]), strict=True))
+    return found
 
 
 def _number(value: float | None) -> float | None:
@@ -257,11 +283,16 @@ def _micro_batches(sequence: list[int], backward_passes: int) -> int:
     return k if all(sequence[i] == sequence[i % size] for i in range(n)) else 1
 
 
-def combine(pairs: Sequence[tuple[float, float]], divide: float = 1.0) -> Norm | None:
-    """One norm over several tensors, divided by the loss scale: √Σ‖·‖², and the largest |element|."""
+def combine(pairs: Sequence[tuple[float, float | None]], divide: float = 1.0) -> Norm | None:
+    """One norm over several tensors, divided by the loss scale: √Σ‖·‖², and the largest |element| (None when one
+    of the maxima was not measured and the measured ones are finite: then it is unknown, though finite)."""
     if not pairs:
         return None
-    return Norm(math.sqrt(sum(l2 * l2 for l2, _ in pairs)) / divide, peak([m for _, m in pairs]) / divide)
+    l2 = math.sqrt(sum(l2 * l2 for l2, _ in pairs)) / divide
+    maxima = [m for _, m in pairs if m is not None]
+    if len(maxima) < len(pairs) and all(math.isfinite(m) for m in maxima):
+        return Norm(l2, None)
+    return Norm(l2, peak(maxima) / divide)
 
 
 def peak(values: Sequence[float]) -> float:

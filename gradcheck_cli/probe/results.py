@@ -38,12 +38,15 @@ class Norm:
     """An L2 norm and the largest absolute element of the same tensor(s)."""
 
     l2: float
-    max_abs: float
+    max_abs: float | None
+    """None where it was not measured: a probe without the half-precision forecast reads a parameter gradient's
+    maximum only when its norm is non-finite (probe/readout.py), so None says every element was finite."""
 
     @property
     def finite(self) -> bool:
-        """Whether every element was finite (a NaN or Inf element makes ``max_abs`` non-finite)."""
-        return math.isfinite(self.max_abs)
+        """Whether every element was finite (a NaN or Inf element makes ``max_abs`` non-finite; a norm can
+        overflow while every element is finite)."""
+        return True if self.max_abs is None else math.isfinite(self.max_abs)
 
 
 @dataclass(frozen=True)

@@ -253,13 +253,14 @@ def _relative(calls: list[Norm | None], floor: float) -> list[float]:
 
 
 def _trusted(norm: Norm | None, floor: float) -> float:
-    if norm is None or norm.max_abs == 0:
+    top = None if norm is None else (norm.l2 if norm.max_abs is None else norm.max_abs)  # output gradients: measured
+    if norm is None or top is None or top == 0:
         return 0.0
-    if math.isnan(norm.max_abs) or math.isnan(norm.l2):
+    if math.isnan(top) or math.isnan(norm.l2):
         return math.nan
-    if math.isinf(norm.max_abs) or math.isinf(norm.l2):
+    if math.isinf(top) or math.isinf(norm.l2):
         return math.inf
-    if norm.max_abs < floor:
+    if top < floor:
         return 0.0  # the sum of squares underflowed: the L2 norm is not reliable here
     return norm.l2
 

@@ -196,7 +196,8 @@ class StepRecorder(HookStack):
             for p in module.parameters(recurse=False):
                 owner.setdefault(id(p), name)
         for index in self.param_order:
-            if index in reading.grads and not math.isfinite(reading.grads[index][1]):
+            top = reading.grads[index][1] if index in reading.grads else None  # watch measures every maximum
+            if top is not None and not math.isfinite(top):
                 return owner.get(id(self._params[index]))
         return None
 
