@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,8 +325,10 @@ class SavedBuffers:
     updates them). A pass in train mode updates running statistics in place (BatchNorm), reading a parametrised
     weight runs spectral norm's power iteration, and a forward may even put a new tensor in a buffer's place."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self._slots = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    def __init__(self, model: nn.Module, modules: Sequence[nn.Module] | None = None) -> None:
+        """``modules``: ``model.modules()``, where the caller has them already."""
+        every = model.modules() if modules is None else modules
+        self._slots = [(m, name, b) for m in every for name, b in m._buffers.items() if b is not None]
         self._copies = {id(b): b.detach().clone() for _, _, b in self._slots if b.dtype != torch.bool}
 
     def restore(self) -> None:
@@ -353,19 +355,21 @@ def restored_state(model: nn.Module, params: list[nn.Parameter], keep_grads: boo
     """Give back every module's ``training`` flag, every parameter's flags and gradient (unless ``keep_grads``),
     and every buffer a pass can update (:class:`SavedBuffers`, yielded for a caller that must restore them
     before a second pass)."""
-    training = [(m, m.training) for m in model.modules()]
+    modules = list(model.modules())
+    training = [(m, m.training) for m in modules]
     flags = [(p, p.requires_grad, p.grad) for p in params]
-    buffers = SavedBuffers(model)
-    attributes = SavedTensorAttributes(model)
+    buffers = SavedBuffers(model, modules)
+    attributes = SavedTensorAttributes(model, modules)
     try:
         yield buffers
     finally:
         for module, mode in training:
-            module.training = mode
+            if module.training is not mode:
+                module.training = mode
         for p, requires_grad, grad in flags:
             if not keep_grads:
                 p.grad = grad
-            if p.is_floating_point():
+            if p.is_floating_point() and p.requires_grad is not requires_grad:
                 p.requires_grad_(requires_grad)
         buffers.restore()
         attributes.restore()

@@ -11,23 +11,27 @@ gradcheck starts from the state the model was given: :class:`SavedTensorAttribut
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 
-def tensor_attributes(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """(module, name, tensor) of every tensor attribute of the model's modules that is neither a parameter nor a
-    buffer: an eager module's plain attributes, a TorchScript module's declared ``Tensor`` attributes."""
+def tensor_attributes(
+    model: nn.Module, modules: Sequence[nn.Module] | None = None
+) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, name, tensor) of every tensor attribute of the model's modules (``modules``: ``model.modules()``,
+    where the caller has them) that is neither a parameter nor a buffer: an eager module's plain attributes, a
+    TorchScript module's declared ``Tensor`` attributes."""
     found = []
-    for module in model.modules():
+    for module in model.modules() if modules is None else modules:
         if isinstance(module, torch.jit.ScriptModule):
             items = _script_attributes(module)
         else:
             items = [(n, v) for n, v in vars(module).items() if isinstance(v, torch.Tensor)]
-        owned = set(module._parameters.keys()) | set(module._buffers.keys())
-        found += [(module, name, value) for name, value in items if name not in owned]
+        if items:
+            owned = set(module._parameters.keys()) | set(module._buffers.keys())
+            found += [(module, name, value) for name, value in items if name not in owned]
     return found
 
 
@@ -47,10 +51,10 @@ class SavedTensorAttributes:
     replaced or wrote to gets a detached copy of its old value, so a tensor holding the pass's graph never
     reaches the next pass."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, modules: Sequence[nn.Module] | None = None) -> None:
         self._saved = [
             (module, name, value, value._version, value.detach().clone())
-            for module, name, value in tensor_attributes(model)
+            for module, name, value in tensor_attributes(model, modules)
         ]
 
     def restore(self) -> None:
