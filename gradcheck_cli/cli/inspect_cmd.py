@@ -166,7 +166,11 @@ def inspect(
         bool, typer.Option("--no-verify", help="Do not try the recommendations on a copy of the model.")
     ] = False,
     autocast: Annotated[
-        Autocast | None, typer.Option(help="Probe under torch.autocast in fp16 (with loss scaling) or bf16.")
+        Autocast | None,
+        typer.Option(
+            help="Probe under torch.autocast in fp16 (with loss scaling) or bf16, and forecast what half precision "
+            "loses (the precision section, GC013/GC014; a float32 model gets it only with this flag)."
+        ),
     ] = None,
     steps: Annotated[
         int, typer.Option(min=0, max=10_000, help="Optimisation probe: optimiser steps on the batch, on a copy (0).")
