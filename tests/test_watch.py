@@ -163,8 +163,9 @@ def test_an_evaluation_pass_between_records_does_not_enter_the_record() -> None:
 
 def test_a_watched_step_reads_what_inspect_reads_of_the_same_pass() -> None:
     """One readout, one set of types: the same forward and backward, recorded by watch() and by inspect's
-    probe, give the same layers to the last bit (watch adds each layer's output maximum; the probe reads a
-    parameter gradient's maximum only with the half-precision forecast, ``precision=True``)."""
+    probe, give the same layers to the last bit (watch adds each layer's output maximum). Neither reads a
+    parameter gradient's maximum where its norm is finite; the probe's half-precision forecast
+    (``precision=True``) does, and only that differs."""
     x, y = regression_data()
     model = tanh_mlp()
 
@@ -174,14 +175,15 @@ def test_a_watched_step_reads_what_inspect_reads_of_the_same_pass() -> None:
 
     watched = single_record(model, step)
     model.zero_grad(set_to_none=True)
-    probed = probe(model, Batch(args=(x,), target=y), precision=True)
+    probed = probe(model, Batch(args=(x,), target=y))
     assert probed.loss.kind == "mse"
     assert watched.measure.call_order == probed.call_order
     assert [dataclasses.replace(m, output_max=None) for m in watched.layers] == list(probed.layers)
-    plain = probe(model, Batch(args=(x,), target=y))  # the same norms; maxima of parameter gradients not read
-    assert all(m.grad is not None and m.grad.max_abs is None for m in plain.layers)
-    unread = [dataclasses.replace(m, grad=dataclasses.replace(m.grad, max_abs=None)) for m in probed.layers if m.grad]
-    assert unread == list(plain.layers)
+    assert all(m.grad is not None and m.grad.max_abs is None and m.grad.finite for m in probed.layers)
+    forecast = probe(model, Batch(args=(x,), target=y), precision=True)  # the same norms, with their maxima
+    assert all(m.grad is not None and m.grad.max_abs is not None for m in forecast.layers)
+    unread = [dataclasses.replace(m, grad=dataclasses.replace(m.grad, max_abs=None)) for m in forecast.layers if m.grad]
+    assert unread == list(probed.layers)
     assert all(m.output_max is not None and math.isfinite(m.output_max) for m in watched.layers)
 
 

@@ -227,15 +227,16 @@ def _lazy_maxima(
 ) -> dict[int, float | None]:
     """The max |g| of each gradient whose maximum was not measured: read now where its norm is NaN or Inf (a NaN
     or Inf element, or a sum of squares beyond float32's range with every element finite); None where the norm
-    is finite (then so is every element, which is all the diagnosis reads of it)."""
+    is finite (then so is every element, which is all the diagnosis reads of it). A gradient no longer there
+    (``watch`` read after ``zero_grad``) keeps its non-finite norm as the max: read as non-finite."""
     if sharding is not None:
         raise ValueError("a distributed readout measures every gradient's maximum")
     missing = [i for i in l2 if i not in known]
-    found: dict[int, float | None] = {i: None for i in missing}
-    overflow = [i for i in missing if not math.isfinite(l2[i])]
-    grads = [local(g.detach()) for g in (params[i].grad for i in overflow) if g is not None]
-    if overflow and len(grads) == len(overflow):
-        found |= dict(zip(overflow, to_host([max_abs(g) for g in grads]), strict=True))
+    found: dict[int, float | None] = {i: None if math.isfinite(l2[i]) else l2[i] for i in missing}
+    alive = [i for i in missing if not math.isfinite(l2[i]) and params[i].grad is not None]
+    if alive:
+        peaks = to_host([max_abs(local(g.detach())) for g in (params[i].grad for i in alive) if g is not None])
+        found |= dict(zip(alive, peaks, strict=True))
     return found
 
 
