@@ -30,7 +30,7 @@ from gradcheck_cli.probe.half_emulation import HalfEmulation
 from gradcheck_cli.probe.loss import choose_loss, float_leaves
 from gradcheck_cli.probe.module_state import SavedTensorAttributes
 from gradcheck_cli.probe.modules import expected_input, parametrised_modules, supports_module_hooks, unique_params
-from gradcheck_cli.probe.norms import gradient_norms, max_abs, norms_and_max_abs
+from gradcheck_cli.probe.norms import gradient_norms, l2_norm, max_abs, norms_and_max_abs
 from gradcheck_cli.probe.precision import BINS, layer_histograms, shifted_histogram
 from gradcheck_cli.probe.program_hooks import recorder_for
 from gradcheck_cli.probe.readout import Extra, LossScale, read_layers
@@ -188,7 +188,7 @@ def _watch_outputs(stack: contextlib.ExitStack, leaves: list[torch.Tensor]) -> l
     norms: list[torch.Tensor] = []
 
     def hook(grad: torch.Tensor) -> None:
-        norms.append(torch.linalg.vector_norm(grad.detach().float()))
+        norms.append(l2_norm(grad.detach()))  # float32 for a half-precision output, as before
 
     for leaf in leaves:
         stack.callback(leaf.register_hook(hook).remove)

@@ -167,8 +167,9 @@ def read_layers(
     readout = Readout()
     readout.add(l2_norms([local(p.detach()) for p in floats]) if floats else [], PARAM_NORM)
     readout.add([gradients[i][0] for i in grad_ids], PARAM_NORM)
-    measured_max = [i for i in grad_ids if gradients[i][1] is not None]
-    readout.add([gradients[i][1] for i in measured_max], PARAM_MAX)  # type: ignore[misc]
+    maxima = {i: top for i in grad_ids if (top := gradients[i][1]) is not None}
+    measured_max = list(maxima)
+    readout.add(list(maxima.values()), PARAM_MAX)
     act_pairs = readout.add_activation_gradients(recorder, sharding)
     readout.add(recorder.output_max, MAX)
     for extra in extras:
