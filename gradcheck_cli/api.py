@@ -269,9 +269,9 @@ def _notes(
 
 def _probe_sharded(wrapper: nn.Module, batch: Batch, sharding: Sharding, settings: ProbeSettings) -> ProbeResult:
     """The probe through the DDP/FSDP2 wrapper (so backward reduces the gradients), every number reduced across
-    ranks, layers named as in the unwrapped module."""
+    ranks, layers named as in the unwrapped module; the half-precision forecast for a model held in fp16/bf16."""
     with sharded(sharding):
-        result = probe(wrapper, batch, **settings.pass_options())
+        result = probe(wrapper, batch, **settings.pass_options(), precision=_held_in_half(wrapper))
     if wrapper is unwrap(wrapper):
         return result
     prefix = _wrapper_prefix(wrapper)
@@ -301,7 +301,7 @@ def _measure(model: nn.Module, batch: Batch, settings: ProbeSettings) -> tuple[P
     holds fp16/bf16 parameters, a float32 copy is probed as well. The half-precision forecast (the probe's
     ``precision`` histograms) is measured only then: where half precision is in use or asked about.
     """
-    held_in_half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+    held_in_half = _held_in_half(model)
     forecast = held_in_half or settings.autocast is not None
     result = probe(model, batch, **settings.pass_options(), precision=forecast)
     # a model held in half precision has already rounded its small gradients away: a float32 copy is the truth
@@ -314,6 +314,11 @@ def _measure(model: nn.Module, batch: Batch, settings: ProbeSettings) -> tuple[P
         )
         return half, truth
     return result, reference
+
+
+def _held_in_half(model: nn.Module) -> bool:
+    """Whether the model holds fp16/bf16 parameters (then its half-precision forecast is measured)."""
+    return any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
 
 
 CAUSE_CODES = frozenset({FP16_UNDERFLOW.code, FP16_OVERFLOW.code})
