@@ -106,8 +106,10 @@ def test_profile_splits_the_time_into_phases(runs: dict[str, Any]) -> None:
     report = json_report(proc, exit_code=1)
     timing = report["timing"]
     assert list(timing) == ["startup", "import", "load", "probe", "diagnose", "verify"]  # first-seen order
-    # each phase did real work: the probe ran once, the verification re-probed a copy per recommendation
-    assert timing["probe"] > 0 and timing["diagnose"] > 0 and timing["verify"] > timing["probe"]
+    # each phase did real work: the probe ran once, the verification re-probed a copy per recommendation (their
+    # durations are not compared: a warm re-probe can take as long as the process's first, cold probe)
+    assert timing["probe"] > 0 and timing["diagnose"] > 0 and timing["verify"] > 0
+    assert len(report["verifications"]) == len(report["recommendations"]) >= 2
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("profile:")]
     whole = re.fullmatch(r"profile: (.*); (\d+\.\d\d) s in all", line)
     assert whole, line
