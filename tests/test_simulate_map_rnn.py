@@ -244,8 +244,8 @@ def test_rnn_report_covers_every_step_distance() -> None:
 
 
 def test_rnn_is_reproducible() -> None:
-    """The same call gives the same report (no timed assertion: this machine is shared; its cost is in seconds
-    of a CLI run, BENCHMARKS.md)."""
+    """The same call gives the same report (its speed is not asserted here: timed assertions fail on a shared,
+    noisy machine)."""
     first = simulate_rnn(200, 0.9)
     assert first == simulate_rnn(200, 0.9)
 
