@@ -163,9 +163,10 @@ def test_an_evaluation_pass_between_records_does_not_enter_the_record() -> None:
 
 def test_a_watched_step_reads_what_inspect_reads_of_the_same_pass() -> None:
     """One readout, one set of types: the same forward and backward, recorded by watch() and by inspect's
-    probe, give the same layers to the last bit (watch adds each layer's output maximum). Neither reads a
-    parameter gradient's maximum where its norm is finite; the probe's half-precision forecast
-    (``precision=True``) does, and only that differs."""
+    probe, give the same layers to the last bit (watch adds each layer's output maximum). watch takes every
+    parameter gradient's maximum in its hook (the loop may clip or zero the gradient before ``w.step()``), as
+    the probe does with its half-precision forecast (``precision=True``); without it the probe leaves the
+    maxima of finite gradients unread, and only that differs."""
     x, y = regression_data()
     model = tanh_mlp()
 
@@ -175,15 +176,14 @@ def test_a_watched_step_reads_what_inspect_reads_of_the_same_pass() -> None:
 
     watched = single_record(model, step)
     model.zero_grad(set_to_none=True)
-    probed = probe(model, Batch(args=(x,), target=y))
+    probed = probe(model, Batch(args=(x,), target=y), precision=True)
     assert probed.loss.kind == "mse"
     assert watched.measure.call_order == probed.call_order
     assert [dataclasses.replace(m, output_max=None) for m in watched.layers] == list(probed.layers)
-    assert all(m.grad is not None and m.grad.max_abs is None and m.grad.finite for m in probed.layers)
-    forecast = probe(model, Batch(args=(x,), target=y), precision=True)  # the same norms, with their maxima
-    assert all(m.grad is not None and m.grad.max_abs is not None for m in forecast.layers)
-    unread = [dataclasses.replace(m, grad=dataclasses.replace(m.grad, max_abs=None)) for m in forecast.layers if m.grad]
-    assert unread == list(probed.layers)
+    plain = probe(model, Batch(args=(x,), target=y))
+    assert all(m.grad is not None and m.grad.max_abs is None and m.grad.finite for m in plain.layers)
+    unread = [dataclasses.replace(m, grad=dataclasses.replace(m.grad, max_abs=None)) for m in probed.layers if m.grad]
+    assert unread == list(plain.layers)
     assert all(m.output_max is not None and math.isfinite(m.output_max) for m in watched.layers)
 
 
@@ -255,6 +255,44 @@ def test_clipping_before_step_does_not_hide_the_norm() -> None:
     measured = single_record(model, clipped)
     assert measured.total_norm == pytest.approx(reference.total_norm, rel=1e-5)
     assert measured.total_norm > 1e-3
+
+
+@pytest.mark.parametrize("after_backward", ["clip_grad_value_", "zero_", "nan_to_num_", "zero_grad"])
+def test_what_the_loop_does_to_the_gradient_before_step_cannot_change_its_finiteness(after_backward: str) -> None:
+    """An Inf element is non-finite and a 1e25 one is not, whatever the loop does to ``.grad`` between backward and
+    ``w.step()`` (clip, zero, repair, drop it): watch reads each gradient, its maximum included, as backward
+    leaves it."""
+
+    def with_element(value: float) -> object:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad[0, 0] = value
+            return grad
+
+        return hook
+
+    def loop_step(model: nn.Sequential) -> None:
+        if after_backward == "clip_grad_value_":
+            torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+        elif after_backward == "zero_grad":
+            model.zero_grad(set_to_none=True)
+        else:
+            for p in model.parameters():
+                getattr(p.grad, after_backward)()
+
+    verdicts = []
+    for value in (math.inf, 1e25):  # 1e25 squared overflows float32: the norm reads inf, every element is finite
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+        model[0].weight.register_hook(with_element(value))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with watch(model, every=1) as w:
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss.backward()
+                loop_step(model)
+                verdicts.append(w.step(loss.detach()).problems)
+    assert verdicts == [(Problem.NON_FINITE,), ()]
 
 
 def test_compiled_model_records_parameter_gradients_and_says_what_it_cannot_see() -> None:

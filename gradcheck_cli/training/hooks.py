@@ -21,7 +21,7 @@ from torch import nn
 from gradcheck_cli.distributed.reduce import FIRST, MAX, MEAN, Sharding, collective_device, local
 from gradcheck_cli.probe.loss import float_leaves
 from gradcheck_cli.probe.modules import unique_params
-from gradcheck_cli.probe.norms import l2_norm, max_abs, norm_and_max_abs
+from gradcheck_cli.probe.norms import max_abs, norm_and_max_abs
 from gradcheck_cli.probe.readout import Extra, LossScale, Reading, peak, read_layers
 from gradcheck_cli.probe.recorder import ActivationGradientRecorder, HookStack
 from gradcheck_cli.training.log import StepLog, step_measure
@@ -46,7 +46,7 @@ class StepRecorder(HookStack):
         self.activations = ActivationGradientRecorder(
             [m for _, m in self._named] if activation_hooks else [], samples=False, outputs=True
         )
-        self.param_norms: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.param_norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         """Per parameter index: (L2, max |g|) of its accumulated gradient, as device tensors."""
         self.param_order: list[int] = []
         """Parameter indices in the order their gradients were first accumulated (the backward order)."""
@@ -77,8 +77,8 @@ class StepRecorder(HookStack):
                 self.param_order.append(index)
             self._fired[index] = self._fired.get(index, 0) + 1
             self.backward_passes = max(self.backward_passes, self._fired[index])
-            # the last micro-batch's holds the sum; its max |g| only where the norm reads NaN/Inf, at read()
-            self.param_norms[index] = (l2_norm(p.grad.detach()), None)
+            # the last micro-batch's holds the sum; the max now, not at read(): clipping or zero_grad may come first
+            self.param_norms[index] = norm_and_max_abs(p.grad.detach())
 
         return hook
 
@@ -197,7 +197,7 @@ class StepRecorder(HookStack):
             for p in module.parameters(recurse=False):
                 owner.setdefault(id(p), name)
         for index in self.param_order:
-            top = reading.grads[index][1] if index in reading.grads else None  # watch measures every maximum
+            top = reading.grads[index][1] if index in reading.grads else None  # watch measures every max it reads
             if top is not None and not math.isfinite(top):
                 return owner.get(id(self._params[index]))
         return None

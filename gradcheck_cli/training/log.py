@@ -135,7 +135,7 @@ def _read_pair(value: Any) -> Norm | None:
     if value is None:
         return None
     a, b = (_float(v) for v in value)
-    return Norm(a if a is not None else math.nan, b)  # a null max: not measured (the norm was finite)
+    return Norm(a if a is not None else math.nan, b if b is not None else math.nan)
 
 
 def header_line(header: Header) -> str:
