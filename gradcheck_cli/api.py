@@ -37,6 +37,7 @@ from gradcheck_cli.probe.measure import (
 )
 from gradcheck_cli.probe.modules import module_type, unwrap
 from gradcheck_cli.probe.nonfinite import locate_non_finite
+from gradcheck_cli.probe.norms import HALF
 from gradcheck_cli.probe.precision import ZERO_BIN, recommended_scale
 from gradcheck_cli.probe.results import LayerMeasure, ProbeResult
 from gradcheck_cli.report.report import Finding, Problem, Recommendation, Report, RunInfo
@@ -318,7 +319,7 @@ def _measure(model: nn.Module, batch: Batch, settings: ProbeSettings) -> tuple[P
 
 def _held_in_half(model: nn.Module) -> bool:
     """Whether the model holds fp16/bf16 parameters (then its half-precision forecast is measured)."""
-    return any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+    return any(p.dtype in HALF for p in model.parameters())
 
 
 CAUSE_CODES = frozenset({FP16_UNDERFLOW.code, FP16_OVERFLOW.code})

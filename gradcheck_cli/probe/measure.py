@@ -118,7 +118,7 @@ def probe(
         del output, leaves
         run_backward(loss * loss_scale if loss_scale != 1.0 else loss)
         run = _Pass(loss.detach(), choice, output_max, hooks, mode, autocast, loss_scale, graph, output_grads)
-        return _collect(named, params, frozen, recorder, activations, run, precision, precision or sharding is not None)
+        return _collect(named, params, frozen, recorder, activations, run, precision)
 
 
 def _probed_parameters(
@@ -398,19 +398,22 @@ def _collect(
     activations: ActivationRecorder,
     run: _Pass,
     precision: bool,
-    maxima: bool,
 ) -> ProbeResult:
     """The shared readout (probe/readout.py) of the layers, plus what only a probe shows: the output's and the
-    loss's finiteness, the gradient through time, the activations' health, with ``precision`` the histograms
-    of the half-precision forecast, and with ``maxima`` every parameter gradient's max |g|."""
+    loss's finiteness, the gradient through time, the activations' health and, with ``precision``, the
+    histograms of the half-precision forecast. Every parameter gradient's max |g| is taken with the forecast
+    and under DDP/FSDP (the ranks reduce it); otherwise the readout takes it only where the norm is non-finite."""
+    sharding = current_sharding()
     with_grad = {i: local(p.grad) for i, p in enumerate(params) if p.is_floating_point() and p.grad is not None}
     tensors = list(with_grad.values())
+    maxima = precision or sharding is not None
     pairs = norms_and_max_abs(tensors) if maxima else [(n, None) for n in gradient_norms(tensors)]
     gradients: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = dict(zip(with_grad, pairs, strict=True))
     timed = sorted(recorder.time_norms)
     activation_values = activations.device_tensors()  # first: its samples are freed before the histograms' peak
-    histograms = _histogram_inputs(named, [params[i] for i in gradients], recorder) if precision else []
-    hist = layer_histograms(len(named), histograms) if precision else torch.zeros(0)
+    hist = torch.zeros(0)
+    if precision:
+        hist = layer_histograms(len(named), _histogram_inputs(named, [params[i] for i in gradients], recorder))
     extras = (
         Extra(run.output_max, MAX),
         Extra([run.loss.reshape(())], MEAN),
@@ -419,7 +422,6 @@ def _collect(
         Extra(activation_values, MEAN),
         Extra(run.output_grads, ACT_NORM),
     )
-    sharding = current_sharding()
     scale = LossScale(run.loss_scale)
     reading = read_layers(
         named, params, gradients, recorder, frozen=frozen, extras=extras, sharding=sharding, scale=scale

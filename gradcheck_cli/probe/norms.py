@@ -85,22 +85,26 @@ def l2_norm(tensor: torch.Tensor) -> torch.Tensor:
     return l2_norms([tensor])[0]
 
 
-def gradient_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """:func:`l2_norm` of every tensor, the dense non-empty float32/float64 ones together (:func:`l2_norms`)."""
+def _batchable(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Indices of the dense, non-empty float32/float64 tensors, reduced together when they share one device (none
+    otherwise); the half-precision, sparse and empty ones take the one-by-one path."""
     dense = [i for i, t in enumerate(tensors) if not t.is_sparse and t.numel() and t.dtype not in HALF]
-    found: dict[int, torch.Tensor] = {}
-    if dense and len({tensors[i].device for i in dense}) == 1:
-        found = dict(zip(dense, l2_norms([tensors[i] for i in dense]), strict=True))
+    return dense if len({tensors[i].device for i in dense}) == 1 else []
+
+
+def gradient_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`l2_norm` of every tensor, the batchable ones together (:func:`l2_norms`)."""
+    group = _batchable(tensors)
+    found = dict(zip(group, l2_norms([tensors[i] for i in group]), strict=True))
     return [found[i] if i in found else l2_norm(t) for i, t in enumerate(tensors)]
 
 
 def norms_and_max_abs(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`norm_and_max_abs` of every tensor, the same values with fewer calls: the dense non-empty
-    float32/float64 ones' norms by :func:`l2_norms` and their maxima combined at once (half-precision and sparse
-    ones one by one)."""
-    dense = [i for i, t in enumerate(tensors) if not t.is_sparse and t.numel() and t.dtype not in HALF]
+    """:func:`norm_and_max_abs` of every tensor, the same values with fewer calls: the batchable ones' norms by
+    :func:`l2_norms` and their maxima combined at once (half-precision and sparse ones one by one)."""
+    dense = _batchable(tensors)
     found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    if dense and len({tensors[i].device for i in dense}) == 1:
+    if dense:
         group = [tensors[i] for i in dense]
         extremes = [torch.aminmax(t) for t in group]
         lows = torch.stack([low for low, _ in extremes])  # mixed dtypes widen exactly to the widest

@@ -228,8 +228,9 @@ def _lazy_maxima(
 ) -> dict[int, float | None]:
     """The max |g| of each gradient whose maximum was not measured: read now where its norm is NaN or Inf (a NaN
     or Inf element, or a sum of squares beyond float32's range with every element finite); None where the norm
-    is finite (then so is every element, which is all the diagnosis reads of it). A gradient no longer there
-    (``watch`` read after ``zero_grad``) keeps its non-finite norm as the max: read as non-finite."""
+    is finite (then so is every element, which is all the diagnosis reads of it). Only the probe defers maxima,
+    and it reads right after its backward; a gradient that is nonetheless gone keeps its non-finite norm as the
+    max (read as non-finite)."""
     if sharding is not None:
         raise ValueError("a distributed readout measures every gradient's maximum")
     missing = [i for i in l2 if i not in known]

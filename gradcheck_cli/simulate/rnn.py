@@ -253,8 +253,10 @@ def _relative(calls: list[Norm | None], floor: float) -> list[float]:
 
 
 def _trusted(norm: Norm | None, floor: float) -> float:
-    top = None if norm is None else (norm.l2 if norm.max_abs is None else norm.max_abs)  # output gradients: measured
-    if norm is None or top is None or top == 0:
+    if norm is None:
+        return 0.0
+    top = norm.l2 if norm.max_abs is None else norm.max_abs  # output gradients: their max is always measured
+    if top == 0:
         return 0.0
     if math.isnan(top) or math.isnan(norm.l2):
         return math.nan

@@ -197,7 +197,7 @@ class StepRecorder(HookStack):
             for p in module.parameters(recurse=False):
                 owner.setdefault(id(p), name)
         for index in self.param_order:
-            top = reading.grads[index][1] if index in reading.grads else None  # watch measures every max it reads
+            top = reading.grads[index][1] if index in reading.grads else None  # None only from the probe's readout
             if top is not None and not math.isfinite(top):
                 return owner.get(id(self._params[index]))
         return None
